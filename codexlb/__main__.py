@@ -1,0 +1,5 @@
+import sys
+
+from codexlb.cli import main
+
+sys.exit(main())

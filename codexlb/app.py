@@ -1,0 +1,154 @@
+"""``create_app(config)``: every resource, route and middleware is wired here.
+
+The services are built here (nothing connects yet) and stored under typed ``web.AppKey``s;
+each resource's life is one cleanup context: the database (migrations, then the snapshot
+store's writer), the upstream client session, and the background pruning task. Nothing is
+created at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from codexlb import db
+from codexlb.auth import ClientKeys
+from codexlb.config import Config
+from codexlb.errors import CodexLBError, InvalidRequest, NotFound
+from codexlb.exchange import Services
+from codexlb.http_proxy import HttpProxy
+from codexlb.pool import Pool
+from codexlb.store import SnapshotStore
+from codexlb.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+SERVICES = web.AppKey("services", Services)
+ENGINE = web.AppKey("engine", AsyncEngine)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(
+        middlewares=[_openai_errors], client_max_size=config.limits.max_body_bytes
+    )
+    engine = db.create_engine(config.database.url)
+    services = Services(
+        config=config,
+        pool=Pool(config),
+        store=SnapshotStore(engine),
+        upstream=Upstream(config.timeouts),
+    )
+    app[SERVICES] = services
+    app[ENGINE] = engine
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_pruning)
+
+    proxy = HttpProxy(services, ClientKeys(config.api_keys))
+    for prefix in ("/backend-api/codex", "/v1"):
+        app.router.add_post(f"{prefix}/responses", proxy.create_response)
+    app.router.add_get("/v1/responses/{response_id}", proxy.get_response)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    engine, store = app[ENGINE], app[SERVICES].store
+    try:
+        await db.upgrade(engine)
+        await store.start()
+        try:
+            yield
+        finally:
+            await store.close()
+    finally:
+        await engine.dispose()
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    await app[SERVICES].upstream.start()
+    try:
+        yield
+    finally:
+        await app[SERVICES].upstream.close()
+
+
+async def _pruning(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_prune_forever(app), name="codexlb-prune")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _prune_forever(app: web.Application) -> None:
+    settings = app[SERVICES].config.snapshots
+    while True:
+        cutoff = datetime.now(UTC) - timedelta(days=settings.retention_days)
+        try:
+            deleted = await app[SERVICES].store.prune(cutoff, settings.prune_batch_size)
+        except Exception:
+            log.exception("pruning snapshots failed; will try again")
+        else:
+            if deleted:
+                log.info("pruned %d snapshots older than %s", deleted, cutoff.isoformat())
+        await asyncio.sleep(settings.prune_interval_seconds)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    app = request.app
+    problems: list[str] = []
+    try:
+        await app[SERVICES].store.ping()
+    except Exception as exc:
+        problems.append(f"database unreachable: {type(exc).__name__}")
+    if not any(a.config.enabled and a.usable for a in app[SERVICES].pool.accounts):
+        problems.append("no usable upstream account")
+    if problems:
+        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+@web.middleware
+async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error a client can see in the OpenAI shape (SPEC S1.4)."""
+    try:
+        return await handler(request)
+    except CodexLBError as exc:
+        return _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 404:
+            error: CodexLBError = NotFound(f"Unknown path: {request.path}")
+        else:
+            error = InvalidRequest(exc.reason)
+            error.status = exc.status
+        return _error_response(error)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(CodexLBError("Internal error in codexlb."))
+
+
+def _error_response(error: CodexLBError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=error.body(),
+        content_type="application/json",
+        headers=error.headers(),
+    )

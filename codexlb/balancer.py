@@ -1,0 +1,97 @@
+"""The pure choice of an upstream account (SPEC S4).
+
+``choose`` takes a snapshot of the pool as plain values and returns a name; it does no I/O and
+keeps no state, so every routing rule is tested without sockets. Order of preference:
+
+1. the account that served the conversation's parent (keeps the prompt cache warm and lets
+   replay send reasoning verbatim);
+2. the account a ``session-id``/``thread-id``/``prompt_cache_key`` was last served by;
+3. the strategy: ``least_used`` (usage bucket, then in-flight per weight, then weight) or
+   ``round_robin``.
+
+A preferred account that is not eligible is skipped, never waited for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Strategy = Literal["least_used", "round_robin"]
+
+USAGE_BUCKET_PERCENT = 5.0
+"""Usage figures within one bucket count as equal, so in-flight load can break the tie."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    name: str
+    enabled: bool = True
+    usable: bool = True
+    cooldown_until: float = 0.0
+    inflight: int = 0
+    max_inflight: int = 0
+    used_percent: float = 0.0
+    """The highest used percentage over the account's usage windows."""
+    usage_resets_at: float = 0.0
+    """When the window that is at 100% resets (0 when unknown)."""
+    weight: float = 1.0
+
+    def eligible(self, now: float) -> bool:
+        return (
+            self.enabled
+            and self.usable
+            and self.cooldown_until <= now
+            and (self.max_inflight == 0 or self.inflight < self.max_inflight)
+            and not (self.used_percent >= 100.0 and self.usage_resets_at > now)
+        )
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    now: float,
+    *,
+    prefer: str | None = None,
+    affinity: str | None = None,
+    exclude: Collection[str] = (),
+    strategy: Strategy = "least_used",
+    turn: int = 0,
+) -> str | None:
+    """The account for the next attempt, or ``None`` when no account is eligible.
+
+    ``turn`` is a counter the caller advances per choice; ``round_robin`` rotates by it and
+    ``least_used`` uses it only to break exact ties.
+    """
+    eligible = [c for c in candidates if c.name not in exclude and c.eligible(now)]
+    if not eligible:
+        return None
+    for wanted in (prefer, affinity):
+        if wanted is not None:
+            for candidate in eligible:
+                if candidate.name == wanted:
+                    return wanted
+    offset = turn % len(eligible)
+    rotated = eligible[offset:] + eligible[:offset]
+    if strategy == "round_robin":
+        return rotated[0].name
+    return min(rotated, key=_load).name
+
+
+def _load(candidate: Candidate) -> tuple[int, float, float]:
+    return (
+        int(candidate.used_percent // USAGE_BUCKET_PERCENT),
+        candidate.inflight / candidate.weight,
+        -candidate.weight,
+    )
+
+
+def earliest_recovery(candidates: Sequence[Candidate], now: float) -> float | None:
+    """When the first ineligible account becomes usable again by time alone, if ever."""
+    times = [
+        max(c.cooldown_until, c.usage_resets_at if c.used_percent >= 100.0 else 0.0)
+        for c in candidates
+        if c.enabled and c.usable
+    ]
+    future = [t for t in times if t > now]
+    return min(future) if future else None

@@ -1,0 +1,237 @@
+"""The TOML configuration, parsed once into frozen, typed objects.
+
+Unknown keys are errors. Every secret may be written inline or as ``"env:NAME"``; secrets are
+``SecretStr`` so they never show in a ``repr`` or a log line. Errors name the file and the key
+path (``accounts[2].chatgpt_account_id``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+DEFAULT_CHATGPT_BASE_URL = "https://chatgpt.com/backend-api/codex"
+DEFAULT_TOKEN_URL = "https://auth.openai.com/oauth/token"
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names the file and the key path."""
+
+
+def _resolve_env(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("env:"):
+        name = value[4:]
+        resolved = os.environ.get(name)
+        if resolved is None:
+            raise ValueError(f"environment variable {name} is not set")
+        return resolved
+    return value
+
+
+Secret = Annotated[SecretStr, BeforeValidator(_resolve_env)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=2455, ge=0, le=65535)
+    allow_open_access: bool = False
+    """Serve without client keys on a non-loopback address (refused unless set)."""
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite+aiosqlite:///codexlb.db"
+
+
+class UpstreamConfig(_Section):
+    base_url: str = DEFAULT_CHATGPT_BASE_URL
+    token_url: str = DEFAULT_TOKEN_URL
+
+
+class ApiKeyConfig(_Section):
+    name: str = Field(min_length=1)
+    key: Secret | None = None
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key or key_sha256")
+        return self
+
+
+class AccountConfig(_Section):
+    name: str = Field(min_length=1)
+    access_token: Secret | None = None
+    chatgpt_account_id: str | None = None
+    refresh_token: Secret | None = None
+    auth_file: Path | None = None
+    api_key: Secret | None = None
+    base_url: str | None = None
+    enabled: bool = True
+    weight: float = Field(default=1.0, gt=0)
+    max_inflight: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> AccountConfig:
+        kinds = [
+            self.api_key is not None,
+            self.auth_file is not None,
+            self.access_token is not None or self.refresh_token is not None,
+        ]
+        if sum(kinds) != 1:
+            raise ValueError(
+                "give exactly one kind of credentials: api_key, auth_file, "
+                "or access_token/refresh_token"
+            )
+        return self
+
+    @property
+    def is_platform(self) -> bool:
+        return self.api_key is not None
+
+
+class RoutingConfig(_Section):
+    strategy: Literal["least_used", "round_robin"] = "least_used"
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    """Accounts tried for one request before the client gets an error."""
+    affinity_ttl_seconds: float = Field(default=3600.0, ge=0)
+    error_cooldown_seconds: float = Field(default=2.0, gt=0)
+    """First cooldown after a 5xx or connect error; doubles per consecutive failure."""
+    max_error_cooldown_seconds: float = Field(default=120.0, gt=0)
+    default_rate_limit_cooldown_seconds: float = Field(default=60.0, gt=0)
+    """Cooldown after a 429 that names no reset time."""
+
+
+class SnapshotsConfig(_Section):
+    retention_days: float = Field(default=30.0, gt=0)
+    prune_interval_seconds: float = Field(default=3600.0, gt=0)
+    prune_batch_size: int = Field(default=500, ge=1)
+
+
+class TimeoutsConfig(_Section):
+    connect_seconds: float = Field(default=10.0, gt=0)
+    first_byte_seconds: float = Field(default=120.0, gt=0)
+    """Time allowed for the upstream's response headers."""
+    idle_seconds: float = Field(default=300.0, gt=0)
+    """Longest silence allowed inside an upstream stream."""
+
+
+class LimitsConfig(_Section):
+    max_body_bytes: int = Field(default=64 * MIB, ge=64 * MIB)
+    """Largest request body or WebSocket message accepted (at least 64 MiB)."""
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+    accounts: tuple[AccountConfig, ...] = ()
+    routing: RoutingConfig = RoutingConfig()
+    snapshots: SnapshotsConfig = SnapshotsConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for section, items in (("accounts", self.accounts), ("api_keys", self.api_keys)):
+            seen: set[str] = set()
+            for item in items:
+                if item.name in seen:
+                    raise ValueError(f"{section}: duplicate name {item.name!r}")
+                seen.add(item.name)
+        return self
+
+    def account_base_url(self, account: AccountConfig) -> str:
+        return (account.base_url or self.upstream.base_url).rstrip("/")
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not part.startswith(("function-", "custom")):
+            path += f".{part}" if path else part
+    return path or "(top level)"
+
+
+def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"{source}: {_key_path(err['loc'])}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        ]
+        raise ConfigError("\n".join(lines)) from None
+    return _anchor_paths(config, source.parent)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    source = Path(path)
+    try:
+        with source.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    return parse_config(data, source=source)
+
+
+def _anchor_paths(config: Config, base: Path) -> Config:
+    """Make a relative SQLite path and ``auth_file`` paths relative to the config file."""
+    url = config.database.url
+    for prefix in ("sqlite+aiosqlite:///", "sqlite:///"):
+        if url.startswith(prefix):
+            db_path = url[len(prefix) :]
+            if db_path and db_path != ":memory:" and not Path(db_path).is_absolute():
+                url = prefix + str((base / db_path).resolve())
+            break
+    accounts = tuple(
+        a.model_copy(update={"auth_file": _anchor(a.auth_file, base)}) if a.auth_file else a
+        for a in config.accounts
+    )
+    return config.model_copy(update={"database": DatabaseConfig(url=url), "accounts": accounts})
+
+
+def _anchor(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()

@@ -1,0 +1,111 @@
+"""The errors a client can see, each knowing its HTTP status and OpenAI type/code.
+
+    CodexLBError                      rendered as {"error": {message, type, code, param}}
+    ├── InvalidApiKey                 401 invalid_request_error / invalid_api_key
+    ├── InvalidRequest                400 invalid_request_error / invalid_request (param: field)
+    ├── PreviousResponseNotFound      400 invalid_request_error / previous_response_not_found
+    ├── NotFound                      404 invalid_request_error / not_found
+    ├── PayloadTooLarge               413 (HTTP) / 400 (WebSocket) ... / payload_too_large
+    ├── UsageLimitReached             429 usage_limit_reached, with Retry-After and resets_at
+    └── UpstreamUnavailable           502 server_error / upstream_error
+
+Foreign exceptions (aiohttp, SQLAlchemy, json) are translated into this tree at exactly one
+boundary each, with ``raise ... from exc``; the HTTP middleware and the WebSocket handler are
+the only places that render them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+
+class CodexLBError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def error_object(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
+
+    def body(self) -> bytes:
+        return json.dumps({"error": self.error_object()}).encode()
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidApiKey(CodexLBError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self) -> None:
+        super().__init__("Incorrect or missing API key. Send 'Authorization: Bearer <key>'.")
+
+
+class InvalidRequest(CodexLBError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PreviousResponseNotFound(CodexLBError):
+    status = 400
+    type = "invalid_request_error"
+    code = "previous_response_not_found"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(
+            f"Previous response with id '{response_id}' not found.", param="previous_response_id"
+        )
+        self.response_id = response_id
+
+
+class NotFound(CodexLBError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(CodexLBError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body exceeds the limit of {limit} bytes.")
+
+
+class UsageLimitReached(CodexLBError):
+    status = 429
+    type = "usage_limit_reached"
+    code = "usage_limit_reached"
+
+    def __init__(self, resets_at: float | None) -> None:
+        super().__init__("Every upstream account has reached its usage limit or is cooling down.")
+        self.resets_at = resets_at
+
+    def error_object(self) -> dict[str, Any]:
+        obj = super().error_object()
+        if self.resets_at is not None:
+            obj["resets_at"] = math.ceil(self.resets_at)
+        return obj
+
+    def headers(self) -> dict[str, str]:
+        if self.resets_at is None:
+            return {"Retry-After": "60"}
+        return {"Retry-After": str(max(1, math.ceil(self.resets_at - time.time())))}
+
+
+class UpstreamUnavailable(CodexLBError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"

@@ -1,0 +1,303 @@
+"""One response's life, shared by both transports.
+
+An ``Exchange`` picks the account for each attempt (the parent's account first, then soft
+affinity, then the strategy), builds the upstream body (the client's bytes as-is, or the
+conversation replayed from snapshots, S3), learns from each failure (cooldowns, S4), and
+commits the snapshot before the terminal event goes out (S2). A ``ResponseRecorder`` watches
+the events of one attempt: what is visible yet, the output items, the terminal event.
+
+The transports (``http_proxy``, ``ws_proxy``) only frame bytes around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum, auto
+from typing import Any, Protocol
+
+from codexlb.config import Config
+from codexlb.payload import CreateRequest
+from codexlb.pool import Account, Pool
+from codexlb.replay import rebuild_input, strip_reasoning
+from codexlb.store import Snapshot, SnapshotStore
+from codexlb.upstream import Upstream
+
+log = logging.getLogger("codexlb.requests")
+
+RATE_LIMIT_CODES = frozenset({"usage_limit_reached", "rate_limit_exceeded", "insufficient_quota"})
+RETRYABLE_CODES = frozenset(
+    {"server_error", "internal_error", "overloaded", "server_is_overloaded", "slow_down"}
+)
+HELD_BACK = frozenset({"response.created", "response.in_progress"})
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything an exchange needs, built once by the app factory."""
+
+    config: Config
+    pool: Pool
+    store: SnapshotStore
+    upstream: Upstream
+
+
+class HasJson(Protocol):
+    def json(self) -> Any: ...
+
+
+class Step(Enum):
+    HOLD = auto()
+    """Not visible yet (created / in_progress): keep it until something visible comes."""
+    PASS = auto()
+    COMPLETED = auto()
+    FAILED = auto()
+    """``response.failed`` / ``response.incomplete`` / ``error``: see ``failure_code``."""
+
+
+class ResponseRecorder:
+    """Watches one attempt's events; parses only the few it must."""
+
+    __slots__ = ("failure_code", "output_items", "response", "streaming", "visible")
+
+    def __init__(self, *, streaming: bool = True) -> None:
+        self.streaming = streaming
+        """When false (an assembled response) nothing reaches the client before the end."""
+        self.visible = False
+        self.output_items: dict[int, Any] = {}
+        self.response: dict[str, Any] | None = None
+        self.failure_code: str | None = None
+
+    def observe(self, kind: str | None, event: HasJson) -> Step:
+        if kind in HELD_BACK:
+            if kind == "response.created":
+                response = _json_object(event).get("response")
+                self.response = response if isinstance(response, dict) else None
+            return Step.PASS if self.visible else Step.HOLD
+        if kind == "response.output_item.done":
+            self.visible = self.streaming
+            payload = _json_object(event)
+            index = payload.get("output_index")
+            item = payload.get("item")
+            if item is not None:
+                self.output_items[index if isinstance(index, int) else len(self.output_items)] = (
+                    item
+                )
+            return Step.PASS
+        if kind == "response.completed":
+            response = _json_object(event).get("response")
+            self.response = response if isinstance(response, dict) else {}
+            return Step.COMPLETED
+        if kind in ("response.failed", "response.incomplete"):
+            response = _json_object(event).get("response")
+            self.response = response if isinstance(response, dict) else {}
+            self.failure_code = _failure_code(self.response, kind)
+            return Step.FAILED
+        if kind == "error":
+            payload = _json_object(event)
+            error = payload.get("error")
+            code = error.get("code") if isinstance(error, dict) else payload.get("code")
+            self.failure_code = code if isinstance(code, str) else "error"
+            return Step.FAILED
+        self.visible = self.streaming
+        return Step.PASS
+
+    def ordered_output(self) -> list[Any]:
+        if self.output_items:
+            return [self.output_items[i] for i in sorted(self.output_items)]
+        output = (self.response or {}).get("output")
+        return list(output) if isinstance(output, list) else []
+
+    def retryable_failure(self) -> bool:
+        """A failure before anything visible that another account may not share."""
+        return not self.visible and (
+            self.failure_code in RETRYABLE_CODES or self.failure_code in RATE_LIMIT_CODES
+        )
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """The facts of one request's log line (SPEC S6)."""
+
+    transport: str
+    client_key: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    account: str | None = None
+    attempts: int = 0
+    status: int = 0
+    first_byte: float | None = None
+    usage: Mapping[str, Any] | None = None
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+
+    def emit(self) -> None:
+        usage = self.usage or {}
+        ttfb = (self.first_byte - self.started) * 1000 if self.first_byte else None
+        log.info(
+            "request_id=%s key=%s account=%s transport=%s attempts=%d status=%d "
+            "ttfb_ms=%s duration_ms=%.1f input_tokens=%s output_tokens=%s",
+            self.request_id,
+            self.client_key or "-",
+            self.account or "-",
+            self.transport,
+            self.attempts,
+            self.status,
+            f"{ttfb:.1f}" if ttfb is not None else "-",
+            (time.perf_counter() - self.started) * 1000,
+            usage.get("input_tokens", "-"),
+            usage.get("output_tokens", "-"),
+        )
+
+
+class Exchange:
+    """Account choice, upstream body and snapshot commit for one ``response.create``."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        scope: str,
+        request: CreateRequest,
+        affinity_key: str | None,
+        record: RequestRecord,
+    ) -> None:
+        self.services = services
+        self.scope = scope
+        self.request = request
+        self.affinity_key = affinity_key
+        self.record = record
+        self.chain: list[Snapshot] = []
+        self.tried: set[str] = set()
+        self.rate_limited_only = True
+        self.strip_reasoning = False
+
+    async def load_chain(self) -> None:
+        """Read the ancestry of ``previous_response_id``; raises S1.4's not-found error."""
+        previous = self.request.previous_response_id
+        if previous is not None:
+            self.chain = await self.services.store.chain(self.scope, previous)
+
+    @property
+    def origin_account(self) -> str | None:
+        return self.chain[-1].account if self.chain else None
+
+    def next_account(self) -> Account:
+        """The account for the next attempt; raises when none is left (S1.4)."""
+        pool = self.services.pool
+        max_attempts = self.services.config.routing.max_attempts
+        account = None
+        if len(self.tried) < max_attempts:
+            account = pool.choose(
+                prefer=self.origin_account, affinity_key=self.affinity_key, exclude=self.tried
+            )
+        if account is None:
+            raise pool.exhausted(rate_limited=bool(self.tried) and self.rate_limited_only)
+        self.tried.add(account.name)
+        self.record.attempts += 1
+        self.record.account = account.name
+        return account
+
+    def retry_same_account(self, account: Account) -> None:
+        """Allow one more attempt on ``account`` (after dropping unreadable reasoning)."""
+        self.tried.discard(account.name)
+
+    def upstream_input(self, account: Account) -> list[Any] | None:
+        """The input to send to ``account``, or ``None`` when the client's is sent as-is."""
+        if self.chain:
+            items = rebuild_input(self.chain, self.request.input_items, account.name)
+        elif self.strip_reasoning:
+            items = self.request.input_items
+        else:
+            return None
+        return strip_reasoning(items) if self.strip_reasoning else items
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def failed(self, account: Account, reason: str) -> None:
+        self.rate_limited_only = False
+        self.services.pool.failed(account, reason)
+
+    def rate_limited(
+        self, account: Account, headers: Mapping[str, str], error: Mapping[str, Any] | None
+    ) -> None:
+        self.services.pool.rate_limited(account, headers=headers, error=error)
+
+    def unauthorized(self, account: Account) -> None:
+        self.rate_limited_only = False
+        self.services.pool.unauthorized(account)
+
+    async def commit(self, account: Account, recorder: ResponseRecorder) -> dict[str, Any]:
+        """Store the snapshot of a completed response; returns the response object.
+
+        Runs before the terminal event is forwarded, so a follow-up sent the instant the
+        client sees ``response.completed`` finds its parent.
+        """
+        response = recorder.response or {}
+        response_id = response.get("id")
+        output = recorder.ordered_output()
+        usage = response.get("usage")
+        self.record.usage = usage if isinstance(usage, dict) else None
+        if isinstance(response_id, str):
+            model = response.get("model")
+            await self.services.store.save(
+                Snapshot(
+                    response_id=response_id,
+                    previous_response_id=self.request.previous_response_id,
+                    scope=self.scope,
+                    account=account.name,
+                    model=model if isinstance(model, str) else self.request.model,
+                    input_items=self.request.input_items,
+                    output_items=output,
+                    usage=self.record.usage,
+                    created_at=datetime.now(UTC),
+                )
+            )
+        else:
+            log.warning("account %s completed a response without an id", account.name)
+        self.services.pool.succeeded(account)
+        self.services.pool.remember_affinity(self.affinity_key, account)
+        return response
+
+
+def affinity_key(headers: Mapping[str, str], request: CreateRequest) -> str | None:
+    return headers.get("session-id") or headers.get("thread-id") or request.prompt_cache_key
+
+
+def new_request_id(headers: Mapping[str, str]) -> str:
+    return headers.get("x-client-request-id") or uuid.uuid4().hex
+
+
+def error_code(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:
+    """The ``code`` (or ``type``) of an OpenAI-shaped error body, and the error object."""
+    if not isinstance(body, dict):
+        return None, None
+    error = body.get("error")
+    if not isinstance(error, dict):
+        return None, None
+    code = error.get("code") or error.get("type")
+    return (code if isinstance(code, str) else None), error
+
+
+def _json_object(event: HasJson) -> dict[str, Any]:
+    try:
+        payload = event.json()
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _failure_code(response: dict[str, Any], kind: str) -> str:
+    error = response.get("error")
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        return str(error["code"])
+    details = response.get("incomplete_details")
+    if kind == "response.incomplete" and isinstance(details, dict):
+        return str(details.get("reason") or "incomplete")
+    return "failed"

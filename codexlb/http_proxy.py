@@ -1,0 +1,322 @@
+"""The HTTP transport: ``POST .../responses``, relayed as SSE or assembled into one object.
+
+Upstream bytes are forwarded unchanged, event by event, while a parsed copy feeds the
+``ResponseRecorder``. ``response.created``/``in_progress`` are held back until the first
+visible event, and the client's response is only started then: any failure before that point
+fails over to another account invisibly, or ends as a clean S1.4 error. ``response.completed``
+goes out only after its snapshot is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from codexlb.auth import ClientKeys
+from codexlb.errors import CodexLBError, NotFound, PayloadTooLarge
+from codexlb.exchange import (
+    RATE_LIMIT_CODES,
+    Exchange,
+    RequestRecord,
+    ResponseRecorder,
+    Services,
+    Step,
+    affinity_key,
+    error_code,
+    new_request_id,
+)
+from codexlb.payload import CreateRequest
+from codexlb.pool import Account
+from codexlb.sse import SSEDecoder, SSEEvent, encode_event
+from codexlb.upstream import UpstreamConnectError, forward_headers
+
+log = logging.getLogger(__name__)
+
+RELAYED_HEADERS = ("x-models-etag", "x-request-id")
+RELAYED_PREFIXES = ("x-codex-", "x-ratelimit-")
+MAX_ERROR_BODY = 1024 * 1024
+
+
+class UpstreamBroken(Exception):
+    """The upstream stream ended or failed before its terminal event."""
+
+
+class HttpProxy:
+    def __init__(self, services: Services, keys: ClientKeys) -> None:
+        self.services = services
+        self.keys = keys
+
+    async def create_response(self, request: web.Request) -> web.StreamResponse:
+        record = RequestRecord("http", "", new_request_id(request.headers))
+        try:
+            scope = self.keys.scope_for(request.headers.get("Authorization"))
+            record.client_key = scope
+            create = CreateRequest.from_bytes(await self._read_body(request))
+            exchange = Exchange(
+                self.services,
+                scope=scope,
+                request=create,
+                affinity_key=affinity_key(request.headers, create),
+                record=record,
+            )
+            await exchange.load_chain()
+            headers = forward_headers(request.headers)
+            while True:
+                account = exchange.next_account()
+                with self.services.pool.lease(account):
+                    response = await self._attempt(request, exchange, account, headers)
+                if response is not None:
+                    record.status = response.status
+                    return response
+        except CodexLBError as exc:
+            record.status = exc.status
+            raise
+        finally:
+            record.emit()
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        scope = self.keys.scope_for(request.headers.get("Authorization"))
+        response_id = request.match_info["response_id"]
+        snapshot = await self.services.store.get(scope, response_id)
+        if snapshot is None:
+            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
+        return web.json_response(
+            {
+                "id": snapshot.response_id,
+                "object": "response",
+                "created_at": int(snapshot.created_at.timestamp()),
+                "status": "completed",
+                "model": snapshot.model,
+                "previous_response_id": snapshot.previous_response_id,
+                "output": snapshot.output_items,
+                "usage": snapshot.usage,
+            }
+        )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.services.config.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(limit)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(limit) from None
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        account: Account,
+        headers: Mapping[str, str],
+    ) -> web.StreamResponse | None:
+        """One try on ``account``: the client's response, or ``None`` to try another."""
+        body = exchange.request.upstream_body(input_items=exchange.upstream_input(account))
+        try:
+            async with self.services.upstream.post(
+                account, "/responses", body, headers, sse=True
+            ) as upstream:
+                if upstream.status != 200:
+                    return await self._refused(exchange, account, upstream)
+                self.services.pool.observe_headers(account, upstream.headers)
+                if exchange.request.stream:
+                    return await self._relay(request, exchange, account, upstream)
+                return await self._assemble(exchange, account, upstream)
+        except UpstreamConnectError as exc:
+            exchange.failed(account, str(exc))
+            return None
+        except UpstreamBroken as exc:
+            exchange.failed(account, str(exc))
+            return None
+
+    async def _refused(
+        self, exchange: Exchange, account: Account, upstream: aiohttp.ClientResponse
+    ) -> web.Response | None:
+        """An upstream error status: fail over, or pass the client's own mistake through."""
+        status = upstream.status
+        raw = await upstream.content.read(MAX_ERROR_BODY)
+        try:
+            code, error = error_code(json.loads(raw))
+        except ValueError:
+            code, error = None, None
+        if status == 429 or code in RATE_LIMIT_CODES:
+            exchange.rate_limited(account, upstream.headers, error)
+            return None
+        if status == 401:
+            exchange.unauthorized(account)
+            return None
+        if status >= 500 or status in (403, 408):
+            exchange.failed(account, f"HTTP {status}")
+            return None
+        if code == "invalid_encrypted_content" and not exchange.strip_reasoning:
+            # The client resent reasoning another account encrypted: send it without.
+            exchange.strip_reasoning = True
+            exchange.retry_same_account(account)
+            return None
+        return web.Response(status=status, body=raw, content_type="application/json")
+
+    async def _relay(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        account: Account,
+        upstream: aiohttp.ClientResponse,
+    ) -> web.StreamResponse | None:
+        recorder = ResponseRecorder()
+        held: list[bytes] = []
+        client: web.StreamResponse | None = None
+        try:
+            async for events in _event_batches(upstream):
+                out: list[bytes] = []
+                done = False
+                for event in events:
+                    step = recorder.observe(event.type, event)
+                    if step is Step.HOLD:
+                        held.append(event.raw)
+                        continue
+                    if step is Step.FAILED and recorder.retryable_failure():
+                        self._failed_before_output(exchange, account, recorder, upstream)
+                        return None
+                    if step is Step.COMPLETED:
+                        await exchange.commit(account, recorder)
+                    out.append(event.raw)
+                    if step is not Step.PASS:
+                        done = True
+                        break
+                if not out:
+                    continue
+                if client is None:
+                    client = await self._start_stream(request, exchange, upstream)
+                    out = held + out
+                if not await _write(client, b"".join(out)):
+                    return client
+                if done:
+                    await _finish(client)
+                    return client
+        except UpstreamBroken as exc:
+            if client is None:
+                raise
+            reason = str(exc)
+        else:
+            reason = "stream ended before its terminal event"
+            if client is None:
+                raise UpstreamBroken(reason)
+        # Visible output already reached the client: fail the response, keep the stream clean.
+        exchange.failed(account, reason)
+        await _write(client, _stream_incomplete(recorder))
+        await _finish(client)
+        return client
+
+    async def _assemble(
+        self, exchange: Exchange, account: Account, upstream: aiohttp.ClientResponse
+    ) -> web.Response | None:
+        recorder = ResponseRecorder(streaming=False)
+        async for events in _event_batches(upstream):
+            for event in events:
+                step = recorder.observe(event.type, event)
+                if step is Step.COMPLETED:
+                    response = await exchange.commit(account, recorder)
+                    if not response.get("output"):
+                        response = {**response, "output": recorder.ordered_output()}
+                    exchange.record.mark_first_byte()
+                    return web.json_response(
+                        response, headers=_relayed_headers(upstream.headers, exchange)
+                    )
+                if step is Step.FAILED:
+                    if recorder.retryable_failure():
+                        self._failed_before_output(exchange, account, recorder, upstream)
+                        return None
+                    return web.json_response(
+                        recorder.response or {"error": {"code": recorder.failure_code}},
+                        status=200 if recorder.response else 500,
+                    )
+        raise UpstreamBroken("stream ended before its terminal event")
+
+    def _failed_before_output(
+        self,
+        exchange: Exchange,
+        account: Account,
+        recorder: ResponseRecorder,
+        upstream: aiohttp.ClientResponse,
+    ) -> None:
+        if recorder.failure_code in RATE_LIMIT_CODES:
+            error = (recorder.response or {}).get("error")
+            exchange.rate_limited(
+                account, upstream.headers, error if isinstance(error, dict) else None
+            )
+        else:
+            exchange.failed(account, f"response failed: {recorder.failure_code}")
+
+    async def _start_stream(
+        self, request: web.Request, exchange: Exchange, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        client = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **_relayed_headers(upstream.headers, exchange),
+            },
+        )
+        await client.prepare(request)
+        exchange.record.mark_first_byte()
+        return client
+
+
+async def _event_batches(upstream: aiohttp.ClientResponse) -> AsyncIterator[list[SSEEvent]]:
+    """The upstream's events, one list per received chunk; ``UpstreamBroken`` on failure."""
+    decoder = SSEDecoder()
+    try:
+        async for chunk in upstream.content.iter_any():
+            events = decoder.feed(chunk)
+            if events:
+                yield events
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamBroken(f"stream failed: {type(exc).__name__}") from exc
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+def _relayed_headers(headers: Mapping[str, str], exchange: Exchange) -> dict[str, str]:
+    relayed: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in RELAYED_HEADERS or lower.startswith(RELAYED_PREFIXES):
+            relayed[name] = value
+    model = headers.get("openai-model")
+    if model is not None and model == exchange.request.model:
+        relayed["openai-model"] = model
+    return relayed
+
+
+async def _write(client: web.StreamResponse, data: bytes) -> bool:
+    """Write to the client; ``False`` when it has gone (its upstream work then stops)."""
+    try:
+        await client.write(data)
+    except ConnectionError:
+        return False
+    return True
+
+
+async def _finish(client: web.StreamResponse) -> None:
+    # Codex hangs up right after response.completed: that is a success.
+    with contextlib.suppress(ConnectionError):
+        await client.write_eof()
+
+
+def _stream_incomplete(recorder: ResponseRecorder) -> bytes:
+    response: dict[str, Any] = dict(recorder.response or {})
+    response.update(
+        status="failed",
+        error={
+            "code": "stream_incomplete",
+            "message": "The upstream stream ended before the response completed.",
+        },
+    )
+    return encode_event({"type": "response.failed", "response": response})

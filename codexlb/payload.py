@@ -1,0 +1,125 @@
+"""The client's ``response.create`` body, validated before anything goes upstream.
+
+Only the fields codexlb reads or that would be refused upstream anyway are type-checked; every
+other field passes through untouched (Codex adds new ones often).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from codexlb.errors import InvalidRequest
+from codexlb.replay import normalize_input
+
+_STRING = (str,)
+_BOOL = (bool,)
+_OBJECT = (dict,)
+_ARRAY = (list,)
+_NUMBER = (int, float)
+
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": (_STRING, "a string"),
+    "previous_response_id": (_STRING, "a string"),
+    "instructions": (_STRING, "a string"),
+    "prompt_cache_key": (_STRING, "a string"),
+    "stream": (_BOOL, "a boolean"),
+    "store": (_BOOL, "a boolean"),
+    "generate": (_BOOL, "a boolean"),
+    "background": (_BOOL, "a boolean"),
+    "parallel_tool_calls": (_BOOL, "a boolean"),
+    "tools": (_ARRAY, "an array"),
+    "include": (_ARRAY, "an array"),
+    "metadata": (_OBJECT, "an object"),
+    "reasoning": (_OBJECT, "an object"),
+    "text": (_OBJECT, "an object"),
+    "client_metadata": (_OBJECT, "an object"),
+    "tool_choice": ((str, dict), "a string or an object"),
+    "max_output_tokens": ((int,), "an integer"),
+    "temperature": (_NUMBER, "a number"),
+    "top_p": (_NUMBER, "a number"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    body: dict[str, Any]
+    """The body as the client sent it (minus ``type`` for a WebSocket message)."""
+    raw: bytes | None
+    """The exact bytes of the body, when the body can be forwarded as-is."""
+    input_items: list[Any]
+    """``input`` as a list of items: what this request adds to the conversation."""
+
+    @property
+    def model(self) -> str | None:
+        model = self.body.get("model")
+        return model if isinstance(model, str) else None
+
+    @property
+    def previous_response_id(self) -> str | None:
+        value = self.body.get("previous_response_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+    @property
+    def prompt_cache_key(self) -> str | None:
+        value = self.body.get("prompt_cache_key")
+        return value if isinstance(value, str) else None
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CreateRequest:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidRequest("The request body is not valid JSON.") from None
+        request = cls.from_body(body)
+        return cls(request.body, raw, request.input_items)
+
+    @classmethod
+    def from_body(cls, body: Any) -> CreateRequest:
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        for name, (types, description) in _FIELD_TYPES.items():
+            value = body.get(name)
+            if value is not None and (
+                not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+            ):
+                raise InvalidRequest(
+                    f"Invalid type for '{name}': expected {description}.", param=name
+                )
+        if not body.get("model"):
+            raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+        value = body.get("input")
+        if value is not None and not isinstance(value, str | list):
+            raise InvalidRequest(
+                "Invalid type for 'input': expected a string or an array of items.", param="input"
+            )
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise InvalidRequest(
+                        f"Invalid type for 'input[{index}]': expected an object.",
+                        param=f"input[{index}]",
+                    )
+        return cls(body, None, normalize_input(value))
+
+    def upstream_body(self, *, input_items: list[Any] | None, stream: bool = True) -> bytes:
+        """The body for the upstream: the client's bytes when nothing needs to change."""
+        if (
+            input_items is None
+            and self.raw is not None
+            and self.stream == stream
+            and "previous_response_id" not in self.body
+        ):
+            return self.raw
+        body = dict(self.body)
+        body.pop("previous_response_id", None)
+        if stream:
+            body["stream"] = True
+        if input_items is not None:
+            body["input"] = input_items
+        return json.dumps(body, separators=(",", ":")).encode()

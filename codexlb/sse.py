@@ -1,0 +1,117 @@
+"""A pure, incremental decoder of Server-Sent Events.
+
+Feed it the byte chunks of a stream as they arrive; it returns the complete events so far,
+each carrying the exact bytes it was framed in (``raw``), so a relay can forward what it
+received unchanged while it observes a parsed copy. Event data is decoded as JSON only on
+demand: a relay looks at the ``event:`` line of most events and parses just the few it needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+_SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    raw: bytes
+    """The event's bytes exactly as received, including the blank line that ended it."""
+    event: str | None
+    """The ``event:`` field, if the event had one."""
+    data: bytes
+    """The ``data:`` lines joined with newlines."""
+    _parsed: Any = field(default=None, repr=False)
+
+    def json(self) -> Any:
+        """The data decoded as JSON (cached); raises ``ValueError`` when it is not JSON."""
+        if self._parsed is None:
+            self._parsed = json.loads(self.data)
+        return self._parsed
+
+    @property
+    def type(self) -> str | None:
+        """The event's type: its ``event:`` field, else the ``type`` member of its data."""
+        if self.event is not None:
+            return self.event
+        try:
+            payload = self.json()
+        except ValueError:
+            return None
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        return kind if isinstance(kind, str) else None
+
+
+class SSEDecoder:
+    """Splits a byte stream into events; keeps the unfinished tail between ``feed`` calls."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events: list[SSEEvent] = []
+        start = 0
+        while True:
+            end, sep_len = _find_separator(buffer, start)
+            if end < 0:
+                break
+            block = buffer[start : end + sep_len]
+            event = _parse_block(block, buffer[start:end])
+            if event is not None:
+                events.append(event)
+            start = end + sep_len
+        self._buffer = buffer[start:]
+        return events
+
+    def flush(self) -> list[SSEEvent]:
+        """The last event of a stream that ended without its blank line, if any."""
+        tail, self._buffer = self._buffer, b""
+        if not tail.strip():
+            return []
+        event = _parse_block(tail, tail.rstrip(b"\r\n"))
+        return [event] if event is not None else []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer.strip())
+
+
+def _find_separator(buffer: bytes, start: int) -> tuple[int, int]:
+    end = buffer.find(b"\n\n", start)
+    if b"\r" not in buffer:
+        return end, 2
+    best, best_len = end, 2
+    for sep in _SEPARATORS[1:]:
+        pos = buffer.find(sep, start)
+        if pos >= 0 and (best < 0 or pos < best):
+            best, best_len = pos, len(sep)
+    return best, best_len
+
+
+def _parse_block(raw: bytes, body: bytes) -> SSEEvent | None:
+    event: str | None = None
+    data: list[bytes] = []
+    for line in body.splitlines():
+        if not line or line.startswith(b":"):
+            continue
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            event = value.decode("utf-8", "replace")
+    if event is None and not data:
+        return None
+    return SSEEvent(raw=raw, event=event, data=b"\n".join(data))
+
+
+def encode_event(payload: dict[str, Any]) -> bytes:
+    """Frame one event the way the Responses API does: ``event: <type>`` then its JSON data."""
+    data = json.dumps(payload, separators=(",", ":"))
+    return f"event: {payload['type']}\ndata: {data}\n\n".encode()

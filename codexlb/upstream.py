@@ -1,0 +1,110 @@
+"""The one ``aiohttp.ClientSession`` towards the upstream accounts.
+
+Opening a stream is the boundary where aiohttp's connection errors and time-outs become an
+``UpstreamConnectError``; everything past the response headers is the caller's to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+import aiohttp
+
+from codexlb.config import TimeoutsConfig
+from codexlb.pool import Account
+
+HOP_BY_HOP = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept",
+        "accept-encoding",
+        "authorization",
+        "chatgpt-account-id",
+        "cookie",
+        "forwarded",
+        "via",
+        "x-real-ip",
+    }
+)
+"""Client headers never forwarded: hop-by-hop, proxy and credential headers."""
+
+
+class UpstreamConnectError(Exception):
+    """The upstream could not be reached or did not answer in time."""
+
+
+def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The client's headers that travel upstream (SPEC S1.3, PROTOCOL §2)."""
+    forwarded: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower.startswith(("x-forwarded-", "sec-websocket-")):
+            continue
+        forwarded[name] = value
+    return forwarded
+
+
+class Upstream:
+    def __init__(self, timeouts: TimeoutsConfig) -> None:
+        self._timeouts = timeouts
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self._timeouts.connect_seconds,
+                sock_read=self._timeouts.idle_seconds,
+            ),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        return self._session
+
+    @asynccontextmanager
+    async def post(
+        self, account: Account, path: str, body: bytes, headers: Mapping[str, str], *, sse: bool
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST ``body`` to ``account``; yields once the response headers arrived."""
+        request_headers = dict(headers)
+        request_headers.update(account.credentials.auth_headers())
+        request_headers["Content-Type"] = "application/json"
+        request_headers["Accept"] = "text/event-stream" if sse else "application/json"
+        try:
+            async with asyncio.timeout(self._timeouts.first_byte_seconds):
+                response = await self.session.post(
+                    account.base_url + path, data=body, headers=request_headers
+                )
+        except TimeoutError as exc:
+            raise UpstreamConnectError("no response headers in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            yield response
+        finally:
+            response.release()
