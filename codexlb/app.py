@@ -61,6 +61,20 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
+def make_runner(config: Config, *, shutdown_timeout: float = 30.0) -> web.AppRunner:
+    """The runner for ``create_app(config)``.
+
+    Handler cancellation is on: a client that disconnects cancels the handler, which closes
+    the upstream request it owns and releases its account lease (SPEC S8).
+    """
+    return web.AppRunner(
+        create_app(config),
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout,
+    )
+
+
 async def _database(app: web.Application) -> AsyncIterator[None]:
     engine, store = app[ENGINE], app[SERVICES].store
     try:

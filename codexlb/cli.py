@@ -118,11 +118,9 @@ def _serve(config: Config) -> int:
 
 
 async def _run(config: Config) -> None:
-    from codexlb.app import create_app
+    from codexlb.app import make_runner
 
-    runner = web.AppRunner(
-        create_app(config), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS
-    )
+    runner = make_runner(config, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port)

@@ -67,7 +67,10 @@ class ServerConfig(_Section):
 
 
 class DatabaseConfig(_Section):
-    url: str = "sqlite+aiosqlite:///codexlb.db"
+    url: Annotated[str, BeforeValidator(_resolve_env)] = Field(
+        default="sqlite+aiosqlite:///codexlb.db", repr=False
+    )
+    """May carry a password (PostgreSQL): resolved from ``env:NAME``, kept out of ``repr``."""
 
 
 class UpstreamConfig(_Section):

@@ -7,6 +7,7 @@
     ├── NotFound                      404 invalid_request_error / not_found
     ├── PayloadTooLarge               413 (HTTP) / 400 (WebSocket) ... / payload_too_large
     ├── UsageLimitReached             429 usage_limit_reached, with Retry-After and resets_at
+    ├── PoolBusy                      429 rate_limit_exceeded, Retry-After: 1 (all at max_inflight)
     └── UpstreamUnavailable           502 server_error / upstream_error
 
 Foreign exceptions (aiohttp, SQLAlchemy, json) are translated into this tree at exactly one
@@ -103,6 +104,21 @@ class UsageLimitReached(CodexLBError):
         if self.resets_at is None:
             return {"Retry-After": "60"}
         return {"Retry-After": str(max(1, math.ceil(self.resets_at - time.time())))}
+
+
+class PoolBusy(CodexLBError):
+    """Every eligible account is at its ``max_inflight``: a short wait helps (Codex retries a
+    ``rate_limit_exceeded`` after ``Retry-After``, while ``usage_limit_reached`` is fatal)."""
+
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self) -> None:
+        super().__init__("Every upstream account is at its in-flight limit; retry shortly.")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UpstreamUnavailable(CodexLBError):

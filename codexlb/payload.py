@@ -107,19 +107,18 @@ class CreateRequest:
                     )
         return cls(body, None, normalize_input(value))
 
-    def upstream_body(self, *, input_items: list[Any] | None, stream: bool = True) -> bytes:
-        """The body for the upstream: the client's bytes when nothing needs to change."""
+    def upstream_body(self, *, input_items: list[Any] | None) -> bytes:
+        """The streaming body for the upstream: the client's bytes when nothing must change."""
         if (
             input_items is None
             and self.raw is not None
-            and self.stream == stream
+            and self.stream
             and "previous_response_id" not in self.body
         ):
             return self.raw
         body = dict(self.body)
         body.pop("previous_response_id", None)
-        if stream:
-            body["stream"] = True
+        body["stream"] = True
         if input_items is not None:
             body["input"] = input_items
         return json.dumps(body, separators=(",", ":")).encode()

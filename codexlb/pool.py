@@ -14,13 +14,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from codexlb import balancer
 from codexlb.config import AccountConfig, Config
 from codexlb.credentials import Credentials, CredentialsError, load_credentials
-from codexlb.errors import CodexLBError, UpstreamUnavailable, UsageLimitReached
+from codexlb.errors import CodexLBError, PoolBusy, UpstreamUnavailable, UsageLimitReached
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,13 @@ class Pool:
     def exhausted(self, *, rate_limited: bool) -> CodexLBError:
         """The error for a request no account could serve (SPEC S1.4)."""
         now = self._clock()
-        recovery = balancer.earliest_recovery([a.candidate() for a in self.accounts], now)
-        if rate_limited or (recovery is not None and not self._any_error_cooldown(now)):
+        candidates = [a.candidate() for a in self.accounts]
+        recovery = balancer.earliest_recovery(candidates, now)
+        if rate_limited:
+            return UsageLimitReached(recovery)
+        if any(not c.eligible(now) and _only_busy(c, now) for c in candidates):
+            return PoolBusy()
+        if recovery is not None and not self._any_error_cooldown(now):
             return UsageLimitReached(recovery)
         if not any(a.config.enabled and a.usable for a in self.accounts):
             return UpstreamUnavailable("No usable upstream account is configured.")
@@ -138,7 +143,7 @@ class Pool:
     def failed(self, account: Account, reason: str) -> None:
         """A 5xx, a connect error or a broken stream: exponential cooldown."""
         delay = min(
-            self._routing.error_cooldown_seconds * 2**account.error_streak,
+            self._routing.error_cooldown_seconds * 2 ** min(account.error_streak, 32),
             self._routing.max_error_cooldown_seconds,
         )
         account.error_streak += 1
@@ -196,6 +201,12 @@ def _new_account(config: Config, account_config: AccountConfig) -> Account:
         log.error("account %s: %s", account_config.name, exc)
         return Account(account_config, base_url, Credentials(), usable=False, last_error=str(exc))
     return Account(account_config, base_url, credentials, usable=credentials.usable)
+
+
+def _only_busy(candidate: balancer.Candidate, now: float) -> bool:
+    """Ineligible only because of its ``max_inflight``."""
+    idle = replace(candidate, inflight=0)
+    return idle.eligible(now)
 
 
 def rate_limit_reset(

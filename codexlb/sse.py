@@ -2,8 +2,10 @@
 
 Feed it the byte chunks of a stream as they arrive; it returns the complete events so far,
 each carrying the exact bytes it was framed in (``raw``), so a relay can forward what it
-received unchanged while it observes a parsed copy. Event data is decoded as JSON only on
-demand: a relay looks at the ``event:`` line of most events and parses just the few it needs.
+received unchanged while it observes a parsed copy. Comment-only blocks (keep-alives) come
+out as events without a type, so not a byte of the stream is lost. Event data is decoded as
+JSON only on demand: a relay reads the ``event:`` line of most events and parses just the few
+it needs.
 """
 
 from __future__ import annotations
@@ -60,10 +62,7 @@ class SSEDecoder:
             end, sep_len = _find_separator(buffer, start)
             if end < 0:
                 break
-            block = buffer[start : end + sep_len]
-            event = _parse_block(block, buffer[start:end])
-            if event is not None:
-                events.append(event)
+            events.append(_parse_block(buffer[start : end + sep_len], buffer[start:end]))
             start = end + sep_len
         self._buffer = buffer[start:]
         return events
@@ -73,8 +72,7 @@ class SSEDecoder:
         tail, self._buffer = self._buffer, b""
         if not tail.strip():
             return []
-        event = _parse_block(tail, tail.rstrip(b"\r\n"))
-        return [event] if event is not None else []
+        return [_parse_block(tail, tail.rstrip(b"\r\n"))]
 
     @property
     def pending(self) -> bool:
@@ -93,7 +91,7 @@ def _find_separator(buffer: bytes, start: int) -> tuple[int, int]:
     return best, best_len
 
 
-def _parse_block(raw: bytes, body: bytes) -> SSEEvent | None:
+def _parse_block(raw: bytes, body: bytes) -> SSEEvent:
     event: str | None = None
     data: list[bytes] = []
     for line in body.splitlines():
@@ -106,8 +104,6 @@ def _parse_block(raw: bytes, body: bytes) -> SSEEvent | None:
             data.append(value)
         elif name == b"event":
             event = value.decode("utf-8", "replace")
-    if event is None and not data:
-        return None
     return SSEEvent(raw=raw, event=event, data=b"\n".join(data))
 
 

@@ -7,6 +7,7 @@ Opening a stream is the boundary where aiohttp's connection errors and time-outs
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
@@ -41,6 +42,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 """Client headers never forwarded: hop-by-hop, proxy and credential headers."""
+
+
+LARGE_BODY_BYTES = 1024 * 1024
+"""Bodies above this are streamed from a buffer instead of written in one call."""
 
 
 class UpstreamConnectError(Exception):
@@ -98,7 +103,7 @@ class Upstream:
         try:
             async with asyncio.timeout(self._timeouts.first_byte_seconds):
                 response = await self.session.post(
-                    account.base_url + path, data=body, headers=request_headers
+                    account.base_url + path, data=_payload(body), headers=request_headers
                 )
         except TimeoutError as exc:
             raise UpstreamConnectError("no response headers in time") from exc
@@ -108,3 +113,7 @@ class Upstream:
             yield response
         finally:
             response.release()
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO:
+    return io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body

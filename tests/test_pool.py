@@ -1,0 +1,404 @@
+"""Runtime account state: cooldowns, usage, leases and affinity, against a fake clock."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from typing import Any
+
+import pytest
+from multidict import CIMultiDict
+
+from codexlb.config import Config
+from codexlb.errors import UpstreamUnavailable, UsageLimitReached
+from codexlb.pool import Account, Pool, rate_limit_reset
+
+NOW = 1_750_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_pool(
+    clock: FakeClock, *names: str, routing: dict[str, Any] | None = None, **account: Any
+) -> Pool:
+    config = Config.model_validate(
+        {
+            "accounts": [{"name": n, "access_token": f"at-{n}", **account} for n in names],
+            "routing": routing or {},
+        }
+    )
+    return Pool(config, clock=clock)
+
+
+def account(pool: Pool, name: str) -> Account:
+    found = pool.get(name)
+    assert found is not None
+    return found
+
+
+def choose(pool: Pool, *, prefer: str | None = None, key: str | None = None) -> str | None:
+    chosen = pool.choose(prefer=prefer, affinity_key=key, exclude=())
+    return chosen.name if chosen is not None else None
+
+
+def headers(**values: str) -> CIMultiDict[str]:
+    return CIMultiDict((name.replace("_", "-"), value) for name, value in values.items())
+
+
+# -- rate_limit_reset ----------------------------------------------------------------------
+
+HTTP_DATE = email.utils.formatdate(NOW + 90, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("error", "hdrs", "expected"),
+    [
+        ({"resets_at": NOW + 300}, headers(retry_after="5"), NOW + 300),
+        ({"resets_at": int(NOW) + 300}, headers(), int(NOW) + 300),
+        ({"resets_at": NOW - 1, "resets_in_seconds": 40}, headers(), NOW + 40),
+        ({"resets_in_seconds": 40}, headers(retry_after="5"), NOW + 40),
+        ({"resets_in_seconds": "40"}, headers(), NOW + 40),
+        ({"resets_at": "soon", "resets_in_seconds": None}, headers(retry_after="7"), NOW + 7),
+        ({"resets_at": True}, headers(), None),
+        (None, headers(retry_after="30"), NOW + 30),
+        (None, headers(Retry_After="2.5"), NOW + 2.5),
+        (None, headers(retry_after="-3"), NOW),
+        (None, headers(retry_after=HTTP_DATE), NOW + 90),
+        (None, headers(retry_after="whenever"), None),
+        (None, headers(), None),
+        (
+            None,
+            headers(x_codex_primary_used_percent="100", x_codex_primary_reset_at=str(NOW + 600)),
+            NOW + 600,
+        ),
+        (
+            None,
+            headers(
+                x_codex_primary_used_percent="100.0",
+                x_codex_primary_reset_at=str(NOW + 600),
+                x_codex_secondary_used_percent="100",
+                x_codex_secondary_reset_at=str(NOW + 9000),
+            ),
+            NOW + 9000,
+        ),
+        (
+            None,
+            headers(
+                x_codex_primary_used_percent="99",
+                x_codex_primary_reset_at=str(NOW + 600),
+                x_codex_secondary_used_percent="100",
+                x_codex_secondary_reset_at=str(NOW + 9000),
+            ),
+            NOW + 9000,
+        ),
+        (
+            None,
+            headers(x_codex_primary_used_percent="99.5", x_codex_primary_reset_at=str(NOW + 600)),
+            None,
+        ),
+        (
+            None,
+            headers(x_codex_primary_used_percent="100", x_codex_primary_reset_at=str(NOW - 5)),
+            None,
+        ),
+    ],
+    ids=[
+        "error-resets_at",
+        "error-resets_at-int",
+        "past-resets_at-falls-to-resets_in",
+        "resets_in-beats-retry-after",
+        "resets_in-string",
+        "garbage-falls-to-retry-after",
+        "bool-is-not-a-time",
+        "retry-after-seconds",
+        "retry-after-fraction",
+        "retry-after-negative",
+        "retry-after-http-date",
+        "retry-after-garbage",
+        "nothing",
+        "primary-full",
+        "both-full-latest",
+        "only-secondary-full",
+        "not-full",
+        "full-reset-passed",
+    ],
+)
+def test_rate_limit_reset(
+    error: dict[str, Any] | None, hdrs: CIMultiDict[str], expected: float | None
+) -> None:
+    assert rate_limit_reset(hdrs, error, NOW) == expected
+
+
+# -- cooldowns -----------------------------------------------------------------------------
+
+
+def test_rate_limited_cools_the_account_down_until_its_reset() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b")
+    a = account(pool, "a")
+
+    pool.rate_limited(a, headers=headers(), error={"resets_in_seconds": 100})
+
+    assert a.cooldown_until == NOW + 100
+    assert a.last_error == "rate limited"
+    assert {choose(pool) for _ in range(5)} == {"b"}
+    assert choose(pool, prefer="a") == "b"
+    clock.now = NOW + 100
+    assert choose(pool, prefer="a") == "a"
+
+
+def test_rate_limited_without_a_reset_uses_the_default_cooldown() -> None:
+    pool = make_pool(FakeClock(), "a", routing={"default_rate_limit_cooldown_seconds": 45})
+    a = account(pool, "a")
+
+    pool.rate_limited(a, headers=headers(), error=None)
+
+    assert a.cooldown_until == NOW + 45
+
+
+def test_rate_limited_never_shortens_a_cooldown() -> None:
+    pool = make_pool(FakeClock(), "a")
+    a = account(pool, "a")
+    pool.rate_limited(a, headers=headers(retry_after="600"), error=None)
+
+    pool.rate_limited(a, headers=headers(retry_after="10"), error=None)
+
+    assert a.cooldown_until == NOW + 600
+
+
+def test_rate_limited_learns_usage_from_its_headers() -> None:
+    pool = make_pool(FakeClock(), "a")
+    a = account(pool, "a")
+
+    pool.rate_limited(
+        a,
+        headers=headers(x_codex_primary_used_percent="100", x_codex_primary_reset_at=str(NOW + 60)),
+        error=None,
+    )
+
+    assert (a.primary.used_percent, a.primary.resets_at) == (100.0, NOW + 60)
+    assert a.cooldown_until == NOW + 60
+
+
+def test_failed_backs_off_exponentially_up_to_the_cap() -> None:
+    clock = FakeClock()
+    pool = make_pool(
+        clock,
+        "a",
+        routing={"error_cooldown_seconds": 2, "max_error_cooldown_seconds": 30},
+    )
+    a = account(pool, "a")
+
+    delays = []
+    for _ in range(7):
+        pool.failed(a, "HTTP 502")
+        delays.append(a.cooldown_until - clock.now)
+        clock.now = a.cooldown_until
+
+    assert delays == [2, 4, 8, 16, 30, 30, 30]
+    assert a.last_error == "HTTP 502"
+
+    pool.succeeded(a)
+    pool.failed(a, "HTTP 503")
+    assert a.cooldown_until - clock.now == 2
+
+
+def test_failed_backoff_survives_a_long_outage() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a")
+    a = account(pool, "a")
+
+    for _ in range(1100):
+        clock.now = a.cooldown_until
+        pool.failed(a, "connect error")
+
+    assert a.cooldown_until == clock.now + 120.0
+
+
+def test_unauthorized_takes_the_account_out() -> None:
+    pool = make_pool(FakeClock(), "a", "b")
+
+    pool.unauthorized(account(pool, "a"))
+
+    assert not account(pool, "a").usable
+    assert {choose(pool, prefer="a") for _ in range(4)} == {"b"}
+
+
+# -- exhausted -----------------------------------------------------------------------------
+
+
+def test_exhausted_when_rate_limited_is_usage_limit_reached() -> None:
+    clock = FakeClock(float(math.floor(time.time())))
+    pool = make_pool(clock, "a", "b")
+    pool.rate_limited(account(pool, "a"), headers=headers(retry_after="120"), error=None)
+    pool.rate_limited(account(pool, "b"), headers=headers(retry_after="30"), error=None)
+    assert choose(pool) is None
+
+    error = pool.exhausted(rate_limited=True)
+
+    assert isinstance(error, UsageLimitReached)
+    assert error.status == 429
+    body = json.loads(error.body())["error"]
+    assert (body["type"], body["code"]) == ("usage_limit_reached", "usage_limit_reached")
+    assert body["resets_at"] == clock.now + 30
+    assert 25 <= int(error.headers()["Retry-After"]) <= 30
+
+
+def test_exhausted_by_full_usage_windows_is_usage_limit_reached() -> None:
+    pool = make_pool(FakeClock(), "a")
+    pool.observe_headers(
+        account(pool, "a"),
+        headers(x_codex_primary_used_percent="100", x_codex_primary_reset_at=str(NOW + 500)),
+    )
+
+    error = pool.exhausted(rate_limited=False)
+
+    assert isinstance(error, UsageLimitReached)
+    assert error.resets_at == NOW + 500
+
+
+def test_exhausted_after_errors_is_upstream_unavailable() -> None:
+    pool = make_pool(FakeClock(), "a", "b")
+    pool.failed(account(pool, "a"), "HTTP 500")
+    pool.failed(account(pool, "b"), "connect error")
+
+    error = pool.exhausted(rate_limited=False)
+
+    assert isinstance(error, UpstreamUnavailable)
+    assert (error.status, error.type, error.code) == (502, "server_error", "upstream_error")
+    assert "Retry-After" not in error.headers()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_exhausted_without_usable_accounts_is_upstream_unavailable(enabled: bool) -> None:
+    pool = make_pool(FakeClock(), "a", enabled=enabled)
+    if enabled:
+        pool.unauthorized(account(pool, "a"))
+
+    error = pool.exhausted(rate_limited=False)
+
+    assert isinstance(error, UpstreamUnavailable)
+    assert "No usable upstream account" in error.message
+
+
+# -- usage -----------------------------------------------------------------------------------
+
+
+def test_observe_headers_records_both_windows() -> None:
+    pool = make_pool(FakeClock(), "a")
+    a = account(pool, "a")
+
+    pool.observe_headers(
+        a,
+        headers(
+            x_codex_primary_used_percent="42.5",
+            x_codex_primary_reset_at=str(NOW + 100),
+            x_codex_secondary_used_percent="7",
+            x_codex_primary_window_minutes="300",
+        ),
+    )
+
+    assert (a.primary.used_percent, a.primary.resets_at) == (42.5, NOW + 100)
+    assert (a.secondary.used_percent, a.secondary.resets_at) == (7.0, 0.0)
+    assert a.candidate().used_percent == 42.5
+
+
+def test_observe_headers_ignores_missing_or_garbage_usage() -> None:
+    pool = make_pool(FakeClock(), "a")
+    a = account(pool, "a")
+    pool.observe_headers(a, headers(x_codex_primary_used_percent="30"))
+
+    pool.observe_headers(a, headers())
+    pool.observe_headers(a, headers(x_codex_primary_used_percent="n/a"))
+
+    assert a.primary.used_percent == 30.0
+
+
+def test_least_used_account_gets_new_work() -> None:
+    pool = make_pool(FakeClock(), "a", "b")
+    pool.observe_headers(account(pool, "a"), headers(x_codex_primary_used_percent="95"))
+    pool.observe_headers(account(pool, "b"), headers(x_codex_secondary_used_percent="10"))
+
+    assert {choose(pool) for _ in range(20)} == {"b"}
+
+
+def test_full_window_blocks_until_reset() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a")
+    pool.observe_headers(
+        account(pool, "a"),
+        headers(x_codex_secondary_used_percent="100", x_codex_secondary_reset_at=str(NOW + 60)),
+    )
+
+    assert choose(pool) is None
+    clock.now = NOW + 60
+    assert choose(pool) == "a"
+
+
+# -- leases ----------------------------------------------------------------------------------
+
+
+def test_lease_counts_inflight_and_releases_on_exception() -> None:
+    pool = make_pool(FakeClock(), "a", max_inflight=2)
+    a = account(pool, "a")
+    seen: list[tuple[int, str | None]] = []
+
+    def fail_while_leased() -> None:
+        with pool.lease(a):
+            seen.append((a.inflight, choose(pool)))
+            raise RuntimeError("boom")
+
+    with pool.lease(a):
+        seen.append((a.inflight, choose(pool)))
+        with pytest.raises(RuntimeError, match="boom"):
+            fail_while_leased()
+        seen.append((a.inflight, choose(pool)))
+    seen.append((a.inflight, choose(pool)))
+
+    assert seen == [(1, "a"), (2, None), (1, "a"), (0, "a")]
+
+
+# -- affinity --------------------------------------------------------------------------------
+
+
+def test_affinity_is_remembered_and_expires() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b", routing={"affinity_ttl_seconds": 60})
+    b = account(pool, "b")
+    pool.remember_affinity("thread-1", b)
+    with pool.lease(b):  # b is busier: only affinity sends work there
+        assert [choose(pool, key="thread-1") for _ in range(4)] == ["b"] * 4
+        assert {choose(pool, key="thread-2") for _ in range(4)} == {"a"}
+        assert choose(pool, prefer="a", key="thread-1") == "a"
+
+        clock.now = NOW + 59.9
+        assert choose(pool, key="thread-1") == "b"
+        clock.now = NOW + 60
+        assert choose(pool, key="thread-1") == "a"
+
+
+def test_affinity_to_an_ineligible_account_is_ignored() -> None:
+    pool = make_pool(FakeClock(), "a", "b")
+    b = account(pool, "b")
+    pool.remember_affinity("thread-1", b)
+
+    pool.failed(b, "HTTP 500")
+
+    assert choose(pool, key="thread-1") == "a"
+
+
+def test_affinity_disabled_by_zero_ttl() -> None:
+    pool = make_pool(FakeClock(), "a", "b", routing={"affinity_ttl_seconds": 0})
+    b = account(pool, "b")
+    pool.remember_affinity("thread-1", b)
+
+    with pool.lease(b):
+        assert choose(pool, key="thread-1") == "a"
