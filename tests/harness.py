@@ -1,0 +1,246 @@
+"""Real servers on loopback for the tests: codexlb itself, in this process or as a child
+process, in front of the fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from codexlb.app import SERVICES, make_runner
+from codexlb.config import Config, parse_config
+from codexlb.exchange import Services
+from codexlb.sse import SSEDecoder
+from codexlb.testing.fake_upstream import FakeAccount, FakeUpstream
+
+ACCOUNTS = (
+    FakeAccount("a", access_token="tok-a", chatgpt_account_id="acct-a"),
+    FakeAccount("b", access_token="tok-b", chatgpt_account_id="acct-b"),
+    FakeAccount("c", access_token="tok-c", chatgpt_account_id="acct-c"),
+)
+CLIENT_KEYS = {"alice": "sk-lb-alice-0123456789", "bob": "sk-lb-bob-0123456789"}
+CODEX_PATH = "/backend-api/codex/responses"
+
+
+class Fake(FakeUpstream):
+    """The fake upstream, remembering the base URL it serves on."""
+
+    url = ""
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self.url = await super().start(host, port)
+        return self.url
+
+
+def config_data(
+    upstream_url: str,
+    database_url: str,
+    *,
+    accounts: Sequence[FakeAccount] = ACCOUNTS,
+    keys: Mapping[str, str] = CLIENT_KEYS,
+    **sections: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A configuration (as TOML data) pointing every account at the fake upstream."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "database": {"url": database_url},
+        "upstream": {"base_url": f"{upstream_url}/backend-api/codex"},
+        "api_keys": [{"name": name, "key": key} for name, key in keys.items()],
+        "accounts": [
+            {
+                "name": a.name,
+                "access_token": a.access_token,
+                "chatgpt_account_id": a.chatgpt_account_id,
+            }
+            for a in accounts
+        ],
+        "routing": {"error_cooldown_seconds": 0.05, "max_error_cooldown_seconds": 0.2},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return data
+
+
+@dataclass
+class Balancer:
+    """A codexlb app serving on loopback inside the test's event loop."""
+
+    url: str
+    app: web.Application
+
+    @property
+    def services(self) -> Services:
+        return self.app[SERVICES]
+
+
+@asynccontextmanager
+async def serve(config: Config) -> AsyncIterator[Balancer]:
+    runner = make_runner(config, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield Balancer(f"http://{host}:{port}", runner.app)
+    finally:
+        await runner.cleanup()
+
+
+def make_config(data: Mapping[str, Any], tmp_path: Path) -> Config:
+    return parse_config(data, source=tmp_path / "codexlb.toml")
+
+
+def auth(client: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {CLIENT_KEYS[client]}"}
+
+
+def user_message(text: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+
+
+@dataclass
+class StreamResult:
+    status: int
+    events: list[dict[str, Any]]
+    headers: Mapping[str, str]
+
+    @property
+    def types(self) -> list[str]:
+        return [str(e.get("type")) for e in self.events]
+
+    @property
+    def completed(self) -> dict[str, Any]:
+        for event in self.events:
+            if event.get("type") == "response.completed":
+                response: dict[str, Any] = event["response"]
+                return response
+        raise AssertionError(f"no response.completed in {self.types}")
+
+    @property
+    def response_id(self) -> str:
+        return str(self.completed["id"])
+
+    @property
+    def output_items(self) -> list[dict[str, Any]]:
+        return [e["item"] for e in self.events if e.get("type") == "response.output_item.done"]
+
+
+async def stream_turn(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: Mapping[str, Any],
+    *,
+    client: str = "alice",
+    headers: Mapping[str, str] | None = None,
+) -> StreamResult:
+    """POST one streaming turn and read its events up to ``response.completed``, as Codex does."""
+    payload = {"model": "gpt-5-codex", "stream": True, **body}
+    async with session.post(
+        url + CODEX_PATH, json=payload, headers={**auth(client), **(headers or {})}
+    ) as response:
+        if response.status != 200:
+            return StreamResult(response.status, [await response.json()], response.headers)
+        decoder = SSEDecoder()
+        events: list[dict[str, Any]] = []
+        async for chunk in response.content.iter_any():
+            for event in decoder.feed(chunk):
+                events.append(event.json())
+                if event.type in ("response.completed", "response.failed"):
+                    return StreamResult(200, events, response.headers)
+        return StreamResult(200, events, response.headers)
+
+
+@dataclass
+class ChildServer:
+    """``codexlb serve`` as a child process; its log lines are kept in ``log``."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    log: list[str]
+    reader: asyncio.Task[None]
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    async def wait(self) -> int:
+        async with asyncio.timeout(15):
+            code = await self.process.wait()
+        await self.reader
+        return code
+
+    async def stop(self) -> int:
+        """SIGTERM, or SIGKILL when it is already beyond that; returns the exit code."""
+        if self.process.returncode is None:
+            self.signal(signal.SIGTERM)
+        try:
+            return await self.wait()
+        except TimeoutError:
+            self.process.kill()
+            return await self.wait()
+
+
+async def start_child(config_file: Path) -> ChildServer:
+    """Run ``codexlb serve`` and wait until it logs its address (port 0 = any free port)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "codexlb",
+        "serve",
+        "--config",
+        str(config_file),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    log: list[str] = []
+    listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    reader = asyncio.create_task(_read_log(process.stderr, log, listening))
+    try:
+        url = await asyncio.wait_for(asyncio.shield(listening), 20)
+    except (TimeoutError, EOFError):
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await reader
+        raise AssertionError("codexlb did not start:\n" + "".join(log)) from None
+    return ChildServer(process, url, log, reader)
+
+
+async def _read_log(
+    stream: asyncio.StreamReader, log: list[str], listening: asyncio.Future[str]
+) -> None:
+    while line := (await stream.readline()).decode():
+        log.append(line)
+        match = re.search(r"listening on (http://[\d.]+:\d+)", line)
+        if match and not listening.done():
+            listening.set_result(match.group(1))
+    if not listening.done():
+        listening.set_exception(EOFError("codexlb exited"))
+
+
+def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as TOML (the subset the configuration uses)."""
+    lines: list[str] = []
+    for section, values in data.items():
+        if isinstance(values, list):
+            for entry in values:
+                lines.append(f"[[{section}]]")
+                lines.extend(f"{k} = {json.dumps(v)}" for k, v in entry.items() if v is not None)
+        else:
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path

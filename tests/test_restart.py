@@ -1,0 +1,57 @@
+"""Conversations survive restarts of ``codexlb serve`` (a real child process)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.harness import Fake, config_data, start_child, stream_turn, user_message, write_toml
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_chain_continues_after_restart(
+    stop: signal.Signals, fake: Fake, tmp_path: Path
+) -> None:
+    config_file = write_toml(
+        tmp_path / "codexlb.toml", config_data(fake.url, "sqlite+aiosqlite:///codexlb.db")
+    )
+    async with aiohttp.ClientSession() as http:
+        server = await start_child(config_file)
+        try:
+            first = await stream_turn(http, server.url, {"input": [user_message("one")]})
+            second = await stream_turn(
+                http,
+                server.url,
+                {"input": [user_message("two")], "previous_response_id": first.response_id},
+            )
+            assert second.status == 200
+            # SIGKILL lands right after response.completed reached the client.
+            server.signal(stop)
+            code = await server.wait()
+        finally:
+            if server.process.returncode is None:
+                await server.stop()
+        assert code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+
+        server = await start_child(config_file)
+        try:
+            third = await stream_turn(
+                http,
+                server.url,
+                {"input": [user_message("three")], "previous_response_id": second.response_id},
+            )
+        finally:
+            assert await server.stop() == 0
+
+    assert third.status == 200, third.events
+    assert fake.received[-1].body["input"] == [
+        user_message("one"),
+        *first.output_items,
+        user_message("two"),
+        *second.output_items,
+        user_message("three"),
+    ]
+    assert (tmp_path / "codexlb.db").exists()
