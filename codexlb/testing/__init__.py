@@ -1,0 +1,1 @@
+"""Test doubles that speak the real upstream protocols (see ``fake_upstream``)."""

@@ -1,0 +1,116 @@
+"""The fake upstream's HTTP side: Responses over SSE, the models catalog, shared helpers.
+
+A normal answer is one `web.Response` with chunked encoding, so aiohttp writes the headers,
+the whole pre-encoded event stream and the chunked terminator in a single transport write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from codexlb.testing import events
+from codexlb.testing.faults import UpstreamError, openai_error
+from codexlb.testing.state import UpstreamState
+
+MODELS_ETAG = '"fake-models-1"'
+
+
+async def post_response(state: UpstreamState, request: web.Request) -> web.StreamResponse:
+    """``POST .../responses``: an SSE stream, an error, or a scripted fault."""
+    headers = lower_headers(request.headers)
+    account = state.authenticate(headers)
+    body = parse_json(await request.read())
+    state.record(state.received, "http", request.path, account, headers, body)
+    request_id = events.new_id("req")
+    if account is None:
+        return error_response(unauthorized(), request_id)
+    fault = state.take_fault(account.name)
+    if fault is not None and fault.is_error:
+        previous = body.get("previous_response_id") if isinstance(body, dict) else None
+        error = fault.error(now=time.time(), previous_response_id=previous)
+        return error_response(error, request_id)
+    problem = state.check(body, account, transport="http", last_response_id=None)
+    if problem is not None:
+        return error_response(problem, request_id)
+    assert isinstance(body, dict)
+    response_events = state.plan_events(body, account, fault)
+    reply_headers = {
+        **state.rate_limit_headers(account.name),
+        "x-request-id": request_id,
+        "x-models-etag": MODELS_ETAG,
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+    }
+    if isinstance(body.get("model"), str):
+        reply_headers["openai-model"] = body["model"]
+    try:
+        if fault is not None and fault.kind == "slow_first_byte":
+            await state.wait_closing(fault.seconds)
+        if fault is None or fault.kind not in ("drop_after", "stall_after"):
+            response = web.Response(body=events.encode_sse(response_events), headers=reply_headers)
+            response.enable_chunked_encoding()
+            return response
+        stream = web.StreamResponse(headers=reply_headers)
+        await stream.prepare(request)
+        if fault.events:
+            await stream.write(events.encode_sse(response_events[: fault.events]))
+        if fault.kind == "stall_after":
+            await state.wait_closing(None)
+        drop_connection(request)
+        return stream
+    except asyncio.CancelledError:
+        state.count_disconnect()
+        raise
+
+
+async def models(state: UpstreamState, request: web.Request) -> web.StreamResponse:
+    """``GET .../models``: an empty catalog with an ``ETag`` (304 on a matching
+    ``If-None-Match``); Codex then falls back to its bundled list."""
+    headers = lower_headers(request.headers)
+    account = state.authenticate(headers)
+    state.record(state.received, "http", request.path, account, headers, None)
+    request_id = events.new_id("req")
+    if account is None:
+        return error_response(unauthorized(), request_id)
+    reply_headers = {"ETag": MODELS_ETAG, "x-request-id": request_id}
+    if headers.get("if-none-match") == MODELS_ETAG:
+        return web.Response(status=304, headers=reply_headers)
+    return web.json_response({"models": []}, headers=reply_headers)
+
+
+def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def parse_json(data: bytes | str) -> Any:
+    """The parsed JSON value, or None when ``data`` is not JSON."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def unauthorized() -> UpstreamError:
+    return openai_error(401, "invalid_api_key", now=time.time())
+
+
+def error_response(error: UpstreamError, request_id: str) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=error.http_body(),
+        content_type="application/json",
+        headers={**error.headers, "x-request-id": request_id},
+    )
+
+
+def drop_connection(request: web.Request) -> None:
+    """Close the TCP connection once what was written is flushed: no chunked terminator, no
+    WebSocket close frame. aiohttp's own final write then fails quietly as a lost peer."""
+    if request.transport is not None:
+        request.transport.close()
