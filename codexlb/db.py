@@ -1,0 +1,109 @@
+"""The database engine and its migrations.
+
+:func:`create_engine` tunes each backend for the store's access pattern. SQLite gets WAL (readers
+never block the writer), ``synchronous=NORMAL`` (durable across a process crash, one fsync per
+checkpoint instead of per commit) and a 30 s busy timeout, set on every new connection, so that
+short write transactions from several writers queue up instead of failing with ``database is
+locked``. PostgreSQL gets ``pool_pre_ping`` so a restarted server costs no failed request. Both
+hide bound parameters from error messages: they carry conversation content.
+
+:func:`upgrade` runs ``alembic upgrade head`` on a connection of the application's own engine
+(the alembic cookbook's connection sharing, driven through ``run_sync``); it is idempotent and runs
+at every start-up. The whole upgrade is one transaction that first takes the database's write
+lock (a transaction-scoped advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so
+processes starting together migrate one at a time and a failed migration leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, make_url, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_MIGRATION_LOCK_KEY = int.from_bytes(b"codexlb", "big")
+_WAL_ATTEMPTS = 100
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An engine for ``sqlite+aiosqlite://`` or ``postgresql+asyncpg://`` URLs."""
+    sa_url = make_url(url)
+    if sa_url.get_backend_name() == "sqlite":
+        database = sa_url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(sa_url, hide_parameters=True)
+        event.listen(engine.sync_engine, "connect", _apply_sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        sa_url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=20
+    )
+
+
+async def upgrade(engine: AsyncEngine) -> None:
+    """Apply every pending migration; a no-op when the schema is at head."""
+    async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+            )
+        elif conn.dialect.name == "sqlite":
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        await conn.run_sync(_upgrade_on)
+
+
+def upgrade_url(url: str) -> None:
+    """Synchronous entry point for ``codexlb db upgrade``."""
+
+    async def run() -> None:
+        engine = create_engine(url)
+        try:
+            await upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def _upgrade_on(connection: Connection) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _apply_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout=30000")
+        _enable_wal(cursor)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch to WAL, retrying while another connection switches the same new database.
+
+    The switch needs an exclusive lock that SQLite takes without the busy handler, so connections
+    racing on a new file see ``database is locked``; the switch is brief and happens once per file
+    (WAL mode is persistent), so an immediate retry succeeds.
+    """
+    for attempt in range(_WAL_ATTEMPTS):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == _WAL_ATTEMPTS - 1:
+                raise

@@ -1,0 +1,62 @@
+"""The snapshot table as SQLAlchemy Core metadata.
+
+The alembic migrations in ``migrations/`` are the only source of the schema; this module
+describes the same table for queries (and for ``alembic revision --autogenerate``).
+
+JSON payloads live in ``Text`` columns serialized by the store itself: cheap, and identical on
+SQLite and PostgreSQL. ``created_at`` is stored in UTC; :class:`UtcDateTime` makes every value
+that crosses the boundary timezone-aware UTC, because SQLite keeps no offset.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Dialect, Index, MetaData, String, Table, Text
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware datetime, normalized to UTC on the way in and out."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("datetime must be timezone-aware")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("response_id", String(), primary_key=True),
+    Column("previous_response_id", String(), nullable=True),
+    Column("scope", String(), nullable=False),
+    Column("account", String(), nullable=False),
+    Column("model", String(), nullable=True),
+    Column("input_items", Text, nullable=False),
+    Column("output_items", Text, nullable=False),
+    Column("usage", Text, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_snapshots_created_at", "created_at"),
+)

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from codexlb.db import create_engine, upgrade
+from codexlb.store import SnapshotStore
+from tests.harness import ACCOUNTS, Balancer, Fake, config_data, make_config, serve
+
+# --- Database fixtures (real SQLite and PostgreSQL; see tests/test_store.py) ----------------
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CODEXLB_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database: a SQLite file, or a fresh PostgreSQL database dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'codexlb.db'}"
+        return
+    try:
+        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {exc!r}")
+    name = f"codexlb_test_{uuid.uuid4().hex}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+        yield f"{base.replace('postgresql://', 'postgresql+asyncpg://', 1)}/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``database_url`` with the schema at head."""
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def store(engine: AsyncEngine) -> AsyncIterator[SnapshotStore]:
+    store = SnapshotStore(engine)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# --- End of database fixtures -------------------------------------------------------------
+
+
+# --- Servers on loopback: the fake upstream and codexlb in front of it ---------------------
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
+    upstream = Fake(ACCOUNTS)
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
+
+
+@pytest.fixture
+async def lb(fake: Fake, tmp_path: Path) -> AsyncIterator[Balancer]:
+    """codexlb on SQLite in front of three fake accounts, with client keys alice and bob."""
+    data = config_data(fake.url, f"sqlite+aiosqlite:///{tmp_path / 'codexlb.db'}")
+    async with serve(make_config(data, tmp_path)) as balancer:
+        yield balancer
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

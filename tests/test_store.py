@@ -1,0 +1,359 @@
+"""The snapshot store against real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, func, insert, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from codexlb.db import MIGRATIONS_DIR, create_engine, upgrade, upgrade_url
+from codexlb.errors import PreviousResponseNotFound
+from codexlb.models import snapshots
+from codexlb.store import Snapshot, SnapshotStore
+
+NOW = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def snap(
+    response_id: str,
+    previous_response_id: str | None = None,
+    *,
+    scope: str = "alice",
+    created_at: datetime = NOW,
+    content: str = "",
+) -> Snapshot:
+    return Snapshot(
+        response_id=response_id,
+        previous_response_id=previous_response_id,
+        scope=scope,
+        account="work-1",
+        model="gpt-5-codex",
+        input_items=[{"type": "message", "role": "user", "content": content or response_id}],
+        output_items=[{"type": "message", "role": "assistant", "content": "ok"}],
+        usage={"input_tokens": 3, "output_tokens": 1},
+        created_at=created_at,
+    )
+
+
+@contextmanager
+def count_statements(engine: AsyncEngine) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+
+async def insert_raw(engine: AsyncEngine, *rows: Snapshot) -> None:
+    """Write rows directly, bypassing the store's checks (e.g. to build a cycle)."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(snapshots),
+            [
+                {
+                    "response_id": s.response_id,
+                    "previous_response_id": s.previous_response_id,
+                    "scope": s.scope,
+                    "account": s.account,
+                    "model": s.model,
+                    "input_items": "[]",
+                    "output_items": "[]",
+                    "usage": None,
+                    "created_at": s.created_at,
+                }
+                for s in rows
+            ],
+        )
+
+
+async def test_save_get_round_trip(store: SnapshotStore) -> None:
+    original = Snapshot(
+        response_id="resp_1",
+        previous_response_id=None,
+        scope="",
+        account="work-1",
+        model=None,
+        input_items=[
+            {"type": "message", "content": [{"type": "input_text", "text": "héllo ✓ \u0000"}]},
+            {"nested": {"list": [1, 2.5, True, False, None], "empty": {}}},
+        ],
+        output_items=[{"type": "reasoning", "encrypted_content": "gAAA=="}],
+        usage=None,
+        created_at=datetime(2025, 6, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
+    )
+    await store.save(original)
+
+    loaded = await store.get("", "resp_1")
+
+    assert loaded is not None
+    assert loaded.input_items == original.input_items
+    assert loaded.output_items == original.output_items
+    assert loaded.usage is None
+    assert loaded.created_at == original.created_at
+    assert loaded.created_at.utcoffset() == timedelta(0)
+    assert loaded == Snapshot(**{**_fields(original), "created_at": loaded.created_at})
+    assert await store.get("bob", "resp_1") is None
+    assert await store.get("", "resp_unknown") is None
+
+
+def _fields(s: Snapshot) -> dict[str, Any]:
+    return {name: getattr(s, name) for name in Snapshot.__slots__}
+
+
+async def test_chain_is_oldest_first(store: SnapshotStore) -> None:
+    await store.save(snap("resp_a"))
+    await store.save(snap("resp_b", "resp_a"))
+    await store.save(snap("resp_c", "resp_b"))
+
+    chain = await store.chain("alice", "resp_c")
+
+    assert [s.response_id for s in chain] == ["resp_a", "resp_b", "resp_c"]
+    assert chain[1] == snap("resp_b", "resp_a")
+    assert [s.response_id for s in await store.chain("alice", "resp_a")] == ["resp_a"]
+
+
+async def test_chain_read_is_one_statement(store: SnapshotStore, engine: AsyncEngine) -> None:
+    ids = [f"resp_{i}" for i in range(20)]
+    for parent, child in zip([None, *ids], ids, strict=False):
+        await store.save(snap(child, parent))
+
+    with count_statements(engine) as statements:
+        chain = await store.chain("alice", ids[-1])
+
+    assert [s.response_id for s in chain] == ids
+    assert len(statements) == 1
+
+
+async def test_chain_stays_in_scope(store: SnapshotStore) -> None:
+    await store.save(snap("resp_bob", scope="bob"))
+    await store.save(snap("resp_alice", "resp_bob", scope="alice"))
+
+    with pytest.raises(PreviousResponseNotFound) as excinfo:
+        await store.chain("alice", "resp_bob")
+    assert excinfo.value.response_id == "resp_bob"
+    with pytest.raises(PreviousResponseNotFound) as excinfo:
+        await store.chain("alice", "resp_alice")
+    assert excinfo.value.response_id == "resp_alice"
+    assert [s.response_id for s in await store.chain("bob", "resp_bob")] == ["resp_bob"]
+
+
+async def test_unknown_id_and_missing_ancestor(store: SnapshotStore) -> None:
+    await store.save(snap("resp_orphan", "resp_gone"))
+
+    with pytest.raises(PreviousResponseNotFound, match="'resp_nope' not found"):
+        await store.chain("alice", "resp_nope")
+    with pytest.raises(PreviousResponseNotFound, match="'resp_orphan' not found"):
+        await store.chain("alice", "resp_orphan")
+
+
+async def test_cycle_fails_cleanly(store: SnapshotStore, engine: AsyncEngine) -> None:
+    await insert_raw(
+        engine,
+        snap("resp_x", "resp_z"),
+        snap("resp_y", "resp_x"),
+        snap("resp_z", "resp_y"),
+        snap("resp_self", "resp_self"),
+        snap("resp_tail", "resp_z"),
+    )
+
+    async with asyncio.timeout(5):
+        for response_id in ("resp_x", "resp_self", "resp_tail"):
+            with pytest.raises(PreviousResponseNotFound):
+                await store.chain("alice", response_id)
+
+
+async def test_concurrent_saves_are_group_committed(
+    store: SnapshotStore, engine: AsyncEngine
+) -> None:
+    batches_before = store.batches_committed
+    items = [snap(f"resp_{i:03}", content=f"turn {i}" * 50) for i in range(200)]
+
+    await asyncio.gather(*(store.save(s) for s in items))
+
+    batches = store.batches_committed - batches_before
+    assert 1 <= batches < 20
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(snapshots)) == 200
+    loaded = await asyncio.gather(*(store.get("alice", s.response_id) for s in items))
+    assert loaded == items
+
+
+async def test_two_writers_and_readers_share_the_database(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    """Two engines stand for two processes: writes queue on the busy timeout, never fail."""
+    other_engine = create_engine(database_url)
+    stores = [SnapshotStore(engine), SnapshotStore(other_engine)]
+    try:
+        for store in stores:
+            await store.start()
+        await stores[0].save(snap("resp_root"))
+        saves = [stores[i % 2].save(snap(f"resp_{i}", "resp_root")) for i in range(200)]
+        reads = [stores[i % 2].chain("alice", "resp_root") for i in range(50)]
+
+        _, root_chains = await asyncio.gather(asyncio.gather(*saves), asyncio.gather(*reads))
+
+        assert all(len(chain) == 1 for chain in root_chains)
+        chains = await asyncio.gather(*(stores[1].chain("alice", f"resp_{i}") for i in range(200)))
+        assert all(len(chain) == 2 for chain in chains)
+    finally:
+        for store in stores:
+            await store.close()
+        await other_engine.dispose()
+
+
+async def test_duplicate_id_does_not_fail_its_batch(store: SnapshotStore) -> None:
+    await store.save(snap("resp_dup", content="first"))
+
+    await asyncio.gather(
+        store.save(snap("resp_dup", content="second")),
+        store.save(snap("resp_new_1")),
+        store.save(snap("resp_new_1", content="same batch")),
+        store.save(snap("resp_new_2")),
+    )
+
+    kept = await store.get("alice", "resp_dup")
+    assert kept is not None
+    assert kept.input_items[0]["content"] == "first"
+    assert await store.get("alice", "resp_new_1") is not None
+    assert await store.get("alice", "resp_new_2") is not None
+
+
+async def test_unstorable_snapshot_fails_only_its_own_save(store: SnapshotStore) -> None:
+    bad = Snapshot(**{**_fields(snap("resp_bad")), "model": "gpt\x00"})
+    naive = Snapshot(**{**_fields(snap("resp_naive")), "created_at": datetime(2025, 1, 1)})
+
+    results = await asyncio.gather(
+        store.save(bad), store.save(naive), store.save(snap("resp_good")), return_exceptions=True
+    )
+
+    assert isinstance(results[0], ValueError)
+    assert isinstance(results[1], ValueError)
+    assert results[2] is None
+    assert await store.get("alice", "resp_good") is not None
+
+
+async def test_prune_deletes_old_rows_in_batches(store: SnapshotStore, engine: AsyncEngine) -> None:
+    cutoff = NOW - timedelta(days=30)
+    old = [snap(f"resp_old_{i}", created_at=cutoff - timedelta(hours=i + 1)) for i in range(7)]
+    new = [snap(f"resp_new_{i}", created_at=cutoff + timedelta(hours=i)) for i in range(3)]
+    await asyncio.gather(*(store.save(s) for s in old + new))
+
+    with count_statements(engine) as statements:
+        deleted = await store.prune(cutoff, batch_size=3)
+
+    assert deleted == 7
+    assert len([s for s in statements if s.lstrip().upper().startswith("DELETE")]) == math.ceil(
+        7 / 3
+    )
+    for s in old:
+        assert await store.get("alice", s.response_id) is None
+    for s in new:
+        assert await store.get("alice", s.response_id) == s
+    assert await store.prune(cutoff, batch_size=3) == 0
+
+
+async def test_close_flushes_and_rejects_later_saves(engine: AsyncEngine) -> None:
+    store = SnapshotStore(engine)
+    await store.start()
+    pending = asyncio.ensure_future(store.save(snap("resp_last")))
+    await asyncio.sleep(0)
+
+    await store.close()
+
+    assert pending.done()
+    await pending
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.save(snap("resp_late"))
+    await store.close()
+    reader = SnapshotStore(engine)
+    assert await reader.get("alice", "resp_last") is not None
+    assert await reader.get("alice", "resp_late") is None
+
+
+async def test_save_before_start_raises(engine: AsyncEngine) -> None:
+    with pytest.raises(RuntimeError, match="not running"):
+        await SnapshotStore(engine).save(snap("resp_early"))
+
+
+async def test_ping(store: SnapshotStore) -> None:
+    await store.ping()
+
+
+async def test_ping_raises_when_unreachable() -> None:
+    engine = create_engine("postgresql+asyncpg://postgres@127.0.0.1:1/codexlb")
+    try:
+        with pytest.raises(OSError, match="Connect call failed"):
+            await SnapshotStore(engine).ping()
+    finally:
+        await engine.dispose()
+
+
+async def test_upgrade_twice_is_a_no_op(store: SnapshotStore, engine: AsyncEngine) -> None:
+    await store.save(snap("resp_kept"))
+
+    await upgrade(engine)
+
+    async with engine.connect() as conn:
+        versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+    assert [v for (v,) in versions] == ["0001"]
+    assert await store.get("alice", "resp_kept") is not None
+
+
+async def test_concurrent_upgrades(database_url: str) -> None:
+    engines = [create_engine(database_url) for _ in range(3)]
+    try:
+        await asyncio.gather(*(upgrade(e) for e in engines))
+    finally:
+        for e in engines:
+            await e.dispose()
+
+
+async def test_sqlite_engine_settings(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "dir" / "codexlb.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.connect() as conn:
+            pragmas = [
+                (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+                for name in ("journal_mode", "synchronous", "busy_timeout")
+            ]
+    finally:
+        await engine.dispose()
+    assert pragmas == ["wal", 1, 30000]
+    assert path.exists()
+
+
+async def test_upgrade_url_and_alembic_cli(tmp_path: Path) -> None:
+    """``codexlb db upgrade`` and the plain alembic CLI build the same schema."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(f"[alembic]\nscript_location = {MIGRATIONS_DIR}\nsqlalchemy.url = {url}\n")
+
+    await asyncio.to_thread(upgrade_url, url)
+    cli = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "alembic", "-c", str(ini), "current"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=MIGRATIONS_DIR.parent,
+    )
+
+    assert cli.returncode == 0, cli.stderr
+    assert "0001 (head)" in cli.stdout
