@@ -26,6 +26,7 @@ from codexlb.http_proxy import HttpProxy
 from codexlb.pool import Pool
 from codexlb.store import SnapshotStore
 from codexlb.upstream import Upstream
+from codexlb.ws_proxy import WsProxy
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,12 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_pruning)
 
-    proxy = HttpProxy(services, ClientKeys(config.api_keys))
+    keys = ClientKeys(config.api_keys)
+    proxy = HttpProxy(services, keys)
+    websockets = WsProxy(services, keys)
     for prefix in ("/backend-api/codex", "/v1"):
         app.router.add_post(f"{prefix}/responses", proxy.create_response)
+        app.router.add_get(f"{prefix}/responses", websockets.handle)
     app.router.add_get("/v1/responses/{response_id}", proxy.get_response)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -33,7 +33,10 @@ RATE_LIMIT_CODES = frozenset({"usage_limit_reached", "rate_limit_exceeded", "ins
 RETRYABLE_CODES = frozenset(
     {"server_error", "internal_error", "overloaded", "server_is_overloaded", "slow_down"}
 )
-HELD_BACK = frozenset({"response.created", "response.in_progress"})
+HELD_BACK = frozenset(
+    {"response.created", "response.in_progress", "codex.rate_limits", "response.metadata"}
+)
+"""Events that show no output: held back until the first one that does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,30 +184,39 @@ class Exchange:
         self.strip_reasoning = False
 
     async def load_chain(self) -> None:
-        """Read the ancestry of ``previous_response_id``; raises S1.4's not-found error."""
+        """Read the ancestry of ``previous_response_id`` (once); raises S1.4's not-found error."""
         previous = self.request.previous_response_id
-        if previous is not None:
+        if previous is not None and not self.chain:
             self.chain = await self.services.store.chain(self.scope, previous)
 
     @property
     def origin_account(self) -> str | None:
         return self.chain[-1].account if self.chain else None
 
-    def next_account(self) -> Account:
-        """The account for the next attempt; raises when none is left (S1.4)."""
+    def next_account(self, *, prefer: str | None = None) -> Account:
+        """The account for the next attempt; raises when none is left (S1.4).
+
+        The parent's account comes first, then ``prefer`` (a transport's open socket).
+        """
         pool = self.services.pool
         max_attempts = self.services.config.routing.max_attempts
         account = None
         if len(self.tried) < max_attempts:
             account = pool.choose(
-                prefer=self.origin_account, affinity_key=self.affinity_key, exclude=self.tried
+                prefer=self.origin_account or prefer,
+                affinity_key=self.affinity_key,
+                exclude=self.tried,
             )
         if account is None:
             raise pool.exhausted(rate_limited=bool(self.tried) and self.rate_limited_only)
+        self.attempt_on(account)
+        return account
+
+    def attempt_on(self, account: Account) -> None:
+        """Count an attempt on ``account`` (chosen here, or a transport's live socket)."""
         self.tried.add(account.name)
         self.record.attempts += 1
         self.record.account = account.name
-        return account
 
     def retry_same_account(self, account: Account) -> None:
         """Allow one more attempt on ``account`` (after dropping unreadable reasoning)."""

@@ -107,6 +107,15 @@ class CreateRequest:
                     )
         return cls(body, None, normalize_input(value))
 
+    def upstream_message(self, *, input_items: list[Any] | None) -> str | None:
+        """The ``response.create`` text for an upstream WebSocket after a replay, or ``None``
+        when the client's own message can go as it is."""
+        if input_items is None:
+            return None
+        message = {"type": "response.create", **self.body, "input": input_items}
+        message.pop("previous_response_id", None)
+        return json.dumps(message, separators=(",", ":"))
+
     def upstream_body(self, *, input_items: list[Any] | None) -> bytes:
         """The streaming body for the upstream: the client's bytes when nothing must change."""
         if (

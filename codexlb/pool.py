@@ -100,6 +100,9 @@ class Pool:
         )
         return self._accounts[name] if name is not None else None
 
+    def eligible(self, account: Account) -> bool:
+        return account.candidate().eligible(self._clock())
+
     @contextmanager
     def lease(self, account: Account) -> Iterator[None]:
         account.inflight += 1
@@ -167,6 +170,19 @@ class Pool:
             if used is not None:
                 window.used_percent = used
                 window.resets_at = _float(headers.get(f"x-codex-{prefix}-reset-at")) or 0.0
+
+    def observe_rate_limits(self, account: Account, event: Mapping[str, Any]) -> None:
+        """Learn usage from a WebSocket ``codex.rate_limits`` event."""
+        limits = event.get("rate_limits")
+        if not isinstance(limits, Mapping):
+            return
+        for window, prefix in ((account.primary, "primary"), (account.secondary, "secondary")):
+            values = limits.get(prefix)
+            if isinstance(values, Mapping):
+                used = _float(values.get("used_percent"))
+                if used is not None:
+                    window.used_percent = used
+                    window.resets_at = _float(values.get("reset_at")) or 0.0
 
     # -- affinity -------------------------------------------------------------------------
 

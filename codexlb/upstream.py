@@ -48,8 +48,21 @@ LARGE_BODY_BYTES = 1024 * 1024
 """Bodies above this are streamed from a buffer instead of written in one call."""
 
 
+WEBSOCKET_BETA = "responses_websockets=2026-02-06"
+WEBSOCKET_HEARTBEAT_SECONDS = 30.0
+
+
 class UpstreamConnectError(Exception):
     """The upstream could not be reached or did not answer in time."""
+
+
+class UpstreamRefused(Exception):
+    """The upstream answered a WebSocket handshake with an HTTP error status."""
+
+    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(f"handshake refused with HTTP {status}")
+        self.status = status
+        self.headers = headers
 
 
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -113,6 +126,31 @@ class Upstream:
             yield response
         finally:
             response.release()
+
+    async def websocket(
+        self, account: Account, path: str, headers: Mapping[str, str], *, max_msg_size: int
+    ) -> aiohttp.ClientWebSocketResponse:
+        """Open a Responses WebSocket to ``account`` (permessage-deflate offered)."""
+        request_headers = dict(headers)
+        request_headers.update(account.credentials.auth_headers())
+        request_headers["OpenAI-Beta"] = WEBSOCKET_BETA
+        url = "ws" + account.base_url.removeprefix("http") + path
+        try:
+            async with asyncio.timeout(self._timeouts.connect_seconds):
+                return await self.session.ws_connect(
+                    url,
+                    headers=request_headers,
+                    compress=15,
+                    heartbeat=WEBSOCKET_HEARTBEAT_SECONDS,
+                    max_msg_size=max_msg_size,
+                    autoclose=False,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise UpstreamRefused(exc.status, exc.headers or {}) from exc
+        except TimeoutError as exc:
+            raise UpstreamConnectError("WebSocket handshake timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO:

@@ -161,6 +161,42 @@ async def stream_turn(
         return StreamResult(200, events, response.headers)
 
 
+TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+
+
+def ws_url(base: str) -> str:
+    return "ws" + base.removeprefix("http") + CODEX_PATH
+
+
+async def ws_turn(
+    ws: aiohttp.ClientWebSocketResponse, body: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Send one ``response.create`` and read its events up to the terminal one."""
+    await ws.send_str(json.dumps({"type": "response.create", "model": "gpt-5-codex", **body}))
+    return await ws_events(ws)
+
+
+async def ws_events(ws: aiohttp.ClientWebSocketResponse) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for _ in range(10_000):
+        message = await ws.receive(timeout=10)
+        assert message.type == aiohttp.WSMsgType.TEXT, message
+        event: dict[str, Any] = json.loads(message.data)
+        events.append(event)
+        if event.get("type") in TERMINAL:
+            return events
+    raise AssertionError("no terminal event")
+
+
+def completed_id(events: Sequence[Mapping[str, Any]]) -> str:
+    assert events[-1]["type"] == "response.completed", events[-1]
+    return str(events[-1]["response"]["id"])
+
+
+def output_items(events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [e["item"] for e in events if e.get("type") == "response.output_item.done"]
+
+
 @dataclass
 class ChildServer:
     """``codexlb serve`` as a child process; its log lines are kept in ``log``."""

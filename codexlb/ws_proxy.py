@@ -1,0 +1,417 @@
+"""The WebSocket transport: Responses WebSocket mode on both paths.
+
+One ``ClientSocket`` per client connection runs in the handler's coroutine and is the only
+owner of its upstream socket: it opens one at the first ``response.create``, bound to one
+account, and replaces it (after a failure, or when the conversation must move to another
+account) only from that coroutine. Responses run one at a time in arrival order.
+
+Continuity (S3.1): a ``previous_response_id`` produced on the current upstream socket is
+forwarded as it is, with the client's incremental input; any other anchor is replayed from
+the snapshots. Failures (S4): an upstream socket that closes before anything visible reached
+the client, or a rate-limit / server ``error`` event, moves the request to another account;
+``previous_response_not_found`` for a forwarded anchor replays once; after visible output the
+response ends with ``response.failed`` (``stream_incomplete``) and the next request opens a
+new upstream socket. Every ``error`` event codexlb sends carries ``status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from enum import Enum, auto
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from codexlb.auth import ClientKeys
+from codexlb.errors import (
+    CodexLBError,
+    InvalidRequest,
+    PayloadTooLarge,
+)
+from codexlb.exchange import (
+    RATE_LIMIT_CODES,
+    RETRYABLE_CODES,
+    Exchange,
+    RequestRecord,
+    ResponseRecorder,
+    Services,
+    Step,
+    affinity_key,
+    new_request_id,
+)
+from codexlb.payload import CreateRequest
+from codexlb.pool import Account
+from codexlb.upstream import UpstreamConnectError, UpstreamRefused, forward_headers
+
+log = logging.getLogger(__name__)
+
+CLIENT_HEARTBEAT_SECONDS = 30.0
+PREVIOUS_NOT_FOUND = frozenset({"previous_response_not_found"})
+ENDED = frozenset(
+    {
+        aiohttp.WSMsgType.CLOSE,
+        aiohttp.WSMsgType.CLOSING,
+        aiohttp.WSMsgType.CLOSED,
+        aiohttp.WSMsgType.ERROR,
+    }
+)
+
+
+class ClientGone(Exception):
+    """The client socket closed; its upstream work stops."""
+
+
+class Outcome(Enum):
+    DONE = auto()
+    """The client got its terminal event."""
+    FAILOVER = auto()
+    """Nothing visible reached the client: try another account on a new socket."""
+    REPLAY = auto()
+    """The upstream did not know the forwarded anchor: replay on the same account."""
+
+
+class Frame:
+    """One upstream text frame; its JSON is parsed once, when first needed."""
+
+    __slots__ = ("_parsed", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._parsed: Any = None
+
+    def json(self) -> Any:
+        if self._parsed is None:
+            self._parsed = json.loads(self.text)
+        return self._parsed
+
+    @property
+    def type(self) -> str | None:
+        # The upstream writes "type" first; read it without parsing the whole frame.
+        if self.text.startswith('{"type":"'):
+            end = self.text.find('"', 9)
+            if end > 0:
+                return self.text[9:end]
+        try:
+            payload = self.json()
+        except ValueError:
+            return None
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        return kind if isinstance(kind, str) else None
+
+
+class WsProxy:
+    def __init__(self, services: Services, keys: ClientKeys) -> None:
+        self.services = services
+        self.keys = keys
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        scope = self.keys.scope_for(request.headers.get("Authorization"))
+        client = web.WebSocketResponse(
+            heartbeat=CLIENT_HEARTBEAT_SECONDS,
+            max_msg_size=0,  # oversize messages get an error event, never a 1009 close
+            compress=True,
+        )
+        await client.prepare(request)
+        socket = ClientSocket(self.services, client, scope, request.headers)
+        try:
+            await socket.run()
+        finally:
+            await socket.close()
+        return client
+
+
+class ClientSocket:
+    """One client connection and the upstream socket it owns."""
+
+    def __init__(
+        self,
+        services: Services,
+        client: web.WebSocketResponse,
+        scope: str,
+        headers: Mapping[str, str],
+    ) -> None:
+        self.services = services
+        self.client = client
+        self.scope = scope
+        self.headers = headers
+        self.forwarded = forward_headers(headers)
+        self.upstream: aiohttp.ClientWebSocketResponse | None = None
+        self.account: Account | None = None
+        self.last_response_id: str | None = None
+        """The last response completed on the current upstream socket (a live anchor)."""
+
+    async def run(self) -> None:
+        limit = self.services.config.limits.max_body_bytes
+        try:
+            async for message in self.client:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    text: str = message.data
+                    if len(text) > limit and len(text.encode()) > limit:
+                        await self._send_error(PayloadTooLarge(limit))
+                        continue
+                    await self._on_text(text)
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    await self._send_error(
+                        InvalidRequest("Binary frames are not supported; send JSON text frames.")
+                    )
+        except ClientGone:
+            pass
+
+    async def close(self) -> None:
+        await self._drop_upstream()
+        if not self.client.closed:
+            with contextlib.suppress(ConnectionError):
+                await self.client.close()
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            body = json.loads(text)
+        except ValueError:
+            await self._send_error(InvalidRequest("The message is not valid JSON."))
+            return
+        if not isinstance(body, dict):
+            await self._send_error(InvalidRequest("The message must be a JSON object."))
+            return
+        if body.get("type") != "response.create":
+            await self._send_error(
+                InvalidRequest(
+                    f"Unsupported message type {body.get('type')!r}; expected 'response.create'.",
+                    param="type",
+                )
+            )
+            return
+        del body["type"]
+        record = RequestRecord("ws", self.scope, new_request_id(self.headers))
+        try:
+            request = CreateRequest.from_body(body)
+            exchange = Exchange(
+                self.services,
+                scope=self.scope,
+                request=request,
+                affinity_key=affinity_key(self.headers, request),
+                record=record,
+            )
+            record.status = await self._respond(exchange, text)
+        except CodexLBError as exc:
+            record.status = exc.status
+            await self._send_error(exc)
+        finally:
+            record.emit()
+
+    async def _respond(self, exchange: Exchange, text: str) -> int:
+        """Serve one ``response.create``; returns the status for the log line."""
+        anchor = exchange.request.previous_response_id
+        live = anchor is not None and anchor == self.last_response_id
+        while True:
+            account = self._socket_account() if live else None
+            if account is None:
+                live = False
+                await exchange.load_chain()
+                account = exchange.next_account(
+                    prefer=self.account.name if self.upstream is not None and self.account else None
+                )
+            else:
+                exchange.attempt_on(account)
+            if account is not self.account or self.upstream is None:
+                await self._drop_upstream()
+                try:
+                    await self._connect(account)
+                except (UpstreamConnectError, UpstreamRefused) as exc:
+                    self._connect_failed(exchange, account, exc)
+                    continue
+            message = text
+            if not live:
+                replayed = exchange.upstream_input(account)
+                message = exchange.request.upstream_message(input_items=replayed) or text
+            with self.services.pool.lease(account):
+                outcome = await self._relay(exchange, account, message, live=live)
+            if outcome is Outcome.DONE:
+                return 200
+            if outcome is Outcome.REPLAY:
+                live = False
+                exchange.retry_same_account(account)
+            else:
+                await self._drop_upstream()
+
+    def _socket_account(self) -> Account | None:
+        """The open upstream socket's account, when it may still take this request."""
+        if self.upstream is None or self.account is None:
+            return None
+        return self.account if self.services.pool.eligible(self.account) else None
+
+    async def _connect(self, account: Account) -> None:
+        self.upstream = await self.services.upstream.websocket(
+            account,
+            "/responses",
+            self.forwarded,
+            max_msg_size=self.services.config.limits.max_body_bytes,
+        )
+        self.account = account
+        self.last_response_id = None
+
+    def _connect_failed(
+        self, exchange: Exchange, account: Account, exc: UpstreamConnectError | UpstreamRefused
+    ) -> None:
+        if isinstance(exc, UpstreamRefused):
+            if exc.status == 429:
+                exchange.rate_limited(account, exc.headers, None)
+                return
+            if exc.status == 401:
+                exchange.unauthorized(account)
+                return
+        exchange.failed(account, str(exc))
+
+    async def _drop_upstream(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        self.last_response_id = None
+        if upstream is not None and not upstream.closed:
+            await upstream.close()
+
+    async def _relay(
+        self, exchange: Exchange, account: Account, message: str, *, live: bool
+    ) -> Outcome:
+        """Send one request on the upstream socket and relay its events to the client."""
+        upstream = self.upstream
+        assert upstream is not None
+        recorder = ResponseRecorder()
+        held: list[str] = []
+        idle = self.services.config.timeouts.idle_seconds
+        try:
+            await upstream.send_str(message)
+        except ConnectionError:
+            exchange.failed(account, "upstream socket closed")
+            return Outcome.FAILOVER
+        while True:
+            try:
+                received = await upstream.receive(timeout=idle)
+            except TimeoutError:
+                received = None
+            if received is None or received.type in ENDED:
+                if not recorder.visible:
+                    exchange.failed(account, "upstream socket closed before output")
+                    return Outcome.FAILOVER
+                exchange.failed(account, "upstream socket closed mid-response")
+                await self._send_text(_stream_incomplete(recorder))
+                await self._drop_upstream()
+                return Outcome.DONE
+            if received.type != aiohttp.WSMsgType.TEXT:
+                continue  # binary frames carry nothing for the client
+            frame = Frame(received.data)
+            kind = frame.type
+            if kind == "codex.rate_limits":
+                payload = frame.json()
+                if isinstance(payload, dict):
+                    self.services.pool.observe_rate_limits(account, payload)
+            step = recorder.observe(kind, frame)
+            if step is Step.HOLD:
+                held.append(frame.text)
+                continue
+            text = frame.text
+            if step is Step.FAILED:
+                outcome = self._failure_before_output(exchange, account, recorder, frame, live)
+                if outcome is not None:
+                    return outcome
+                if kind == "error":
+                    text = _with_status(frame)
+            if step is Step.COMPLETED:
+                await exchange.commit(account, recorder)
+                response_id = (recorder.response or {}).get("id")
+                self.last_response_id = response_id if isinstance(response_id, str) else None
+            if held:
+                exchange.record.mark_first_byte()
+                for earlier in held:
+                    await self._send_text(earlier)
+                held.clear()
+            exchange.record.mark_first_byte()
+            await self._send_text(text)
+            if step is not Step.PASS:
+                if step is Step.FAILED:
+                    self.last_response_id = None
+                return Outcome.DONE
+
+    def _failure_before_output(
+        self,
+        exchange: Exchange,
+        account: Account,
+        recorder: ResponseRecorder,
+        frame: Frame,
+        live: bool,
+    ) -> Outcome | None:
+        """How to go on after an upstream failure event, or ``None`` to pass it on."""
+        if recorder.visible:
+            return None
+        code = recorder.failure_code
+        status = _status_of(frame)
+        if live and _is_previous_not_found(frame, code):
+            return Outcome.REPLAY
+        if code in RATE_LIMIT_CODES or status == 429:
+            error = _error_object(frame)
+            exchange.rate_limited(account, {}, error)
+            return Outcome.FAILOVER
+        if code in RETRYABLE_CODES or (status is not None and status >= 500):
+            exchange.failed(account, f"upstream error {code}")
+            return Outcome.FAILOVER
+        return None
+
+    async def _send_text(self, text: str) -> None:
+        try:
+            await self.client.send_str(text)
+        except ConnectionError as exc:
+            raise ClientGone from exc
+
+    async def _send_error(self, error: CodexLBError) -> None:
+        event = {
+            "type": "error",
+            # S1.4: an oversize message is a 400 over WebSocket (413 over HTTP).
+            "status": 400 if isinstance(error, PayloadTooLarge) else error.status,
+            "error": error.error_object(),
+        }
+        headers = error.headers()
+        if headers:
+            event["headers"] = headers
+        await self._send_text(json.dumps(event))
+
+
+def _status_of(frame: Frame) -> int | None:
+    payload = frame.json()
+    status = payload.get("status") if isinstance(payload, dict) else None
+    return status if isinstance(status, int) else None
+
+
+def _error_object(frame: Frame) -> dict[str, Any] | None:
+    payload = frame.json()
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error if isinstance(error, dict) else None
+
+
+def _is_previous_not_found(frame: Frame, code: str | None) -> bool:
+    if code in PREVIOUS_NOT_FOUND:
+        return True
+    message = (_error_object(frame) or {}).get("message")
+    return isinstance(message, str) and "Invalid 'previous_response_id'" in message
+
+
+def _with_status(frame: Frame) -> str:
+    """An upstream ``error`` event, given a ``status`` when it has none (Codex ignores those)."""
+    payload = frame.json()
+    if not isinstance(payload, dict) or isinstance(payload.get("status"), int):
+        return frame.text
+    code = (_error_object(frame) or {}).get("code")
+    status = 429 if code in RATE_LIMIT_CODES else 400 if code in PREVIOUS_NOT_FOUND else 500
+    return json.dumps({**payload, "status": status})
+
+
+def _stream_incomplete(recorder: ResponseRecorder) -> str:
+    response: dict[str, Any] = dict(recorder.response or {})
+    response.update(
+        status="failed",
+        error={
+            "code": "stream_incomplete",
+            "message": "The upstream connection closed before the response completed.",
+        },
+    )
+    return json.dumps({"type": "response.failed", "response": response})
