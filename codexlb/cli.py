@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -113,8 +113,17 @@ def _serve(config: Config) -> int:
         log.error("%s", problem)
         return 1
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(config))
+        _event_loop_runner()(_run(config))
     return 0
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
+    """uvloop where it is installed: it takes a large share of the relay's CPU cost off."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
 
 
 async def _run(config: Config) -> None:

@@ -11,9 +11,10 @@ The transports (``http_proxy``, ``ws_proxy``) only frame bytes around it.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -284,8 +285,13 @@ def affinity_key(headers: Mapping[str, str], request: CreateRequest) -> str | No
     return headers.get("session-id") or headers.get("thread-id") or request.prompt_cache_key
 
 
+_REQUEST_IDS = itertools.count(1)
+_PROCESS_TAG = secrets.token_hex(4)
+
+
 def new_request_id(headers: Mapping[str, str]) -> str:
-    return headers.get("x-client-request-id") or uuid.uuid4().hex
+    """The client's ``x-client-request-id``, else an id unique to this process's run."""
+    return headers.get("x-client-request-id") or f"lb-{_PROCESS_TAG}-{next(_REQUEST_IDS)}"
 
 
 def error_code(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:

@@ -168,49 +168,41 @@ class HttpProxy:
         upstream: aiohttp.ClientResponse,
     ) -> web.StreamResponse | None:
         recorder = ResponseRecorder()
-        held: list[bytes] = []
-        client: web.StreamResponse | None = None
+        sink = _ClientStream(request, exchange, _relayed_headers(upstream.headers, exchange))
         try:
             async for events in _event_batches(upstream):
-                out: list[bytes] = []
-                done = False
                 for event in events:
                     step = recorder.observe(event.type, event)
                     if step is Step.HOLD:
-                        held.append(event.raw)
+                        sink.hold(event.raw)
                         continue
                     if step is Step.FAILED and recorder.retryable_failure():
                         self._failed_before_output(exchange, account, recorder, upstream)
                         return None
                     if step is Step.COMPLETED:
+                        # Output first, so the commit below never delays it.
+                        if sink.pending and not await sink.flush():
+                            return sink.response
                         await exchange.commit(account, recorder)
-                    out.append(event.raw)
+                    sink.add(event.raw)
                     if step is not Step.PASS:
-                        done = True
-                        break
-                if not out:
-                    continue
-                if client is None:
-                    client = await self._start_stream(request, exchange, upstream)
-                    out = held + out
-                if not await _write(client, b"".join(out)):
-                    return client
-                if done:
-                    await _finish(client)
-                    return client
+                        await sink.finish()
+                        return sink.response
+                if sink.pending and not await sink.flush():
+                    return sink.response  # the client has gone
         except UpstreamBroken as exc:
-            if client is None:
+            if sink.response is None:
                 raise
             reason = str(exc)
         else:
             reason = "stream ended before its terminal event"
-            if client is None:
+            if sink.response is None:
                 raise UpstreamBroken(reason)
         # Visible output already reached the client: fail the response, keep the stream clean.
         exchange.failed(account, reason)
-        await _write(client, _stream_incomplete(recorder))
-        await _finish(client)
-        return client
+        sink.add(_stream_incomplete(recorder))
+        await sink.finish()
+        return sink.response
 
     async def _assemble(
         self, exchange: Exchange, account: Account, upstream: aiohttp.ClientResponse
@@ -252,20 +244,72 @@ class HttpProxy:
         else:
             exchange.failed(account, f"response failed: {recorder.failure_code}")
 
-    async def _start_stream(
-        self, request: web.Request, exchange: Exchange, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
-        client = web.StreamResponse(
-            status=200,
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                **_relayed_headers(upstream.headers, exchange),
-            },
-        )
-        await client.prepare(request)
-        exchange.record.mark_first_byte()
-        return client
+
+class _ClientStream:
+    """The client's side of one relayed SSE stream.
+
+    Events wait in ``pending`` (and the not-yet-visible ones in ``held``) until ``flush``; the
+    response itself starts at the first flush, so nothing reaches the client before the first
+    visible event, and a failure until then can still fail over or become a clean error.
+    """
+
+    __slots__ = ("_exchange", "_headers", "_request", "gone", "held", "pending", "response")
+
+    def __init__(
+        self, request: web.Request, exchange: Exchange, headers: Mapping[str, str]
+    ) -> None:
+        self._request = request
+        self._exchange = exchange
+        self._headers = headers
+        self.response: web.StreamResponse | None = None
+        self.held: list[bytes] = []
+        self.pending: list[bytes] = []
+        self.gone = False
+
+    def hold(self, raw: bytes) -> None:
+        (self.pending if self.response is not None else self.held).append(raw)
+
+    def add(self, raw: bytes) -> None:
+        self.pending.append(raw)
+
+    async def flush(self) -> bool:
+        """Write what is pending; ``False`` once the client has gone."""
+        response = await self._started()
+        if not self.gone:
+            try:
+                await response.write(self._take())
+            except ConnectionError:
+                self.gone = True
+        return not self.gone
+
+    async def finish(self) -> None:
+        """Write what is pending and end the stream, in one write."""
+        response = await self._started()
+        if not self.gone:
+            # Codex hangs up right after response.completed: that is a success.
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof(self._take())
+
+    def _take(self) -> bytes:
+        data = b"".join(self.pending)
+        self.pending.clear()
+        return data
+
+    async def _started(self) -> web.StreamResponse:
+        if self.response is None:
+            self.response = web.StreamResponse(
+                status=200,
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    **self._headers,
+                },
+            )
+            await self.response.prepare(self._request)
+            self._exchange.record.mark_first_byte()
+            self.pending[:0] = self.held
+            self.held.clear()
+        return self.response
 
 
 async def _event_batches(upstream: aiohttp.ClientResponse) -> AsyncIterator[list[SSEEvent]]:
@@ -293,21 +337,6 @@ def _relayed_headers(headers: Mapping[str, str], exchange: Exchange) -> dict[str
     if model is not None and model == exchange.request.model:
         relayed["openai-model"] = model
     return relayed
-
-
-async def _write(client: web.StreamResponse, data: bytes) -> bool:
-    """Write to the client; ``False`` when it has gone (its upstream work then stops)."""
-    try:
-        await client.write(data)
-    except ConnectionError:
-        return False
-    return True
-
-
-async def _finish(client: web.StreamResponse) -> None:
-    # Codex hangs up right after response.completed: that is a success.
-    with contextlib.suppress(ConnectionError):
-        await client.write_eof()
 
 
 def _stream_incomplete(recorder: ResponseRecorder) -> bytes:

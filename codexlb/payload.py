@@ -6,9 +6,10 @@ other field passes through untouched (Codex adds new ones often).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from codexlb.errors import InvalidRequest
 from codexlb.replay import normalize_input
@@ -73,8 +74,8 @@ class CreateRequest:
     @classmethod
     def from_bytes(cls, raw: bytes) -> CreateRequest:
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             raise InvalidRequest("The request body is not valid JSON.") from None
         request = cls.from_body(body)
         return cls(request.body, raw, request.input_items)
@@ -114,7 +115,7 @@ class CreateRequest:
             return None
         message = {"type": "response.create", **self.body, "input": input_items}
         message.pop("previous_response_id", None)
-        return json.dumps(message, separators=(",", ":"))
+        return orjson.dumps(message).decode()
 
     def upstream_body(self, *, input_items: list[Any] | None) -> bytes:
         """The streaming body for the upstream: the client's bytes when nothing must change."""
@@ -130,4 +131,4 @@ class CreateRequest:
         body["stream"] = True
         if input_items is not None:
             body["input"] = input_items
-        return json.dumps(body, separators=(",", ":")).encode()
+        return orjson.dumps(body)

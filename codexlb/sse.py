@@ -10,9 +10,10 @@ it needs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 _SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
@@ -30,7 +31,7 @@ class SSEEvent:
     def json(self) -> Any:
         """The data decoded as JSON (cached); raises ``ValueError`` when it is not JSON."""
         if self._parsed is None:
-            self._parsed = json.loads(self.data)
+            self._parsed = orjson.loads(self.data)
         return self._parsed
 
     @property
@@ -58,12 +59,17 @@ class SSEDecoder:
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SSEEvent] = []
         start = 0
-        while True:
-            end, sep_len = _find_separator(buffer, start)
-            if end < 0:
-                break
-            events.append(_parse_block(buffer[start : end + sep_len], buffer[start:end]))
-            start = end + sep_len
+        if b"\r" not in buffer:  # the usual framing: one fast search per event
+            while (end := buffer.find(b"\n\n", start)) >= 0:
+                events.append(_parse_block(buffer[start : end + 2], buffer[start:end]))
+                start = end + 2
+        else:
+            while True:
+                end, sep_len = _find_separator(buffer, start)
+                if end < 0:
+                    break
+                events.append(_parse_block(buffer[start : end + sep_len], buffer[start:end]))
+                start = end + sep_len
         self._buffer = buffer[start:]
         return events
 
@@ -80,11 +86,8 @@ class SSEDecoder:
 
 
 def _find_separator(buffer: bytes, start: int) -> tuple[int, int]:
-    end = buffer.find(b"\n\n", start)
-    if b"\r" not in buffer:
-        return end, 2
-    best, best_len = end, 2
-    for sep in _SEPARATORS[1:]:
+    best, best_len = -1, 0
+    for sep in _SEPARATORS:
         pos = buffer.find(sep, start)
         if pos >= 0 and (best < 0 or pos < best):
             best, best_len = pos, len(sep)
@@ -92,8 +95,16 @@ def _find_separator(buffer: bytes, start: int) -> tuple[int, int]:
 
 
 def _parse_block(raw: bytes, body: bytes) -> SSEEvent:
+    if body.startswith(b"event: "):  # fast path: "event: <type>\ndata: <one line>"
+        newline = body.find(b"\n")
+        if newline > 0 and body.startswith(b"data: ", newline + 1):
+            data = body[newline + 7 :]
+            if b"\n" not in data and b"\r" not in body:
+                return SSEEvent(
+                    raw=raw, event=body[7:newline].decode("utf-8", "replace"), data=data
+                )
     event: str | None = None
-    data: list[bytes] = []
+    data_lines: list[bytes] = []
     for line in body.splitlines():
         if not line or line.startswith(b":"):
             continue
@@ -101,13 +112,14 @@ def _parse_block(raw: bytes, body: bytes) -> SSEEvent:
         if value.startswith(b" "):
             value = value[1:]
         if name == b"data":
-            data.append(value)
+            data_lines.append(value)
         elif name == b"event":
             event = value.decode("utf-8", "replace")
-    return SSEEvent(raw=raw, event=event, data=b"\n".join(data))
+    return SSEEvent(raw=raw, event=event, data=b"\n".join(data_lines))
 
 
 def encode_event(payload: dict[str, Any]) -> bytes:
     """Frame one event the way the Responses API does: ``event: <type>`` then its JSON data."""
-    data = json.dumps(payload, separators=(",", ":"))
-    return f"event: {payload['type']}\ndata: {data}\n\n".encode()
+    return (
+        b"event: " + str(payload["type"]).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+    )

@@ -31,12 +31,12 @@ missing or foreign ancestor (the walk finds no row) and a cycle (the walk meets 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Insert, RowMapping, Select, delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -225,7 +225,7 @@ def _chain_statement(scope: str, response_id: str) -> Select[Any]:
 
 
 def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return orjson.dumps(value).decode()
 
 
 def _to_row(snapshot: Snapshot) -> dict[str, Any]:
@@ -266,8 +266,8 @@ def _from_row(row: RowMapping) -> Snapshot:
         scope=row["scope"],
         account=row["account"],
         model=row["model"],
-        input_items=json.loads(row["input_items"]),
-        output_items=json.loads(row["output_items"]),
-        usage=None if usage is None else json.loads(usage),
+        input_items=orjson.loads(row["input_items"]),
+        output_items=orjson.loads(row["output_items"]),
+        usage=None if usage is None else orjson.loads(usage),
         created_at=row["created_at"],
     )

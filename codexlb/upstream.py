@@ -7,11 +7,13 @@ Opening a stream is the boundary where aiohttp's connection errors and time-outs
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import aiohttp
+from yarl import URL
 
 from codexlb.config import TimeoutsConfig
 from codexlb.pool import Account
@@ -116,7 +118,7 @@ class Upstream:
         try:
             async with asyncio.timeout(self._timeouts.first_byte_seconds):
                 response = await self.session.post(
-                    account.base_url + path, data=_payload(body), headers=request_headers
+                    _url(account.base_url, path), data=_payload(body), headers=request_headers
                 )
         except TimeoutError as exc:
             raise UpstreamConnectError("no response headers in time") from exc
@@ -151,6 +153,12 @@ class Upstream:
             raise UpstreamConnectError("WebSocket handshake timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(base_url: str, path: str) -> URL:
+    """Parsed once per account and path, not once per request."""
+    return URL(base_url + path)
 
 
 def _payload(body: bytes) -> bytes | io.BytesIO:

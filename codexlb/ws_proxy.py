@@ -17,13 +17,13 @@ new upstream socket. Every ``error`` event codexlb sends carries ``status``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Mapping
 from enum import Enum, auto
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
@@ -85,7 +85,7 @@ class Frame:
 
     def json(self) -> Any:
         if self._parsed is None:
-            self._parsed = json.loads(self.text)
+            self._parsed = orjson.loads(self.text)
         return self._parsed
 
     @property
@@ -169,7 +169,7 @@ class ClientSocket:
 
     async def _on_text(self, text: str) -> None:
         try:
-            body = json.loads(text)
+            body = orjson.loads(text)
         except ValueError:
             await self._send_error(InvalidRequest("The message is not valid JSON."))
             return
@@ -373,7 +373,7 @@ class ClientSocket:
         headers = error.headers()
         if headers:
             event["headers"] = headers
-        await self._send_text(json.dumps(event))
+        await self._send_text(orjson.dumps(event).decode())
 
 
 def _status_of(frame: Frame) -> int | None:
@@ -402,7 +402,7 @@ def _with_status(frame: Frame) -> str:
         return frame.text
     code = (_error_object(frame) or {}).get("code")
     status = 429 if code in RATE_LIMIT_CODES else 400 if code in PREVIOUS_NOT_FOUND else 500
-    return json.dumps({**payload, "status": status})
+    return orjson.dumps({**payload, "status": status}).decode()
 
 
 def _stream_incomplete(recorder: ResponseRecorder) -> str:
@@ -414,4 +414,4 @@ def _stream_incomplete(recorder: ResponseRecorder) -> str:
             "message": "The upstream connection closed before the response completed.",
         },
     )
-    return json.dumps({"type": "response.failed", "response": response})
+    return orjson.dumps({"type": "response.failed", "response": response}).decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 
 from codexlb.sse import SSEDecoder, SSEEvent, encode_event
@@ -136,7 +137,7 @@ def test_other_fields_are_ignored() -> None:
 def test_json_raises_value_error_for_non_json() -> None:
     [event] = SSEDecoder().feed(b"data: not json\n\n")
 
-    with pytest.raises(ValueError, match="Expecting value"):
+    with pytest.raises(orjson.JSONDecodeError):
         event.json()
 
 
