@@ -34,12 +34,10 @@ from codexlb.exchange import (
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
 from codexlb.sse import SSEDecoder, SSEEvent, encode_event
-from codexlb.upstream import UpstreamConnectError, forward_headers
+from codexlb.upstream import UpstreamConnectError, forward_headers, relayed_headers
 
 log = logging.getLogger(__name__)
 
-RELAYED_HEADERS = ("x-models-etag", "x-request-id")
-RELAYED_PREFIXES = ("x-codex-", "x-ratelimit-")
 MAX_ERROR_BODY = 1024 * 1024
 
 
@@ -168,7 +166,9 @@ class HttpProxy:
         upstream: aiohttp.ClientResponse,
     ) -> web.StreamResponse | None:
         recorder = ResponseRecorder()
-        sink = _ClientStream(request, exchange, _relayed_headers(upstream.headers, exchange))
+        sink = _ClientStream(
+            request, exchange, relayed_headers(upstream.headers, exchange.request.model)
+        )
         try:
             async for events in _event_batches(upstream):
                 for event in events:
@@ -217,7 +217,7 @@ class HttpProxy:
                         response = {**response, "output": recorder.ordered_output()}
                     exchange.record.mark_first_byte()
                     return web.json_response(
-                        response, headers=_relayed_headers(upstream.headers, exchange)
+                        response, headers=relayed_headers(upstream.headers, exchange.request.model)
                     )
                 if step is Step.FAILED:
                     if recorder.retryable_failure():
@@ -325,18 +325,6 @@ async def _event_batches(upstream: aiohttp.ClientResponse) -> AsyncIterator[list
     tail = decoder.flush()
     if tail:
         yield tail
-
-
-def _relayed_headers(headers: Mapping[str, str], exchange: Exchange) -> dict[str, str]:
-    relayed: dict[str, str] = {}
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in RELAYED_HEADERS or lower.startswith(RELAYED_PREFIXES):
-            relayed[name] = value
-    model = headers.get("openai-model")
-    if model is not None and model == exchange.request.model:
-        relayed["openai-model"] = model
-    return relayed
 
 
 def _stream_incomplete(recorder: ResponseRecorder) -> bytes:

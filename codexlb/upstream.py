@@ -67,6 +67,32 @@ class UpstreamRefused(Exception):
         self.headers = headers
 
 
+RELAYED_HEADERS = frozenset({"x-models-etag", "x-request-id"})
+RELAYED_PREFIXES = ("x-codex-", "x-ratelimit-")
+"""Upstream response headers passed back to the client (PROTOCOL §2): turn state, the
+models ETag, request id and rate limits."""
+
+
+def relayed_headers(headers: Mapping[str, str], model: str | None) -> dict[str, str]:
+    """The upstream's useful response headers; ``openai-model`` only when it matches the
+    requested model (Codex warns of a reroute otherwise)."""
+    relayed: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in RELAYED_HEADERS or lower.startswith(RELAYED_PREFIXES):
+            relayed[name] = value
+    upstream_model = headers.get("openai-model")
+    if upstream_model is not None and upstream_model == model:
+        relayed["openai-model"] = upstream_model
+    return relayed
+
+
+def handshake_headers(upstream: aiohttp.ClientWebSocketResponse) -> Mapping[str, str]:
+    """The headers of an upstream WebSocket's 101 answer."""
+    response = getattr(upstream, "response", None) or upstream._response
+    return response.headers
+
+
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The client's headers that travel upstream (SPEC S1.3, PROTOCOL §2)."""
     forwarded: dict[str, str] = {}
@@ -133,7 +159,7 @@ class Upstream:
         self, account: Account, path: str, headers: Mapping[str, str], *, max_msg_size: int
     ) -> aiohttp.ClientWebSocketResponse:
         """Open a Responses WebSocket to ``account`` (permessage-deflate offered)."""
-        request_headers = dict(headers)
+        request_headers = {k: v for k, v in headers.items() if k.lower() != "openai-beta"}
         request_headers.update(account.credentials.auth_headers())
         request_headers["OpenAI-Beta"] = WEBSOCKET_BETA
         url = "ws" + account.base_url.removeprefix("http") + path

@@ -45,7 +45,13 @@ from codexlb.exchange import (
 )
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
-from codexlb.upstream import UpstreamConnectError, UpstreamRefused, forward_headers
+from codexlb.upstream import (
+    UpstreamConnectError,
+    UpstreamRefused,
+    forward_headers,
+    handshake_headers,
+    relayed_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +121,12 @@ class WsProxy:
             max_msg_size=0,  # oversize messages get an error event, never a 1009 close
             compress=True,
         )
-        await client.prepare(request)
         socket = ClientSocket(self.services, client, scope, request.headers)
         try:
+            # The upstream's 101 carries headers Codex reads (turn state, models ETag, rate
+            # limits): open it first when an account is at hand, and pass them on.
+            client.headers.update(await socket.connect_early())
+            await client.prepare(request)
             await socket.run()
         finally:
             await socket.close()
@@ -139,6 +148,7 @@ class ClientSocket:
         self.scope = scope
         self.headers = headers
         self.forwarded = forward_headers(headers)
+        self.affinity_key = headers.get("session-id") or headers.get("thread-id")
         self.upstream: aiohttp.ClientWebSocketResponse | None = None
         self.account: Account | None = None
         self.last_response_id: str | None = None
@@ -161,9 +171,27 @@ class ClientSocket:
         except ClientGone:
             pass
 
+    async def connect_early(self) -> Mapping[str, str]:
+        """Open the upstream socket before the client's handshake completes, if an account is
+        eligible; returns the upstream handshake headers to relay. Failures are left to the
+        first ``response.create``."""
+        pool = self.services.pool
+        account = pool.choose(prefer=None, affinity_key=self.affinity_key, exclude=())
+        if account is None:
+            return {}
+        try:
+            await self._connect(account)
+        except (UpstreamConnectError, UpstreamRefused) as exc:
+            log.info("early upstream socket on %s failed: %s", account.name, exc)
+            return {}
+        assert self.upstream is not None
+        headers = handshake_headers(self.upstream)
+        pool.observe_headers(account, headers)
+        return relayed_headers(headers, model=None)
+
     async def close(self) -> None:
         await self._drop_upstream()
-        if not self.client.closed:
+        if self.client.prepared and not self.client.closed:
             with contextlib.suppress(ConnectionError):
                 await self.client.close()
 

@@ -339,3 +339,22 @@ async def test_concurrent_sockets_each_get_their_own_answers(
                 previous = completed_id(events)
 
     await asyncio.gather(*(conversation(n) for n in range(20)))
+
+
+async def test_upstream_handshake_headers_reach_the_client(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    fake.set_usage("a", 12.0)
+    fake.set_usage("b", 12.0)
+    fake.set_usage("c", 12.0)
+    async with http.ws_connect(
+        ws_url(lb.url), headers={**auth(), "session-id": "s-1", "openai-beta": "x"}
+    ) as ws:
+        headers = ws._response.headers
+        assert headers["x-codex-primary-used-percent"] == "12"
+        assert "x-request-id" in headers
+        assert (await ws_turn(ws, {"input": "hi"}))[-1]["type"] == "response.completed"
+    [handshake] = fake.handshakes
+    assert handshake.headers["session-id"] == "s-1"
+    assert handshake.headers["openai-beta"] == "responses_websockets=2026-02-06"
+    assert handshake.headers["authorization"].startswith("Bearer tok-")
