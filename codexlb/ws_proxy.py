@@ -78,6 +78,8 @@ class Outcome(Enum):
     """Nothing visible reached the client: try another account on a new socket."""
     REPLAY = auto()
     """The upstream did not know the forwarded anchor: replay on the same account."""
+    RECONNECT = auto()
+    """The socket reached its lifetime limit: a new one on the same account, with replay."""
 
 
 class Frame:
@@ -234,13 +236,14 @@ class ClientSocket:
         """Serve one ``response.create``; returns the status for the log line."""
         anchor = exchange.request.previous_response_id
         live = anchor is not None and anchor == self.last_response_id
+        reconnected = False
         while True:
             account = self._socket_account() if live else None
             if account is None:
                 live = False
                 await exchange.load_chain()
                 account = exchange.next_account(
-                    prefer=self.account.name if self.upstream is not None and self.account else None
+                    prefer=self.account.name if self.account is not None else None
                 )
             else:
                 exchange.attempt_on(account)
@@ -262,8 +265,11 @@ class ClientSocket:
             if outcome is Outcome.REPLAY:
                 live = False
                 exchange.retry_same_account(account)
-            else:
-                await self._drop_upstream()
+                continue
+            await self._drop_upstream()
+            if outcome is Outcome.RECONNECT and not reconnected:
+                reconnected = True
+                exchange.retry_same_account(account)
 
     def _socket_account(self) -> Account | None:
         """The open upstream socket's account, when it may still take this request."""
@@ -376,6 +382,8 @@ class ClientSocket:
         status = _status_of(frame)
         if live and _is_previous_not_found(frame, code):
             return Outcome.REPLAY
+        if code == "websocket_connection_limit_reached":
+            return Outcome.RECONNECT
         if code in RATE_LIMIT_CODES or status == 429:
             error = _error_object(frame)
             exchange.rate_limited(account, {}, error)

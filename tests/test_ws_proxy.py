@@ -358,3 +358,27 @@ async def test_upstream_handshake_headers_reach_the_client(
     assert handshake.headers["session-id"] == "s-1"
     assert handshake.headers["openai-beta"] == "responses_websockets=2026-02-06"
     assert handshake.headers["authorization"].startswith("Bearer tok-")
+
+
+async def test_connection_limit_reopens_a_socket_on_the_same_account(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
+        first = await ws_turn(ws, {"input": [user_message("one")]})
+        origin = fake.received[-1].account
+        fake.script(Fault.ws_error(400, "websocket_connection_limit_reached"), account=origin)
+        second = await ws_turn(
+            ws, {"input": [user_message("two")], "previous_response_id": completed_id(first)}
+        )
+    assert second[-1]["type"] == "response.completed"
+    reopened = fake.received[-1]
+    assert reopened.account == origin
+    assert reopened.body["input"] == [
+        user_message("one"),
+        *output_items(first),
+        user_message("two"),
+    ]
+    assert len(fake.handshakes) == 2
+    account = lb.services.pool.get(str(origin))
+    assert account is not None
+    assert account.error_streak == 0
