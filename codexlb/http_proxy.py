@@ -15,7 +15,6 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
@@ -31,6 +30,7 @@ from codexlb.exchange import (
     error_code,
     new_request_id,
 )
+from codexlb.http1 import Http1Error, Http1Response
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
 from codexlb.sse import SSEDecoder, SSEEvent, encode_event
@@ -49,6 +49,7 @@ class HttpProxy:
     def __init__(self, services: Services, keys: ClientKeys) -> None:
         self.services = services
         self.keys = keys
+        self._idle = services.config.timeouts.idle_seconds
 
     async def create_response(self, request: web.Request) -> web.StreamResponse:
         record = RequestRecord("http", "", new_request_id(request.headers))
@@ -133,11 +134,14 @@ class HttpProxy:
             return None
 
     async def _refused(
-        self, exchange: Exchange, account: Account, upstream: aiohttp.ClientResponse
+        self, exchange: Exchange, account: Account, upstream: Http1Response
     ) -> web.Response | None:
         """An upstream error status: fail over, or pass the client's own mistake through."""
         status = upstream.status
-        raw = await upstream.content.read(MAX_ERROR_BODY)
+        try:
+            raw = await upstream.read(MAX_ERROR_BODY, self.services.config.timeouts.idle_seconds)
+        except Http1Error:
+            raw = b""
         try:
             code, error = error_code(json.loads(raw))
         except ValueError:
@@ -163,14 +167,14 @@ class HttpProxy:
         request: web.Request,
         exchange: Exchange,
         account: Account,
-        upstream: aiohttp.ClientResponse,
+        upstream: Http1Response,
     ) -> web.StreamResponse | None:
         recorder = ResponseRecorder()
         sink = _ClientStream(
             request, exchange, relayed_headers(upstream.headers, exchange.request.model)
         )
         try:
-            async for events in _event_batches(upstream):
+            async for events in _event_batches(upstream, self._idle):
                 for event in events:
                     step = recorder.observe(event.type, event)
                     if step is Step.HOLD:
@@ -205,10 +209,10 @@ class HttpProxy:
         return sink.response
 
     async def _assemble(
-        self, exchange: Exchange, account: Account, upstream: aiohttp.ClientResponse
+        self, exchange: Exchange, account: Account, upstream: Http1Response
     ) -> web.Response | None:
         recorder = ResponseRecorder(streaming=False)
-        async for events in _event_batches(upstream):
+        async for events in _event_batches(upstream, self._idle):
             for event in events:
                 step = recorder.observe(event.type, event)
                 if step is Step.COMPLETED:
@@ -234,7 +238,7 @@ class HttpProxy:
         exchange: Exchange,
         account: Account,
         recorder: ResponseRecorder,
-        upstream: aiohttp.ClientResponse,
+        upstream: Http1Response,
     ) -> None:
         if recorder.failure_code in RATE_LIMIT_CODES:
             error = (recorder.response or {}).get("error")
@@ -312,16 +316,18 @@ class _ClientStream:
         return self.response
 
 
-async def _event_batches(upstream: aiohttp.ClientResponse) -> AsyncIterator[list[SSEEvent]]:
+async def _event_batches(
+    upstream: Http1Response, idle_timeout: float
+) -> AsyncIterator[list[SSEEvent]]:
     """The upstream's events, one list per received chunk; ``UpstreamBroken`` on failure."""
     decoder = SSEDecoder()
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.chunks(idle_timeout):
             events = decoder.feed(chunk)
             if events:
                 yield events
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise UpstreamBroken(f"stream failed: {type(exc).__name__}") from exc
+    except Http1Error as exc:
+        raise UpstreamBroken(f"stream failed: {exc}") from exc
     tail = decoder.flush()
     if tail:
         yield tail

@@ -1,7 +1,8 @@
-"""The one ``aiohttp.ClientSession`` towards the upstream accounts.
+"""The connections towards the upstream accounts.
 
-Opening a stream is the boundary where aiohttp's connection errors and time-outs become an
-``UpstreamConnectError``; everything past the response headers is the caller's to read.
+Streamed POSTs go through the lean ``http1`` client (the relay's hot path); WebSockets through
+one ``aiohttp.ClientSession``. Opening either is the boundary where connection errors and
+time-outs become an ``UpstreamConnectError``; past the response headers the caller reads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import aiohttp
 from yarl import URL
 
 from codexlb.config import TimeoutsConfig
+from codexlb.http1 import ConnectFailed, Http1Client, Http1Response
 from codexlb.pool import Account
 
 HOP_BY_HOP = frozenset(
@@ -108,8 +110,10 @@ class Upstream:
     def __init__(self, timeouts: TimeoutsConfig) -> None:
         self._timeouts = timeouts
         self._session: aiohttp.ClientSession | None = None
+        self._http: Http1Client | None = None
 
     async def start(self) -> None:
+        self._http = Http1Client(connect_timeout=self._timeouts.connect_seconds)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -118,14 +122,22 @@ class Upstream:
                 sock_connect=self._timeouts.connect_seconds,
                 sock_read=self._timeouts.idle_seconds,
             ),
-            auto_decompress=True,
             skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    @property
+    def http(self) -> Http1Client:
+        assert self._http is not None, "Upstream.start() was not awaited"
+        return self._http
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -135,21 +147,22 @@ class Upstream:
     @asynccontextmanager
     async def post(
         self, account: Account, path: str, body: bytes, headers: Mapping[str, str], *, sse: bool
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[Http1Response]:
         """POST ``body`` to ``account``; yields once the response headers arrived."""
         request_headers = dict(headers)
         request_headers.update(account.credentials.auth_headers())
         request_headers["Content-Type"] = "application/json"
         request_headers["Accept"] = "text/event-stream" if sse else "application/json"
+        request_headers["Accept-Encoding"] = "identity"
         try:
-            async with asyncio.timeout(self._timeouts.first_byte_seconds):
-                response = await self.session.post(
-                    _url(account.base_url, path), data=_payload(body), headers=request_headers
-                )
-        except TimeoutError as exc:
-            raise UpstreamConnectError("no response headers in time") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
+            response = await self.http.post(
+                _url(account.base_url, path),
+                request_headers,
+                body,
+                first_byte_timeout=self._timeouts.first_byte_seconds,
+            )
+        except ConnectFailed as exc:
+            raise UpstreamConnectError(str(exc)) from exc
         try:
             yield response
         finally:

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 import pytest
+import uvloop
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb.db import create_engine, upgrade
@@ -63,6 +65,15 @@ async def store(engine: AsyncEngine) -> AsyncIterator[SnapshotStore]:
 
 
 # --- End of database fixtures -------------------------------------------------------------
+
+
+# --- The event loop: uvloop, as ``codexlb serve`` runs --------------------------------------
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"uvloop": uvloop.new_event_loop}
 
 
 # --- Servers on loopback: the fake upstream and codexlb in front of it ---------------------
