@@ -1,0 +1,251 @@
+"""The real Codex CLI for end-to-end tests: installed from npm once per machine, run offline
+against codexlb on loopback (PROTOCOL.md §6).
+
+    install_codex()        the ``codex`` binary, or the reason it is not available (tests skip)
+    write_codex_home(...)  a CODEX_HOME whose config.toml points Codex at codexlb
+    prepare(...)           that CODEX_HOME and a work directory, under one folder
+    run_codex(...)         one ``codex exec --json`` turn as an asyncio subprocess: the test's
+                           event loop keeps serving codexlb and the fake upstream meanwhile
+
+The install lives in ``<repo>/.codex-npm/`` (ignored by git) and is reused while its
+``codex --version`` reports `CODEX_VERSION`; a file lock keeps concurrent test runs from
+installing over each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CODEX_VERSION = "0.169.0"
+PACKAGE = f"@openai/codex@{CODEX_VERSION}"
+INSTALL_DIR = Path(__file__).resolve().parent.parent / ".codex-npm"
+INSTALL_TIMEOUT = 300.0
+RUN_TIMEOUT = 120.0
+PROMPT = "Run the shell command: echo hello"
+
+
+def install_codex(
+    install_dir: Path = INSTALL_DIR, *, timeout: float = INSTALL_TIMEOUT
+) -> Path | str:
+    """The path of a ``codex`` binary reporting `CODEX_VERSION`, installing it with npm into
+    ``install_dir`` if needed; or why that is impossible (no node/npm, npm failed or took
+    longer than ``timeout`` seconds). Blocking: call it outside an event loop."""
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            return f"Codex CLI end-to-end tests need {tool} on PATH to install {PACKAGE}"
+    binary = install_dir / "node_modules" / ".bin" / "codex"
+    install_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(install_dir / ".lock"):
+        if _version_of(binary) == CODEX_VERSION:
+            return binary
+        command = [
+            "npm",
+            "install",
+            "--prefix",
+            str(install_dir),
+            "--no-save",
+            "--no-audit",
+            "--no-fund",
+            "--ignore-scripts",  # the package ships its native binary; it runs no scripts
+            "--loglevel=error",
+            PACKAGE,
+        ]
+        # In its own process group, so that a timeout ends npm and whatever it started.
+        with subprocess.Popen(
+            command,
+            cwd=install_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "npm_config_update_notifier": "false"},
+            start_new_session=True,
+        ) as npm:
+            try:
+                stdout, stderr = npm.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(npm.pid, signal.SIGKILL)
+                npm.communicate()
+                return f"npm install {PACKAGE} took longer than {timeout:g} s"
+        if npm.returncode != 0:
+            tail = (stderr or stdout).strip()[-2000:]
+            return f"npm install {PACKAGE} failed (exit {npm.returncode}): {tail}"
+        version = _version_of(binary)
+        if version != CODEX_VERSION:
+            return f"{binary} reports version {version!r} after npm install, not {CODEX_VERSION}"
+        return binary
+
+
+def write_codex_home(home: Path, lb_url: str, *, websockets: bool) -> Path:
+    """Write ``home/config.toml`` sending Codex to codexlb at ``lb_url`` (``http://host:port``)
+    over WebSocket or HTTP; its side calls (``chatgpt_base_url``) stay on loopback too."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f"""model_provider = "lb"
+chatgpt_base_url = "{lb_url}/chatgpt/"
+check_for_update_on_startup = false
+
+[analytics]
+enabled = false
+
+[feedback]
+enabled = false
+
+[model_providers.lb]
+name = "openai"
+base_url = "{lb_url}/backend-api/codex"
+wire_api = "responses"
+supports_websockets = {"true" if websockets else "false"}
+requires_openai_auth = true
+"""
+    )
+    return home
+
+
+def prepare(root: Path, lb_url: str, *, websockets: bool) -> tuple[Path, Path]:
+    """Under ``root``: a CODEX_HOME for codexlb at ``lb_url`` (`write_codex_home`) and an
+    empty work directory for Codex to run in."""
+    workdir = root / "work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    return write_codex_home(root / "codex-home", lb_url, websockets=websockets), workdir
+
+
+@dataclass(frozen=True)
+class CodexRun:
+    """The outcome of one ``codex exec --json``: exit code, JSONL events, stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON objects of stdout, one a line (other lines are skipped)."""
+        parsed: list[dict[str, Any]] = []
+        for line in self.stdout.splitlines():
+            with contextlib.suppress(ValueError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    parsed.append(value)
+        return parsed
+
+    def completed_items(self, item_type: str) -> list[dict[str, Any]]:
+        """The items of ``item.completed`` events of ``item_type`` (``command_execution``,
+        ``agent_message``, ``error``...)."""
+        return [
+            event["item"]
+            for event in self.events
+            if event.get("type") == "item.completed"
+            and isinstance(event.get("item"), dict)
+            and event["item"].get("type") == item_type
+        ]
+
+    def describe(self) -> str:
+        """Everything about the run, for assertion messages."""
+        return f"exit {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+async def run_codex(
+    codex: Path,
+    *,
+    home: Path,
+    workdir: Path,
+    api_key: str,
+    prompt: str = PROMPT,
+    timeout: float = RUN_TIMEOUT,  # noqa: ASYNC109 (a subprocess bound, passed on)
+) -> CodexRun:
+    """Run one non-interactive Codex turn in ``workdir`` (which must exist) and wait for it
+    to exit.
+
+    Codex authenticates with ``api_key`` (``CODEX_API_KEY``, sent as the bearer token); the
+    environment's other Codex and OpenAI settings are left out. Codex runs in its own process
+    group so that, past ``timeout`` seconds, it is killed with the commands it started; the
+    run then fails with TimeoutError carrying what it printed.
+    """
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("CODEX_", "OPENAI_"))
+    }
+    env.update(CODEX_HOME=str(home), CODEX_API_KEY=api_key, NO_COLOR="1")
+    process = await asyncio.create_subprocess_exec(
+        str(codex),
+        "exec",
+        "--json",
+        "--skip-git-repo-check",
+        "--ephemeral",
+        "--dangerously-bypass-approvals-and-sandbox",
+        "-C",
+        str(workdir),
+        prompt,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    communicating = asyncio.ensure_future(process.communicate())
+    try:
+        stdout, stderr = await asyncio.wait_for(asyncio.shield(communicating), timeout)
+    except TimeoutError:
+        _kill_group(process)
+        stdout, stderr = await communicating
+        run = CodexRun(-1, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+        raise TimeoutError(
+            f"codex exec did not finish in {timeout:g} s\n{run.describe()}"
+        ) from None
+    except BaseException:
+        _kill_group(process)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(communicating, 10)
+        raise
+    returncode = process.returncode
+    assert returncode is not None
+    return CodexRun(returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    """SIGKILL the process group led by ``process`` (ours: started with a new session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _version_of(binary: Path) -> str | None:
+    """The version ``binary --version`` reports (``codex-cli 0.169.0`` → ``0.169.0``)."""
+    if not binary.exists():
+        return None
+    try:
+        finished = subprocess.run(
+            [str(binary), "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = finished.stdout.split()
+    return words[-1] if finished.returncode == 0 and words else None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
