@@ -31,6 +31,7 @@ missing or foreign ancestor (the walk finds no row) and a cycle (the walk meets 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,7 +40,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Insert, RowMapping, Select, delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import snapshots
@@ -83,6 +84,7 @@ class SnapshotStore:
         self._queue: asyncio.Queue[_PendingSave | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._writer_connection: AsyncConnection | None = None
         self.batches_committed = 0
         """Transactions the writer has committed; a burst of saves shares a few of them."""
 
@@ -166,6 +168,14 @@ class SnapshotStore:
             await conn.execute(text("SELECT 1"))
 
     async def _write_batches(self) -> None:
+        try:
+            await self._write_batches_on_own_connection()
+        finally:
+            if self._writer_connection is not None:
+                await self._writer_connection.close()
+                self._writer_connection = None
+
+    async def _write_batches_on_own_connection(self) -> None:
         stopping = False
         while not stopping:
             batch: list[_PendingSave] = []
@@ -183,10 +193,18 @@ class SnapshotStore:
 
     async def _commit(self, batch: list[_PendingSave]) -> None:
         try:
-            async with self._engine.begin() as conn:
+            # The writer keeps one connection: no pool check-out and reset per batch.
+            if self._writer_connection is None:
+                self._writer_connection = await self._engine.connect()
+            conn = self._writer_connection
+            async with conn.begin():
                 await conn.execute(self._insert, [pending.row for pending in batch])
         except Exception as exc:
             logger.error("failed to store a batch of %d snapshots: %s", len(batch), exc)
+            if self._writer_connection is not None:
+                with contextlib.suppress(Exception):
+                    await self._writer_connection.close()
+                self._writer_connection = None
             for pending in batch:
                 if not pending.committed.done():
                     pending.committed.set_exception(exc)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import aiohttp
+from aiohttp import web
 from yarl import URL
 
 from codexlb.config import TimeoutsConfig
@@ -93,6 +94,37 @@ def handshake_headers(upstream: aiohttp.ClientWebSocketResponse) -> Mapping[str,
     """The headers of an upstream WebSocket's 101 answer."""
     response = getattr(upstream, "response", None) or upstream._response
     return response.headers
+
+
+COMPRESS_LARGER_THAN = 64 * 1024
+"""Messages codexlb sends are compressed only above this size (one-shot, see below)."""
+
+
+def send_uncompressed_by_default(
+    ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+) -> None:
+    """Keep permessage-deflate for what the peer sends, but send small messages plain.
+
+    A persistent deflate context costs 100-250 KiB of memory per socket and CPU per frame,
+    while codexlb's own messages are mostly small events. RFC 7692 lets any message go
+    uncompressed (RSV1 clear) on a connection that negotiated the extension; large ones are
+    still compressed, each with a context of its own (``compress_for``). aiohttp has no public
+    switch for this, hence the writer attribute.
+    """
+    writer = ws._writer
+    if writer is not None:
+        writer.compress = 0
+
+
+def compress_for(
+    ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, message: str
+) -> int | None:
+    """The ``compress`` argument for sending ``message``: a one-shot context when it is large
+    and the connection negotiated permessage-deflate."""
+    negotiated = ws.compress
+    if negotiated and len(message) > COMPRESS_LARGER_THAN:
+        return int(negotiated)
+    return None
 
 
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -178,7 +210,7 @@ class Upstream:
         url = "ws" + account.base_url.removeprefix("http") + path
         try:
             async with asyncio.timeout(self._timeouts.connect_seconds):
-                return await self.session.ws_connect(
+                upstream = await self.session.ws_connect(
                     url,
                     headers=request_headers,
                     compress=15,
@@ -192,6 +224,8 @@ class Upstream:
             raise UpstreamConnectError("WebSocket handshake timed out") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
+        send_uncompressed_by_default(upstream)
+        return upstream
 
 
 @functools.lru_cache(maxsize=1024)

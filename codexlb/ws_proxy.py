@@ -48,9 +48,11 @@ from codexlb.pool import Account
 from codexlb.upstream import (
     UpstreamConnectError,
     UpstreamRefused,
+    compress_for,
     forward_headers,
     handshake_headers,
     relayed_headers,
+    send_uncompressed_by_default,
 )
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ class WsProxy:
             # limits): open it first when an account is at hand, and pass them on.
             client.headers.update(await socket.connect_early())
             await client.prepare(request)
+            send_uncompressed_by_default(client)
             await socket.run()
         finally:
             await socket.close()
@@ -315,7 +318,7 @@ class ClientSocket:
         held: list[str] = []
         idle = self.services.config.timeouts.idle_seconds
         try:
-            await upstream.send_str(message)
+            await upstream.send_str(message, compress=compress_for(upstream, message))
         except ConnectionError:
             exchange.failed(account, "upstream socket closed")
             return Outcome.FAILOVER

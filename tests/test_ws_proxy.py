@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 
 from codexlb.testing.fake_upstream import Fault
 from tests.harness import (
+    CODEX_PATH,
     Balancer,
     Fake,
     auth,
@@ -382,3 +385,70 @@ async def test_connection_limit_reopens_a_socket_on_the_same_account(
     account = lb.services.pool.get(str(origin))
     assert account is not None
     assert account.error_streak == 0
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One server frame: (first header byte, payload); servers do not mask."""
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    elif length == 127:
+        length = int.from_bytes(await reader.readexactly(8), "big")
+    return first, await reader.readexactly(length)
+
+
+def client_frame(text: str) -> bytes:
+    payload = text.encode()
+    mask = os.urandom(4)
+    header = bytes([0x81]) + (
+        bytes([0x80 | len(payload)])
+        if len(payload) < 126
+        else bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+    )
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_deflate_is_negotiated_but_events_go_out_uncompressed(lb: Balancer) -> None:
+    host, port = lb.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            (
+                f"GET {CODEX_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+                f"Authorization: {auth()['Authorization']}\r\n\r\n"
+            ).encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        assert b"permessage-deflate" in head.lower()
+        writer.write(client_frame('{"type":"response.create","model":"m","input":"hi"}'))
+        types = []
+        for _ in range(50):
+            first, payload = await read_frame(reader)
+            assert first & 0x40 == 0, "RSV1 set: the frame was compressed"
+            event = json.loads(payload)
+            types.append(event["type"])
+            if event["type"] == "response.completed":
+                break
+        assert types[-1] == "response.completed"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_large_replay_reaches_the_upstream_intact(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    big = user_message("x" * 200_000)
+    async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
+        first = await ws_turn(ws, {"input": [big]})
+    async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
+        second = await ws_turn(
+            ws, {"input": [user_message("more")], "previous_response_id": completed_id(first)}
+        )
+    assert second[-1]["type"] == "response.completed"
+    assert fake.received[-1].body["input"] == [big, *output_items(first), user_message("more")]
