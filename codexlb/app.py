@@ -45,7 +45,9 @@ def create_app(config: Config) -> web.Application:
         config=config,
         pool=Pool(config),
         store=SnapshotStore(engine),
-        upstream=Upstream(config.timeouts),
+        upstream=Upstream(
+            config.timeouts, websocket_compression=config.upstream.websocket_compression
+        ),
     )
     app[SERVICES] = services
     app[ENGINE] = engine

@@ -139,8 +139,9 @@ def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 class Upstream:
-    def __init__(self, timeouts: TimeoutsConfig) -> None:
+    def __init__(self, timeouts: TimeoutsConfig, *, websocket_compression: bool = False) -> None:
         self._timeouts = timeouts
+        self._websocket_compression = 15 if websocket_compression else 0
         self._session: aiohttp.ClientSession | None = None
         self._http: Http1Client | None = None
 
@@ -203,7 +204,7 @@ class Upstream:
     async def websocket(
         self, account: Account, path: str, headers: Mapping[str, str], *, max_msg_size: int
     ) -> aiohttp.ClientWebSocketResponse:
-        """Open a Responses WebSocket to ``account`` (permessage-deflate offered)."""
+        """Open a Responses WebSocket to ``account`` (offering permessage-deflate if set)."""
         request_headers = {k: v for k, v in headers.items() if k.lower() != "openai-beta"}
         request_headers.update(account.credentials.auth_headers())
         request_headers["OpenAI-Beta"] = WEBSOCKET_BETA
@@ -213,7 +214,7 @@ class Upstream:
                 upstream = await self.session.ws_connect(
                     url,
                     headers=request_headers,
-                    compress=15,
+                    compress=self._websocket_compression,
                     heartbeat=WEBSOCKET_HEARTBEAT_SECONDS,
                     max_msg_size=max_msg_size,
                     autoclose=False,

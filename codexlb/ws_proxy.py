@@ -123,7 +123,7 @@ class WsProxy:
         client = web.WebSocketResponse(
             heartbeat=CLIENT_HEARTBEAT_SECONDS,
             max_msg_size=0,  # oversize messages get an error event, never a 1009 close
-            compress=True,
+            compress=self.services.config.server.websocket_compression,
         )
         socket = ClientSocket(self.services, client, scope, request.headers)
         try:

@@ -20,7 +20,9 @@ from tests.harness import (
     auth,
     completed_id,
     config_data,
+    make_config,
     output_items,
+    serve,
     start_child,
     user_message,
     write_toml,
@@ -409,46 +411,81 @@ def client_frame(text: str) -> bytes:
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def test_deflate_is_negotiated_but_events_go_out_uncompressed(lb: Balancer) -> None:
+async def raw_handshake(lb: Balancer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """A WebSocket handshake offering permessage-deflate, by hand; returns the 101 head."""
     host, port = lb.url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(
-            (
-                f"GET {CODEX_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
-                f"Authorization: {auth()['Authorization']}\r\n\r\n"
-            ).encode()
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101")
-        assert b"permessage-deflate" in head.lower()
-        writer.write(client_frame('{"type":"response.create","model":"m","input":"hi"}'))
-        types = []
-        for _ in range(50):
-            first, payload = await read_frame(reader)
-            assert first & 0x40 == 0, "RSV1 set: the frame was compressed"
-            event = json.loads(payload)
-            types.append(event["type"])
-            if event["type"] == "response.completed":
-                break
-        assert types[-1] == "response.completed"
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    writer.write(
+        (
+            f"GET {CODEX_PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            f"Authorization: {auth()['Authorization']}\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    return reader, writer, head
 
 
-async def test_a_large_replay_reaches_the_upstream_intact(
-    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+async def test_deflate_is_declined_by_default(lb: Balancer) -> None:
+    _, writer, head = await raw_handshake(lb)
+    writer.close()
+    await writer.wait_closed()
+    assert b"permessage-deflate" not in head.lower()
+
+
+async def test_deflate_when_enabled_is_negotiated_but_events_go_out_uncompressed(
+    fake: Fake, tmp_path: Path
 ) -> None:
+    data = config_data(
+        fake.url,
+        f"sqlite+aiosqlite:///{tmp_path / 'codexlb.db'}",
+        server={"websocket_compression": True},
+    )
+    async with serve(make_config(data, tmp_path)) as lb:
+        reader, writer, head = await raw_handshake(lb)
+        try:
+            await _uncompressed_turn(reader, writer, head)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+async def _uncompressed_turn(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
+) -> None:
+    assert b"permessage-deflate" in head.lower()
+    writer.write(client_frame('{"type":"response.create","model":"m","input":"hi"}'))
+    types = []
+    for _ in range(50):
+        first, payload = await read_frame(reader)
+        assert first & 0x40 == 0, "RSV1 set: the frame was compressed"
+        event = json.loads(payload)
+        types.append(event["type"])
+        if event["type"] == "response.completed":
+            break
+    assert types[-1] == "response.completed"
+
+
+@pytest.mark.parametrize("compression", [False, True], ids=["plain", "deflate"])
+async def test_a_large_replay_reaches_the_upstream_intact(
+    compression: bool, fake: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    data = config_data(
+        fake.url,
+        f"sqlite+aiosqlite:///{tmp_path / 'codexlb.db'}",
+        upstream={"websocket_compression": compression},
+    )
     big = user_message("x" * 200_000)
-    async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
-        first = await ws_turn(ws, {"input": [big]})
-    async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
-        second = await ws_turn(
-            ws, {"input": [user_message("more")], "previous_response_id": completed_id(first)}
-        )
+    async with serve(make_config(data, tmp_path)) as lb:
+        async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
+            first = await ws_turn(ws, {"input": [big]})
+        async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
+            second = await ws_turn(
+                ws,
+                {"input": [user_message("more")], "previous_response_id": completed_id(first)},
+            )
     assert second[-1]["type"] == "response.completed"
     assert fake.received[-1].body["input"] == [big, *output_items(first), user_message("more")]
