@@ -66,12 +66,13 @@ class Step(Enum):
 class ResponseRecorder:
     """Watches one attempt's events; parses only the few it must."""
 
-    __slots__ = ("failure_code", "output_items", "response", "streaming", "visible")
+    __slots__ = ("_created", "failure_code", "output_items", "response", "streaming", "visible")
 
     def __init__(self, *, streaming: bool = True) -> None:
         self.streaming = streaming
         """When false (an assembled response) nothing reaches the client before the end."""
         self.visible = False
+        self._created: HasJson | None = None
         self.output_items: dict[int, Any] = {}
         self.response: dict[str, Any] | None = None
         self.failure_code: str | None = None
@@ -81,8 +82,7 @@ class ResponseRecorder:
             return Step.PASS if self.visible else Step.HOLD
         if kind in HELD_BACK:
             if kind == "response.created":
-                response = _json_object(event).get("response")
-                self.response = response if isinstance(response, dict) else None
+                self._created = event  # parsed only if the stream breaks (see started_response)
             return Step.PASS if self.visible else Step.HOLD
         if kind == "response.output_item.done":
             self.visible = self.streaming
@@ -111,6 +111,16 @@ class ResponseRecorder:
             return Step.FAILED
         self.visible = self.streaming
         return Step.PASS
+
+    def started_response(self) -> dict[str, Any]:
+        """The response object as far as known: the terminal one, else the created one."""
+        if self.response is not None:
+            return self.response
+        if self._created is not None:
+            response = _json_object(self._created).get("response")
+            if isinstance(response, dict):
+                return response
+        return {}
 
     def ordered_output(self) -> list[Any]:
         if self.output_items:

@@ -249,6 +249,12 @@ class HttpProxy:
             exchange.failed(account, f"response failed: {recorder.failure_code}")
 
 
+class _EventStreamResponse(web.StreamResponse):
+    """An SSE response whose headers travel with its first bytes, in one write."""
+
+    _send_headers_immediately = False
+
+
 class _ClientStream:
     """The client's side of one relayed SSE stream.
 
@@ -301,7 +307,7 @@ class _ClientStream:
 
     async def _started(self) -> web.StreamResponse:
         if self.response is None:
-            self.response = web.StreamResponse(
+            self.response = _EventStreamResponse(
                 status=200,
                 headers={
                     "Content-Type": "text/event-stream",
@@ -334,7 +340,7 @@ async def _event_batches(
 
 
 def _stream_incomplete(recorder: ResponseRecorder) -> bytes:
-    response: dict[str, Any] = dict(recorder.response or {})
+    response: dict[str, Any] = dict(recorder.started_response())
     response.update(
         status="failed",
         error={

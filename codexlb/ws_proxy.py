@@ -445,7 +445,7 @@ def _with_status(frame: Frame) -> str:
 
 
 def _stream_incomplete(recorder: ResponseRecorder) -> str:
-    response: dict[str, Any] = dict(recorder.response or {})
+    response: dict[str, Any] = dict(recorder.started_response())
     response.update(
         status="failed",
         error={
