@@ -19,10 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb import db
 from codexlb.auth import ClientKeys
+from codexlb.catalog import ModelCatalog
 from codexlb.config import Config
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
 from codexlb.exchange import Services
 from codexlb.http_proxy import HttpProxy
+from codexlb.metrics import CONTENT_TYPE
 from codexlb.pool import Pool
 from codexlb.store import SnapshotStore
 from codexlb.upstream import Upstream
@@ -58,12 +60,16 @@ def create_app(config: Config) -> web.Application:
     keys = ClientKeys(config.api_keys)
     proxy = HttpProxy(services, keys)
     websockets = WsProxy(services, keys)
+    catalog = ModelCatalog(services, keys)
     for prefix in ("/backend-api/codex", "/v1"):
         app.router.add_post(f"{prefix}/responses", proxy.create_response)
         app.router.add_get(f"{prefix}/responses", websockets.handle)
+        app.router.add_post(f"{prefix}/responses/compact", proxy.compact)
+        app.router.add_get(f"{prefix}/models", catalog.handle)
     app.router.add_get("/v1/responses/{response_id}", proxy.get_response)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 
@@ -124,6 +130,11 @@ async def _prune_forever(app: web.Application) -> None:
             if deleted:
                 log.info("pruned %d snapshots older than %s", deleted, cutoff.isoformat())
         await asyncio.sleep(settings.prune_interval_seconds)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICES].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from enum import Enum, auto
 from typing import Any, Protocol
 
 from codexlb.config import Config
+from codexlb.metrics import Metrics
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account, Pool
 from codexlb.replay import rebuild_input, strip_reasoning
@@ -40,7 +41,7 @@ HELD_BACK = frozenset(
 """Events that show no output: held back until the first one that does."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Services:
     """Everything an exchange needs, built once by the app factory."""
 
@@ -48,6 +49,10 @@ class Services:
     pool: Pool
     store: SnapshotStore
     upstream: Upstream
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", Metrics(lambda: self.pool.accounts))
 
 
 class HasJson(Protocol):
@@ -142,6 +147,7 @@ class RequestRecord:
     transport: str
     client_key: str
     request_id: str
+    route: str = "responses"
     started: float = field(default_factory=time.perf_counter)
     account: str | None = None
     attempts: int = 0
@@ -153,9 +159,13 @@ class RequestRecord:
         if self.first_byte is None:
             self.first_byte = time.perf_counter()
 
-    def emit(self) -> None:
+    def emit(self, metrics: Metrics) -> None:
+        """The request's log line and metrics."""
         usage = self.usage or {}
-        ttfb = (self.first_byte - self.started) * 1000 if self.first_byte else None
+        duration = time.perf_counter() - self.started
+        first_byte = self.first_byte - self.started if self.first_byte else None
+        metrics.request(self.route, self.transport, self.status, first_byte, duration)
+        ttfb = first_byte * 1000 if first_byte is not None else None
         log.info(
             "request_id=%s key=%s account=%s transport=%s attempts=%d status=%d "
             "ttfb_ms=%s duration_ms=%.1f input_tokens=%s output_tokens=%s",
@@ -166,7 +176,7 @@ class RequestRecord:
             self.attempts,
             self.status,
             f"{ttfb:.1f}" if ttfb is not None else "-",
-            (time.perf_counter() - self.started) * 1000,
+            duration * 1000,
             usage.get("input_tokens", "-"),
             usage.get("output_tokens", "-"),
         )
@@ -237,6 +247,9 @@ class Exchange:
         """The input to send to ``account``, or ``None`` when the client's is sent as-is."""
         if self.chain:
             items = rebuild_input(self.chain, self.request.input_items, account.name)
+            self.services.metrics.replay(
+                len(items), same_account=self.chain[-1].account == account.name
+            )
         elif self.strip_reasoning:
             items = self.request.input_items
         else:
@@ -248,15 +261,22 @@ class Exchange:
     def failed(self, account: Account, reason: str) -> None:
         self.rate_limited_only = False
         self.services.pool.failed(account, reason)
+        self.services.metrics.attempt(account.name, "error")
 
     def rate_limited(
         self, account: Account, headers: Mapping[str, str], error: Mapping[str, Any] | None
     ) -> None:
         self.services.pool.rate_limited(account, headers=headers, error=error)
+        self.services.metrics.attempt(account.name, "rate_limited")
 
     def unauthorized(self, account: Account) -> None:
         self.rate_limited_only = False
         self.services.pool.unauthorized(account)
+        self.services.metrics.attempt(account.name, "unauthorized")
+
+    def refused_by_upstream(self, account: Account) -> None:
+        """The upstream found fault with the request itself; its answer goes to the client."""
+        self.services.metrics.attempt(account.name, "client_error")
 
     async def commit(self, account: Account, recorder: ResponseRecorder) -> dict[str, Any]:
         """Store the snapshot of a completed response; returns the response object.
@@ -271,6 +291,7 @@ class Exchange:
         self.record.usage = usage if isinstance(usage, dict) else None
         if isinstance(response_id, str):
             model = response.get("model")
+            queued = time.perf_counter()
             await self.services.store.save(
                 Snapshot(
                     response_id=response_id,
@@ -284,10 +305,12 @@ class Exchange:
                     created_at=datetime.now(UTC),
                 )
             )
+            self.services.metrics.snapshot_write.observe(time.perf_counter() - queued)
         else:
             log.warning("account %s completed a response without an id", account.name)
         self.services.pool.succeeded(account)
         self.services.pool.remember_affinity(self.affinity_key, account)
+        self.services.metrics.attempt(account.name, "ok")
         return response
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 MAX_ERROR_BODY = 1024 * 1024
 
 
+Attempt = Callable[
+    [web.Request, "Exchange", Account, Mapping[str, str]], Awaitable[web.StreamResponse | None]
+]
+"""One try of a request on an account: the client's response, or ``None`` to try another."""
+
+
 class UpstreamBroken(Exception):
     """The upstream stream ended or failed before its terminal event."""
 
@@ -52,7 +58,17 @@ class HttpProxy:
         self._idle = services.config.timeouts.idle_seconds
 
     async def create_response(self, request: web.Request) -> web.StreamResponse:
-        record = RequestRecord("http", "", new_request_id(request.headers))
+        return await self._serve(request, "responses", self._attempt)
+
+    async def compact(self, request: web.Request) -> web.StreamResponse:
+        """``POST .../responses/compact``: passed through to an account chosen like a turn of
+        the same conversation (parent's account, then affinity), with failover."""
+        return await self._serve(request, "compact", self._attempt_compact)
+
+    async def _serve(
+        self, request: web.Request, route: str, attempt: Attempt
+    ) -> web.StreamResponse:
+        record = RequestRecord("http", "", new_request_id(request.headers), route)
         try:
             scope = self.keys.scope_for(request.headers.get("Authorization"))
             record.client_key = scope
@@ -69,7 +85,7 @@ class HttpProxy:
             while True:
                 account = exchange.next_account()
                 with self.services.pool.lease(account):
-                    response = await self._attempt(request, exchange, account, headers)
+                    response = await attempt(request, exchange, account, headers)
                 if response is not None:
                     record.status = response.status
                     return response
@@ -77,7 +93,7 @@ class HttpProxy:
             record.status = exc.status
             raise
         finally:
-            record.emit()
+            record.emit(self.services.metrics)
 
     async def get_response(self, request: web.Request) -> web.Response:
         scope = self.keys.scope_for(request.headers.get("Authorization"))
@@ -133,6 +149,42 @@ class HttpProxy:
             exchange.failed(account, str(exc))
             return None
 
+    async def _attempt_compact(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        account: Account,
+        headers: Mapping[str, str],
+    ) -> web.StreamResponse | None:
+        body = exchange.request.upstream_json(input_items=exchange.upstream_input(account))
+        limit = self.services.config.limits.max_body_bytes
+        try:
+            async with self.services.upstream.post(
+                account, "/responses/compact", body, headers, sse=False
+            ) as upstream:
+                if upstream.status != 200:
+                    return await self._refused(exchange, account, upstream)
+                self.services.pool.observe_headers(account, upstream.headers)
+                raw = await upstream.read(limit, self._idle)
+                if not upstream.complete:
+                    exchange.failed(account, "compact answer incomplete")
+                    return None
+        except UpstreamConnectError as exc:
+            exchange.failed(account, str(exc))
+            return None
+        except Http1Error as exc:
+            exchange.failed(account, f"compact answer broken: {exc}")
+            return None
+        self.services.pool.succeeded(account)
+        self.services.pool.remember_affinity(exchange.affinity_key, account)
+        self.services.metrics.attempt(account.name, "ok")
+        exchange.record.mark_first_byte()
+        return web.Response(
+            body=raw,
+            content_type="application/json",
+            headers=relayed_headers(upstream.headers, exchange.request.model),
+        )
+
     async def _refused(
         self, exchange: Exchange, account: Account, upstream: Http1Response
     ) -> web.Response | None:
@@ -160,6 +212,7 @@ class HttpProxy:
             exchange.strip_reasoning = True
             exchange.retry_same_account(account)
             return None
+        exchange.refused_by_upstream(account)
         return web.Response(status=status, body=raw, content_type="application/json")
 
     async def _relay(
@@ -190,6 +243,8 @@ class HttpProxy:
                         await exchange.commit(account, recorder)
                     sink.add(event.raw)
                     if step is not Step.PASS:
+                        if step is Step.FAILED:
+                            exchange.refused_by_upstream(account)
                         await sink.finish()
                         return sink.response
                 if sink.pending and not await sink.flush():

@@ -117,6 +117,16 @@ class CreateRequest:
         message.pop("previous_response_id", None)
         return orjson.dumps(message).decode()
 
+    def upstream_json(self, *, input_items: list[Any] | None) -> bytes:
+        """The body for a non-streaming upstream call (compact): as sent, or replayed."""
+        if input_items is None and self.raw is not None and "previous_response_id" not in self.body:
+            return self.raw
+        body = dict(self.body)
+        body.pop("previous_response_id", None)
+        if input_items is not None:
+            body["input"] = input_items
+        return orjson.dumps(body)
+
     def upstream_body(self, *, input_items: list[Any] | None) -> bytes:
         """The streaming body for the upstream: the client's bytes when nothing must change."""
         if (

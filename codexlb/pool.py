@@ -3,6 +3,12 @@
 The pool is the single owner of mutable account state; both transports go through it. It
 turns that state into ``balancer.Candidate`` values and lets the pure balancer choose. Times
 are wall-clock epoch seconds because the upstream speaks in epoch reset times.
+
+``reconfigure`` applies a reloaded configuration (S6) without losing what was learned: an
+account is identified by its name, and an unchanged name keeps its ``Account`` object (so its
+cooldowns, usage, error streak, in-flight count and loaded credentials survive). A removed
+account leaves the choice at once; while leases still hold it, it is kept aside as *draining*
+so those requests finish and release it normally, and so the status view can show it.
 """
 
 from __future__ import annotations
@@ -15,16 +21,22 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from codexlb import balancer
-from codexlb.config import AccountConfig, Config
+from codexlb.config import AccountConfig, Config, RoutingConfig
 from codexlb.credentials import Credentials, CredentialsError, load_credentials
 from codexlb.errors import CodexLBError, PoolBusy, UpstreamUnavailable, UsageLimitReached
 
 log = logging.getLogger(__name__)
 
 AFFINITY_CAPACITY = 100_000
+
+AccountState = Literal["ok", "busy", "cooling_down", "rate_limited", "unusable", "disabled"]
+"""One word for an account, in the order it is decided: ``disabled`` (by the operator),
+``unusable`` (credentials refused or unreadable), ``rate_limited`` (a 429 cooldown, or a usage
+window at 100% until its reset), ``cooling_down`` (backing off after errors), ``busy`` (at its
+``max_inflight``), else ``ok``."""
 
 
 @dataclass(slots=True)
@@ -43,6 +55,8 @@ class Account:
     usable: bool = True
     inflight: int = 0
     cooldown_until: float = 0.0
+    rate_limited_until: float = 0.0
+    """The part of ``cooldown_until`` owed to a rate limit (the rest is error back-off)."""
     error_streak: int = 0
     last_error: str | None = None
     primary: UsageWindow = field(default_factory=UsageWindow)
@@ -51,6 +65,27 @@ class Account:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def is_platform(self) -> bool:
+        return self.config.is_platform
+
+    def state(self, now: float) -> AccountState:
+        """See ``AccountState``; a removed account keeps the state it had."""
+        if not self.config.enabled:
+            return "disabled"
+        if not self.usable:
+            return "unusable"
+        if self.rate_limited_until > now:
+            return "rate_limited"
+        candidate = self.candidate()
+        if candidate.used_percent >= 100.0 and candidate.usage_resets_at > now:
+            return "rate_limited"
+        if self.cooldown_until > now:
+            return "cooling_down"
+        if self.config.max_inflight and self.inflight >= self.config.max_inflight:
+            return "busy"
+        return "ok"
 
     def candidate(self) -> balancer.Candidate:
         full = [w for w in (self.primary, self.secondary) if w.used_percent >= 100.0]
@@ -67,11 +102,40 @@ class Account:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Reconfiguration:
+    """What ``Pool.reconfigure`` changed, by account name, for the reload's log line."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    """Settings changed in place: ``enabled``, ``weight``, ``max_inflight``, base URL."""
+    credentials: tuple[str, ...] = ()
+    """Credentials reloaded: changed in the file, or re-read from a changed ``auth_file``."""
+    routing: bool = False
+
+    def describe(self) -> str:
+        parts = [
+            f"{label} {', '.join(names)}"
+            for label, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+                ("credentials reloaded for", self.credentials),
+            )
+            if names
+        ]
+        if self.routing:
+            parts.append("routing settings changed")
+        return "; ".join(parts) or "no change to the pool"
+
+
 class Pool:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._routing = config.routing
         self._accounts: dict[str, Account] = {}
+        self._draining: dict[str, Account] = {}
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._turns = itertools.count()
         for account_config in config.accounts:
@@ -79,7 +143,21 @@ class Pool:
 
     @property
     def accounts(self) -> list[Account]:
+        """The configured accounts, in the file's order."""
         return list(self._accounts.values())
+
+    @property
+    def draining(self) -> list[Account]:
+        """Accounts removed from the configuration that still carry requests."""
+        return list(self._draining.values())
+
+    @property
+    def routing(self) -> RoutingConfig:
+        """The live ``[routing]`` settings (replaced by ``reconfigure``)."""
+        return self._routing
+
+    def now(self) -> float:
+        return self._clock()
 
     def get(self, name: str) -> Account | None:
         return self._accounts.get(name)
@@ -101,15 +179,73 @@ class Pool:
         return self._accounts[name] if name is not None else None
 
     def eligible(self, account: Account) -> bool:
-        return account.candidate().eligible(self._clock())
+        """Whether ``account`` may take new work; never once it is removed from the pool."""
+        return self._accounts.get(account.name) is account and account.candidate().eligible(
+            self._clock()
+        )
 
     @contextmanager
     def lease(self, account: Account) -> Iterator[None]:
+        """Count a request in flight on ``account`` for the ``with`` block.
+
+        Works on the ``Account`` object itself, so a lease taken before a reload releases
+        cleanly after it even if the account was removed meanwhile; the last lease of a
+        removed account lets it go.
+        """
         account.inflight += 1
         try:
             yield
         finally:
             account.inflight -= 1
+            if account.inflight == 0 and self._draining.get(account.name) is account:
+                del self._draining[account.name]
+                log.info("account %s: removed from the configuration, now drained", account.name)
+
+    def reconfigure(self, config: Config) -> Reconfiguration:
+        """Apply a reloaded configuration to the accounts and the routing settings.
+
+        - A new name is added and can be chosen at once.
+        - A missing name is removed from the choice at once; requests it carries finish
+          (see ``lease``). Named again before it drained, it comes back with its state.
+        - A kept name keeps its ``Account`` and all its runtime state; ``enabled``, ``weight``,
+          ``max_inflight`` and the base URL take their new values in place.
+        - Changed credentials in the file are loaded again, and the account is usable again
+          if they are (after a 401, say). When they name another upstream identity (another
+          API key or ChatGPT account id) what was learned about the old one is forgotten.
+        - An unusable ``auth_file`` account whose file now holds other credentials adopts
+          them (``codex login`` again, then reload).
+
+        Never raises for a valid ``Config``: an account whose credentials cannot be read is
+        kept as unusable, with the reason in ``last_error`` and the log.
+        """
+        known = {**self._draining, **self._accounts}
+        accounts: dict[str, Account] = {}
+        added: list[str] = []
+        changed: list[str] = []
+        reloaded: list[str] = []
+        for account_config in config.accounts:
+            name = account_config.name
+            account = known.pop(name, None)
+            if account is None:
+                accounts[name] = _new_account(config, account_config)
+                added.append(name)
+                continue
+            if name not in self._accounts:
+                added.append(name)
+            settings, credentials = _update(account, config, account_config)
+            if settings:
+                changed.append(name)
+            if credentials:
+                reloaded.append(name)
+            accounts[name] = account
+        removed = [name for name in self._accounts if name not in accounts]
+        self._draining = {name: a for name, a in known.items() if a.inflight > 0}
+        self._accounts = accounts
+        routing = config.routing != self._routing
+        self._routing = config.routing
+        return Reconfiguration(
+            tuple(added), tuple(removed), tuple(changed), tuple(reloaded), routing
+        )
 
     def exhausted(self, *, rate_limited: bool) -> CodexLBError:
         """The error for a request no account could serve (SPEC S1.4)."""
@@ -140,6 +276,7 @@ class Pool:
         if until is None:
             until = now + self._routing.default_rate_limit_cooldown_seconds
         account.cooldown_until = max(account.cooldown_until, until)
+        account.rate_limited_until = max(account.rate_limited_until, until)
         account.last_error = "rate limited"
         log.warning("account %s is rate limited until %s", account.name, _fmt_time(until))
 
@@ -217,6 +354,72 @@ def _new_account(config: Config, account_config: AccountConfig) -> Account:
         log.error("account %s: %s", account_config.name, exc)
         return Account(account_config, base_url, Credentials(), usable=False, last_error=str(exc))
     return Account(account_config, base_url, credentials, usable=credentials.usable)
+
+
+def _update(account: Account, config: Config, account_config: AccountConfig) -> tuple[bool, bool]:
+    """Give a kept account its new settings; returns (settings changed, credentials reloaded)."""
+    old = account.config
+    base_url = config.account_base_url(account_config)
+    credentials_changed = _credential_fields(account_config) != _credential_fields(old)
+    settings_changed = (
+        _setting_fields(account_config) != _setting_fields(old) or base_url != account.base_url
+    )
+    account.config = account_config
+    account.base_url = base_url
+    if credentials_changed:
+        _reload_credentials(account)
+        return settings_changed, True
+    if not account.usable and account_config.auth_file is not None:
+        try:
+            fresh = load_credentials(account_config)
+        except CredentialsError:
+            return settings_changed, False  # still unreadable: logged when it first failed
+        if fresh != account.credentials:
+            _adopt(account, fresh)
+            return settings_changed, True
+    return settings_changed, False
+
+
+def _reload_credentials(account: Account) -> None:
+    try:
+        credentials = load_credentials(account.config)
+    except CredentialsError as exc:
+        log.error("account %s: %s", account.name, exc)
+        account.credentials = Credentials()
+        account.usable = False
+        account.last_error = str(exc)
+        return
+    _adopt(account, credentials)
+
+
+def _adopt(account: Account, credentials: Credentials) -> None:
+    if _identity(credentials) != _identity(account.credentials):
+        account.cooldown_until = account.rate_limited_until = 0.0
+        account.error_streak = 0
+        account.primary, account.secondary = UsageWindow(), UsageWindow()
+    account.credentials = credentials
+    account.usable = credentials.usable
+    account.last_error = None if credentials.usable else "no usable credentials"
+    log.info("account %s: credentials reloaded", account.name)
+
+
+def _credential_fields(account: AccountConfig) -> tuple[Any, ...]:
+    return (
+        account.api_key,
+        account.auth_file,
+        account.access_token,
+        account.refresh_token,
+        account.chatgpt_account_id,
+    )
+
+
+def _setting_fields(account: AccountConfig) -> tuple[Any, ...]:
+    return (account.enabled, account.weight, account.max_inflight)
+
+
+def _identity(credentials: Credentials) -> tuple[str | None, str | None]:
+    """Which upstream account the credentials speak for (tokens rotate; this does not)."""
+    return credentials.api_key, credentials.account_id
 
 
 def _only_busy(candidate: balancer.Candidate, now: float) -> bool:

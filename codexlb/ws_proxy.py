@@ -132,7 +132,12 @@ class WsProxy:
             client.headers.update(await socket.connect_early())
             await client.prepare(request)
             send_uncompressed_by_default(client)
-            await socket.run()
+            gauge = self.services.metrics.websockets.labels("client")
+            gauge.inc()
+            try:
+                await socket.run()
+            finally:
+                gauge.dec()
         finally:
             await socket.close()
         return client
@@ -233,7 +238,7 @@ class ClientSocket:
             record.status = exc.status
             await self._send_error(exc)
         finally:
-            record.emit()
+            record.emit(self.services.metrics)
 
     async def _respond(self, exchange: Exchange, text: str) -> int:
         """Serve one ``response.create``; returns the status for the log line."""
@@ -287,6 +292,7 @@ class ClientSocket:
             self.forwarded,
             max_msg_size=self.services.config.limits.max_body_bytes,
         )
+        self.services.metrics.websockets.labels("upstream").inc()
         self.account = account
         self.last_response_id = None
 
@@ -305,8 +311,10 @@ class ClientSocket:
     async def _drop_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None
         self.last_response_id = None
-        if upstream is not None and not upstream.closed:
-            await upstream.close()
+        if upstream is not None:
+            self.services.metrics.websockets.labels("upstream").dec()
+            if not upstream.closed:
+                await upstream.close()
 
     async def _relay(
         self, exchange: Exchange, account: Account, message: str, *, live: bool
@@ -368,6 +376,7 @@ class ClientSocket:
             if step is not Step.PASS:
                 if step is Step.FAILED:
                     self.last_response_id = None
+                    exchange.refused_by_upstream(account)
                 return Outcome.DONE
 
     def _failure_before_output(

@@ -1,0 +1,99 @@
+"""The model catalog: ``GET /backend-api/codex/models`` and ``GET /v1/models``.
+
+Fetched from an available account with the client's query string (Codex sends its
+``client_version``), cached briefly per path and query, and served with the upstream's
+``ETag`` (or one computed from the body) so Codex's ``If-None-Match`` gets a 304. Codex
+re-fetches whenever a response's ``x-models-etag`` differs from what it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from codexlb.auth import ClientKeys
+from codexlb.errors import UpstreamUnavailable
+from codexlb.exchange import Services
+from codexlb.pool import Account
+
+log = logging.getLogger(__name__)
+
+CACHE_SECONDS = 60.0
+MAX_CATALOG_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    body: bytes
+    etag: str
+    content_type: str
+    expires: float
+
+
+class ModelCatalog:
+    def __init__(self, services: Services, keys: ClientKeys) -> None:
+        self.services = services
+        self.keys = keys
+        self._cache: dict[str, _Entry] = {}
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.keys.scope_for(request.headers.get("Authorization"))
+        key = f"{request.path}?{request.query_string}"
+        entry = self._cache.get(key)
+        if entry is None or entry.expires <= time.monotonic():
+            entry = await self._fetch(request)
+            self._cache[key] = entry
+        if request.headers.get("If-None-Match") == entry.etag:
+            return web.Response(status=304, headers={"ETag": entry.etag})
+        return web.Response(
+            body=entry.body, headers={"ETag": entry.etag, "Content-Type": entry.content_type}
+        )
+
+    async def _fetch(self, request: web.Request) -> _Entry:
+        pool = self.services.pool
+        tried: set[str] = set()
+        for _ in range(self.services.config.routing.max_attempts):
+            account = pool.choose(prefer=None, affinity_key=None, exclude=tried)
+            if account is None:
+                break
+            tried.add(account.name)
+            entry = await self._fetch_from(account, request.query_string)
+            if entry is not None:
+                return entry
+        raise UpstreamUnavailable("No upstream account could serve the model catalog.")
+
+    async def _fetch_from(self, account: Account, query: str) -> _Entry | None:
+        url = f"{account.base_url}/models" + (f"?{query}" if query else "")
+        timeout = aiohttp.ClientTimeout(total=self.services.config.timeouts.first_byte_seconds)
+        try:
+            async with self.services.upstream.session.get(
+                url, headers=account.credentials.auth_headers(), timeout=timeout
+            ) as response:
+                body = await response.content.read(MAX_CATALOG_BYTES)
+                if response.status != 200:
+                    log.warning(
+                        "account %s: models answered HTTP %d", account.name, response.status
+                    )
+                    if response.status == 401:
+                        self.services.pool.unauthorized(account)
+                    elif response.status == 429:
+                        self.services.pool.rate_limited(
+                            account, headers=response.headers, error=None
+                        )
+                    return None
+                self.services.pool.observe_headers(account, response.headers)
+                etag = response.headers.get("ETag") or _etag(body)
+                content_type = response.headers.get("Content-Type", "application/json")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("account %s: models request failed: %s", account.name, type(exc).__name__)
+            return None
+        return _Entry(body, etag, content_type, time.monotonic() + CACHE_SECONDS)
+
+
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
