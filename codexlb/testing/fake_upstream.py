@@ -75,6 +75,7 @@ class FakeUpstream(UpstreamState):
             path = f"{prefix}/responses"
             app.router.add_post(path, functools.partial(http_routes.post_response, self))
             app.router.add_get(path, functools.partial(ws_routes.websocket, self))
+            app.router.add_post(f"{path}/compact", functools.partial(http_routes.compact, self))
         for path in MODELS_PATHS:
             app.router.add_get(path, functools.partial(http_routes.models, self))
         app.on_startup.append(self._on_startup)

@@ -69,6 +69,26 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
         raise
 
 
+async def compact(state: UpstreamState, request: web.Request) -> web.StreamResponse:
+    """``POST .../responses/compact``: the history replaced by one summary message."""
+    headers = lower_headers(request.headers)
+    account = state.authenticate(headers)
+    body = parse_json(await request.read())
+    state.record(state.received, "http", request.path, account, headers, body)
+    request_id = events.new_id("req")
+    if account is None:
+        return error_response(unauthorized(), request_id)
+    fault = state.take_fault(account.name)
+    if fault is not None and fault.is_error:
+        return error_response(fault.error(now=time.time()), request_id)
+    if not isinstance(body, dict) or "previous_response_id" in body:
+        problem = openai_error(400, "invalid_request", now=time.time())
+        return error_response(problem, request_id)
+    items = body.get("input")
+    summary = events.message_item(f"compacted {len(items) if isinstance(items, list) else 0} items")
+    return web.json_response({"output": [summary]}, headers={"x-request-id": request_id})
+
+
 async def models(state: UpstreamState, request: web.Request) -> web.StreamResponse:
     """``GET .../models``: an empty catalog with an ``ETag`` (304 on a matching
     ``If-None-Match``); Codex then falls back to its bundled list."""
