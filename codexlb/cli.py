@@ -1,4 +1,8 @@
-"""The ``codexlb`` command: serve, check-config, db upgrade, hash-key (SPEC S1.1)."""
+"""The ``codexlb`` command: serve, check-config, db upgrade, status, hash-key (SPEC S1.1).
+
+``serve`` reloads its configuration file on SIGHUP and when the file changes (S6, see
+``reload``); ``status`` prints the pool as a running server sees it (``GET /status``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ import logging
 import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -20,10 +27,12 @@ from codexlb import db
 from codexlb.auth import hash_key
 from codexlb.config import Config, ConfigError, load_config
 from codexlb.credentials import CredentialsError, load_credentials
+from codexlb.status import render_table
 
 log = logging.getLogger("codexlb")
 
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
+STATUS_TIMEOUT_SECONDS = 10.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(hash_key(key))
         return 0
     config_path = args.config or os.environ.get("CODEXLB_CONFIG")
+    if args.command == "status" and args.url and not config_path:
+        return _status(args.url, args.key, as_json=args.json)
     if not config_path:
         parser.error("--config is required (or set CODEXLB_CONFIG)")
     try:
@@ -44,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"codexlb: invalid configuration:\n{exc}", file=sys.stderr)
         return 1
+    if args.command == "status":
+        url = args.url or _server_url(config)
+        if url is None:
+            print("codexlb: [server].port is 0 (chosen at start): give --url", file=sys.stderr)
+            return 1
+        return _status(url, args.key, as_json=args.json)
     _setup_logging(config)
     if args.command == "check-config":
         return _check_config(config)
@@ -51,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         db.upgrade_url(config.database.url)
         print("database is at the latest schema")
         return 0
-    return _serve(config)
+    return _serve(config, Path(config_path))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     db_parser = sub.add_parser("db", help="database maintenance")
     db_parser.add_argument("action", choices=["upgrade"], help="apply the migrations")
     db_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
+    status_parser = sub.add_parser("status", help="print the pool of a running server")
+    status_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
+    status_parser.add_argument(
+        "--url", help="the server's base URL (default: from [server] host and port)"
+    )
+    status_parser.add_argument("--key", help="a client key (default: $CODEXLB_KEY)")
+    status_parser.add_argument("--json", action="store_true", help="print the JSON document")
     hash_parser = sub.add_parser("hash-key", help="print the key_sha256 of a client key")
     hash_parser.add_argument("key", nargs="?", help="the key (prompted for when omitted)")
     return parser
@@ -107,13 +131,53 @@ def _open_access_problem(config: Config) -> str | None:
     )
 
 
-def _serve(config: Config) -> int:
+def _status(url: str, key: str | None, *, as_json: bool) -> int:
+    """Fetch ``GET /status`` and print it; exit 1 when the server cannot be asked."""
+    key = key or os.environ.get("CODEXLB_KEY")
+    headers = {"Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url.rstrip("/") + "/status", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT_SECONDS) as response:
+            status = json.load(response)
+    except urllib.error.HTTPError as exc:
+        print(f"codexlb: {url} answered {exc.code}: {_error_message(exc)}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"codexlb: cannot get the status from {url}: {reason}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if as_json else render_table(status))
+    return 0
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.load(error)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return error.reason or "error"
+
+
+def _server_url(config: Config) -> str | None:
+    """Where a server started with ``config`` listens (a wildcard bind: on loopback)."""
+    if config.server.port == 0:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        config.server.host, config.server.host
+    )
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.server.port}"
+
+
+def _serve(config: Config, config_path: Path) -> int:
     problem = _open_access_problem(config)
     if problem:
         log.error("%s", problem)
         return 1
     with contextlib.suppress(KeyboardInterrupt):
-        _event_loop_runner()(_run(config))
+        _event_loop_runner()(_run(config, config_path))
     return 0
 
 
@@ -126,11 +190,13 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, None]], None]:
     return uvloop.run
 
 
-async def _run(config: Config) -> None:
-    from codexlb.app import make_runner
+async def _run(config: Config, config_path: Path) -> None:
+    from codexlb.app import RELOADER, make_runner
 
-    runner = make_runner(config, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
+    runner = make_runner(config, config_path=config_path, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, runner.app[RELOADER].request)
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port)
         await site.start()
@@ -138,12 +204,12 @@ async def _run(config: Config) -> None:
             host, port = address[0], address[1]
             log.info("codexlb listening on http://%s:%s", host, port)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down: draining requests in flight")
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
         await runner.cleanup()
 
 
@@ -170,6 +236,9 @@ def _setup_logging(config: Config) -> None:
     root.handlers[:] = [handler]
     root.setLevel(config.logging.level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # These log statement parameters at DEBUG: conversation content and stored tokens.
+    for noisy in ("aiosqlite", "sqlalchemy.engine", "asyncpg"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _redact_url(url: str) -> str:
