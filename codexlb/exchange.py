@@ -140,6 +140,24 @@ class ResponseRecorder:
         )
 
 
+_REQUEST_LINE = " ".join(
+    f"{name}=%s"
+    for name in (
+        "request_id",
+        "key",
+        "account",
+        "route",
+        "transport",
+        "attempts",
+        "status",
+        "ttfb_ms",
+        "duration_ms",
+        "input_tokens",
+        "output_tokens",
+    )
+)
+
+
 @dataclass(slots=True)
 class RequestRecord:
     """The facts of one request's log line (SPEC S6)."""
@@ -165,20 +183,25 @@ class RequestRecord:
         duration = time.perf_counter() - self.started
         first_byte = self.first_byte - self.started if self.first_byte else None
         metrics.request(self.route, self.transport, self.status, first_byte, duration)
-        ttfb = first_byte * 1000 if first_byte is not None else None
+        if not log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "request_id": self.request_id,
+            "key": self.client_key or None,
+            "account": self.account,
+            "route": self.route,
+            "transport": self.transport,
+            "attempts": self.attempts,
+            "status": self.status,
+            "ttfb_ms": round(first_byte * 1000, 1) if first_byte is not None else None,
+            "duration_ms": round(duration * 1000, 1),
+            "input_tokens": usage.get("input_tokens"),
+            "output_tokens": usage.get("output_tokens"),
+        }
         log.info(
-            "request_id=%s key=%s account=%s transport=%s attempts=%d status=%d "
-            "ttfb_ms=%s duration_ms=%.1f input_tokens=%s output_tokens=%s",
-            self.request_id,
-            self.client_key or "-",
-            self.account or "-",
-            self.transport,
-            self.attempts,
-            self.status,
-            f"{ttfb:.1f}" if ttfb is not None else "-",
-            duration * 1000,
-            usage.get("input_tokens", "-"),
-            usage.get("output_tokens", "-"),
+            _REQUEST_LINE,
+            *("-" if value is None else value for value in fields.values()),
+            extra={"fields": fields},
         )
 
 

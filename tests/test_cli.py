@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -112,3 +113,28 @@ async def test_codexlb_config_environment_variable_is_honoured(tmp_path: Path) -
     stdout, _ = await process.communicate()
     assert process.returncode == 0
     assert b"platform" in stdout
+
+
+async def test_json_logs_carry_request_facts_as_fields(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        EXAMPLE.read_text()
+        .replace("port = 2455", "port = 0", 1)
+        .replace('format = "text"', 'format = "json"', 1)
+    )
+    server = await start_child(config)
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(server.url + "/v1/responses", data=b"not json") as response,
+        ):
+            assert response.status == 400
+    finally:
+        assert await server.stop() == 0
+    lines = [json.loads(line) for line in server.log if line.startswith("{")]
+    [request] = [line for line in lines if line.get("route") == "responses"]
+    assert request["status"] == 400
+    assert request["transport"] == "http"
+    assert request["attempts"] == 0
+    assert isinstance(request["duration_ms"], float)
+    assert request["level"] == "INFO"
