@@ -127,6 +127,19 @@ class ResponseRecorder:
                 return response
         return {}
 
+    def incomplete_event(self) -> dict[str, Any]:
+        """The ``response.failed`` (``stream_incomplete``) that ends a response whose upstream
+        broke after visible output: the client keeps its connection and may retry."""
+        response = dict(self.started_response())
+        response.update(
+            status="failed",
+            error={
+                "code": "stream_incomplete",
+                "message": "The upstream connection ended before the response completed.",
+            },
+        )
+        return {"type": "response.failed", "response": response}
+
     def ordered_output(self) -> list[Any]:
         if self.output_items:
             return [self.output_items[i] for i in sorted(self.output_items)]

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
 
 from aiohttp import web
 
@@ -142,10 +141,7 @@ class HttpProxy:
                 if exchange.request.stream:
                     return await self._relay(request, exchange, account, upstream)
                 return await self._assemble(exchange, account, upstream)
-        except UpstreamConnectError as exc:
-            exchange.failed(account, str(exc))
-            return None
-        except UpstreamBroken as exc:
+        except (UpstreamConnectError, UpstreamBroken) as exc:
             exchange.failed(account, str(exc))
             return None
 
@@ -259,7 +255,7 @@ class HttpProxy:
                 raise UpstreamBroken(reason)
         # Visible output already reached the client: fail the response, keep the stream clean.
         exchange.failed(account, reason)
-        sink.add(_stream_incomplete(recorder))
+        sink.add(encode_event(recorder.incomplete_event()))
         await sink.finish()
         return sink.response
 
@@ -392,15 +388,3 @@ async def _event_batches(
     tail = decoder.flush()
     if tail:
         yield tail
-
-
-def _stream_incomplete(recorder: ResponseRecorder) -> bytes:
-    response: dict[str, Any] = dict(recorder.started_response())
-    response.update(
-        status="failed",
-        error={
-            "code": "stream_incomplete",
-            "message": "The upstream stream ended before the response completed.",
-        },
-    )
-    return encode_event({"type": "response.failed", "response": response})

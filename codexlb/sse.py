@@ -37,14 +37,17 @@ class SSEEvent:
     @property
     def type(self) -> str | None:
         """The event's type: its ``event:`` field, else the ``type`` member of its data."""
-        if self.event is not None:
-            return self.event
-        try:
-            payload = self.json()
-        except ValueError:
-            return None
-        kind = payload.get("type") if isinstance(payload, dict) else None
-        return kind if isinstance(kind, str) else None
+        return self.event if self.event is not None else type_of(self)
+
+
+def type_of(event: Any) -> str | None:
+    """The ``type`` member of an event's JSON (``event.json()``), if it has one."""
+    try:
+        payload = event.json()
+    except ValueError:
+        return None
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 class SSEDecoder:

@@ -45,6 +45,7 @@ from codexlb.exchange import (
 )
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
+from codexlb.sse import type_of
 from codexlb.upstream import (
     UpstreamConnectError,
     UpstreamRefused,
@@ -105,12 +106,7 @@ class Frame:
             end = self.text.find('"', 9)
             if end > 0:
                 return self.text[9:end]
-        try:
-            payload = self.json()
-        except ValueError:
-            return None
-        kind = payload.get("type") if isinstance(payload, dict) else None
-        return kind if isinstance(kind, str) else None
+        return type_of(self)
 
 
 class WsProxy:
@@ -340,7 +336,7 @@ class ClientSocket:
                     exchange.failed(account, "upstream socket closed before output")
                     return Outcome.FAILOVER
                 exchange.failed(account, "upstream socket closed mid-response")
-                await self._send_text(_stream_incomplete(recorder))
+                await self._send_text(orjson.dumps(recorder.incomplete_event()).decode())
                 await self._drop_upstream()
                 return Outcome.DONE
             if received.type != aiohttp.WSMsgType.TEXT:
@@ -451,15 +447,3 @@ def _with_status(frame: Frame) -> str:
     code = (_error_object(frame) or {}).get("code")
     status = 429 if code in RATE_LIMIT_CODES else 400 if code in PREVIOUS_NOT_FOUND else 500
     return orjson.dumps({**payload, "status": status}).decode()
-
-
-def _stream_incomplete(recorder: ResponseRecorder) -> str:
-    response: dict[str, Any] = dict(recorder.started_response())
-    response.update(
-        status="failed",
-        error={
-            "code": "stream_incomplete",
-            "message": "The upstream connection closed before the response completed.",
-        },
-    )
-    return orjson.dumps({"type": "response.failed", "response": response}).decode()

@@ -105,6 +105,15 @@ def auth(client: str = "alice") -> dict[str, str]:
     return {"Authorization": f"Bearer {CLIENT_KEYS[client]}"}
 
 
+def without_ids_and_reasoning(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Output items as another account gets them replayed (SPEC S3.2)."""
+    return [
+        {k: v for k, v in item.items() if k != "id"}
+        for item in items
+        if item.get("type") != "reasoning"
+    ]
+
+
 def user_message(text: str) -> dict[str, Any]:
     return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
 

@@ -18,15 +18,8 @@ from tests.harness import (
     auth,
     stream_turn,
     user_message,
+    without_ids_and_reasoning,
 )
-
-
-def without_ids_and_reasoning(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {k: v for k, v in item.items() if k != "id"}
-        for item in items
-        if item.get("type") != "reasoning"
-    ]
 
 
 async def test_three_turn_chain_reaches_upstream_as_exact_rebuilt_input(

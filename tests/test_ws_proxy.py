@@ -25,6 +25,7 @@ from tests.harness import (
     serve,
     start_child,
     user_message,
+    without_ids_and_reasoning,
     write_toml,
     ws_events,
     ws_turn,
@@ -57,14 +58,6 @@ def shell_call(account: str, body: Any) -> list[dict[str, Any]]:
             "name": "shell",
             "arguments": json.dumps({"command": ["echo", "hello"]}),
         }
-    ]
-
-
-def without_ids_and_reasoning(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {k: v for k, v in item.items() if k != "id"}
-        for item in items
-        if item.get("type") != "reasoning"
     ]
 
 
