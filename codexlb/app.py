@@ -2,7 +2,8 @@
 
 The services are built here (nothing connects yet) and stored under typed ``web.AppKey``s;
 each resource's life is one cleanup context: the database (migrations, then the snapshot
-store's writer), the upstream client session, and the background pruning task. Nothing is
+store's writer), the upstream client session, the background pruning task, and, when the app
+knows its configuration file, the task that reloads it (``reload.Reloader``). Nothing is
 created at import time.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,6 +28,8 @@ from codexlb.exchange import Services
 from codexlb.http_proxy import HttpProxy
 from codexlb.metrics import CONTENT_TYPE
 from codexlb.pool import Pool
+from codexlb.reload import WATCH_INTERVAL_SECONDS, Reloader
+from codexlb.status import StatusView
 from codexlb.store import SnapshotStore
 from codexlb.upstream import Upstream
 from codexlb.ws_proxy import WsProxy
@@ -34,11 +38,23 @@ log = logging.getLogger(__name__)
 
 SERVICES = web.AppKey("services", Services)
 ENGINE = web.AppKey("engine", AsyncEngine)
+RELOADER = web.AppKey("reloader", Reloader)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(
+    config: Config,
+    config_path: Path | None = None,
+    *,
+    watch_interval: float = WATCH_INTERVAL_SECONDS,
+) -> web.Application:
+    """The application for ``config``.
+
+    With ``config_path`` (the file ``config`` was loaded from) the app reloads it live (S6):
+    ``app[RELOADER].request()`` asks for a reload, and the file is polled every
+    ``watch_interval`` seconds.
+    """
     app = web.Application(
         middlewares=[_openai_errors], client_max_size=config.limits.max_body_bytes
     )
@@ -56,6 +72,9 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_pruning)
+    if config_path is not None:
+        app[RELOADER] = Reloader(config_path, config, services.pool, interval=watch_interval)
+        app.cleanup_ctx.append(_config_watch)
 
     keys = ClientKeys(config.api_keys)
     proxy = HttpProxy(services, keys)
@@ -67,20 +86,27 @@ def create_app(config: Config) -> web.Application:
         app.router.add_post(f"{prefix}/responses/compact", proxy.compact)
         app.router.add_get(f"{prefix}/models", catalog.handle)
     app.router.add_get("/v1/responses/{response_id}", proxy.get_response)
+    app.router.add_get("/status", StatusView(services.pool, keys).handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     return app
 
 
-def make_runner(config: Config, *, shutdown_timeout: float = 30.0) -> web.AppRunner:
-    """The runner for ``create_app(config)``.
+def make_runner(
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    shutdown_timeout: float = 30.0,
+    watch_interval: float = WATCH_INTERVAL_SECONDS,
+) -> web.AppRunner:
+    """The runner for ``create_app(config, config_path)``.
 
     Handler cancellation is on: a client that disconnects cancels the handler, which closes
     the upstream request it owns and releases its account lease (SPEC S8).
     """
     return web.AppRunner(
-        create_app(config),
+        create_app(config, config_path, watch_interval=watch_interval),
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=shutdown_timeout,
@@ -110,6 +136,16 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _pruning(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(_prune_forever(app), name="codexlb-prune")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _config_watch(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(app[RELOADER].run(), name="codexlb-config-watch")
     try:
         yield
     finally:

@@ -57,7 +57,7 @@ class ModelCatalog:
     async def _fetch(self, request: web.Request) -> _Entry:
         pool = self.services.pool
         tried: set[str] = set()
-        for _ in range(self.services.config.routing.max_attempts):
+        for _ in range(pool.routing.max_attempts):
             account = pool.choose(prefer=None, affinity_key=None, exclude=tried)
             if account is None:
                 break

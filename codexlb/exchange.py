@@ -52,7 +52,9 @@ class Services:
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "metrics", Metrics(lambda: self.pool.accounts))
+        object.__setattr__(
+            self, "metrics", Metrics(lambda: [*self.pool.accounts, *self.pool.draining])
+        )
 
 
 class HasJson(Protocol):
@@ -256,7 +258,7 @@ class Exchange:
         The parent's account comes first, then ``prefer`` (a transport's open socket).
         """
         pool = self.services.pool
-        max_attempts = self.services.config.routing.max_attempts
+        max_attempts = pool.routing.max_attempts  # live: the pool follows config reloads
         account = None
         if len(self.tried) < max_attempts:
             account = pool.choose(

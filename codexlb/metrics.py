@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from codexlb.pool import Account
+from codexlb.pool import Account, AccountState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITEM_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
-ACCOUNT_STATES = ("ok", "busy", "cooling_down", "usage_exhausted", "unusable", "disabled")
 
 
 class Metrics:
@@ -112,22 +110,6 @@ class Metrics:
         self.replay_items.observe(items)
 
 
-def account_state(account: Account, now: float) -> str:
-    """One word for an account's state (also used by the status view)."""
-    if not account.config.enabled:
-        return "disabled"
-    if not account.usable:
-        return "unusable"
-    if account.cooldown_until > now:
-        return "cooling_down"
-    candidate = account.candidate()
-    if candidate.used_percent >= 100.0 and candidate.usage_resets_at > now:
-        return "usage_exhausted"
-    if account.config.max_inflight and account.inflight >= account.config.max_inflight:
-        return "busy"
-    return "ok"
-
-
 class _PoolCollector(Collector):
     """The pool's state, read at scrape time."""
 
@@ -151,8 +133,8 @@ class _PoolCollector(Collector):
         )
         for account in self._accounts():
             inflight.add_metric((account.name,), account.inflight)
-            current = account_state(account, now)
-            for name in ACCOUNT_STATES:
+            current = account.state(now)
+            for name in get_args(AccountState):
                 state.add_metric((account.name, name), 1.0 if name == current else 0.0)
             usage.add_metric((account.name, "primary"), account.primary.used_percent)
             usage.add_metric((account.name, "secondary"), account.secondary.used_percent)

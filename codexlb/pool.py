@@ -67,8 +67,10 @@ class Account:
         return self.config.name
 
     @property
-    def is_platform(self) -> bool:
-        return self.config.is_platform
+    def kind(self) -> Literal["chatgpt", "platform"]:
+        """``platform`` for an API key (inline, or the ``OPENAI_API_KEY`` of an auth.json)."""
+        platform = self.config.is_platform or self.credentials.api_key is not None
+        return "platform" if platform else "chatgpt"
 
     def state(self, now: float) -> AccountState:
         """See ``AccountState``; a removed account keeps the state it had."""
@@ -131,6 +133,12 @@ class Reconfiguration:
 
 
 class Pool:
+    """The accounts and what is known of them; mutated only here, on the event loop.
+
+    ``accounts`` follow the configuration; an ``Account`` handed out by ``choose`` stays valid
+    for the request that holds it, across reloads (see ``reconfigure`` and ``lease``).
+    """
+
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._routing = config.routing
@@ -321,6 +329,17 @@ class Pool:
                     window.used_percent = used
                     window.resets_at = _float(values.get("reset_at")) or 0.0
 
+    def credentials_changed(self, name: str, credentials: Credentials) -> None:
+        """Adopt credentials renewed outside the pool (a token refresh, a newer auth.json).
+
+        A ``refresh.CredentialsListener``: never raises; an unknown name is ignored. Usable
+        credentials make an unusable account take work again; credentials of another
+        upstream identity forget what was learned about the old one (see ``reconfigure``).
+        """
+        account = self._accounts.get(name) or self._draining.get(name)
+        if account is not None and credentials != account.credentials:
+            _adopt(account, credentials)
+
     # -- affinity -------------------------------------------------------------------------
 
     def remember_affinity(self, key: str | None, account: Account) -> None:
@@ -376,6 +395,7 @@ def _update(account: Account, config: Config, account_config: AccountConfig) -> 
             return settings_changed, False  # still unreadable: logged when it first failed
         if fresh != account.credentials:
             _adopt(account, fresh)
+            log.info("account %s: new credentials adopted from %s", account.name, old.auth_file)
             return settings_changed, True
     return settings_changed, False
 
@@ -390,6 +410,7 @@ def _reload_credentials(account: Account) -> None:
         account.last_error = str(exc)
         return
     _adopt(account, credentials)
+    log.info("account %s: credentials reloaded from the configuration", account.name)
 
 
 def _adopt(account: Account, credentials: Credentials) -> None:
@@ -397,10 +418,13 @@ def _adopt(account: Account, credentials: Credentials) -> None:
         account.cooldown_until = account.rate_limited_until = 0.0
         account.error_streak = 0
         account.primary, account.secondary = UsageWindow(), UsageWindow()
+    was_usable = account.usable
     account.credentials = credentials
     account.usable = credentials.usable
-    account.last_error = None if credentials.usable else "no usable credentials"
-    log.info("account %s: credentials reloaded", account.name)
+    if not credentials.usable:
+        account.last_error = "no usable credentials"
+    elif not was_usable:
+        account.last_error = None
 
 
 def _credential_fields(account: AccountConfig) -> tuple[Any, ...]:

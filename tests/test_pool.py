@@ -6,12 +6,14 @@ import email.utils
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from multidict import CIMultiDict
 
 from codexlb.config import Config
+from codexlb.credentials import Credentials
 from codexlb.errors import UpstreamUnavailable, UsageLimitReached
 from codexlb.pool import Account, Pool, rate_limit_reset
 
@@ -402,3 +404,253 @@ def test_affinity_disabled_by_zero_ttl() -> None:
 
     with pool.lease(b):
         assert choose(pool, key="thread-1") == "a"
+
+
+# -- reconfigure (live reload, SPEC S6) ------------------------------------------------------
+
+
+def config_of(*accounts: dict[str, Any], routing: dict[str, Any] | None = None) -> Config:
+    return Config.model_validate({"accounts": list(accounts), "routing": routing or {}})
+
+
+def inline(name: str, **values: Any) -> dict[str, Any]:
+    return {"name": name, "access_token": f"at-{name}", **values}
+
+
+def test_reconfigure_adds_and_removes_accounts() -> None:
+    pool = make_pool(FakeClock(), "a", "b")
+
+    changes = pool.reconfigure(config_of(inline("b"), inline("c")))
+
+    assert (changes.added, changes.removed) == (("c",), ("a",))
+    assert [a.name for a in pool.accounts] == ["b", "c"]
+    assert pool.get("a") is None
+    assert pool.draining == []
+    assert {choose(pool) for _ in range(6)} == {"b", "c"}
+    assert choose(pool, prefer="a") in {"b", "c"}
+
+
+def test_reconfigure_keeps_the_runtime_state_of_unchanged_accounts() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b")
+    a = account(pool, "a")
+    credentials = a.credentials
+    pool.rate_limited(a, headers=headers(retry_after="100"), error=None)
+    pool.failed(a, "HTTP 502")
+    pool.observe_headers(a, headers(x_codex_primary_used_percent="42"))
+    pool.remember_affinity("thread-1", account(pool, "b"))
+
+    with pool.lease(a):
+        changes = pool.reconfigure(config_of(inline("a"), inline("b"), inline("c")))
+        assert a.inflight == 1
+
+    assert changes.describe() == "added c"
+    assert account(pool, "a") is a
+    assert a.credentials is credentials
+    assert (a.cooldown_until, a.error_streak, a.primary.used_percent) == (NOW + 100, 1, 42.0)
+    assert a.inflight == 0
+    assert a.state(clock.now) == "rate_limited"
+    assert choose(pool, key="thread-1") == "b"
+
+
+def test_reconfigure_changes_settings_in_place() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b")
+    a = account(pool, "a")
+
+    changes = pool.reconfigure(
+        config_of(inline("a", enabled=False), inline("b", weight=3, max_inflight=1))
+    )
+
+    assert changes.changed == ("a", "b")
+    assert account(pool, "a") is a
+    assert a.state(clock.now) == "disabled"
+    assert {choose(pool, prefer="a") for _ in range(4)} == {"b"}
+    b = account(pool, "b")
+    assert (b.config.weight, b.config.max_inflight) == (3, 1)
+    with pool.lease(b):
+        assert b.state(clock.now) == "busy"
+        assert choose(pool) is None
+
+
+def test_reconfigure_applies_routing_settings() -> None:
+    pool = make_pool(FakeClock(), "a", "b")
+    pool.observe_headers(account(pool, "a"), headers(x_codex_primary_used_percent="90"))
+    assert {choose(pool) for _ in range(6)} == {"b"}
+
+    changes = pool.reconfigure(
+        config_of(inline("a"), inline("b"), routing={"strategy": "round_robin", "max_attempts": 5})
+    )
+
+    assert changes.routing
+    assert changes.describe() == "routing settings changed"
+    assert (pool.routing.strategy, pool.routing.max_attempts) == ("round_robin", 5)
+    assert [choose(pool) for _ in range(4)].count("a") == 2
+
+
+def test_removed_account_drains_its_leases_and_takes_no_new_work() -> None:
+    pool = make_pool(FakeClock(), "a", "b")
+    a = account(pool, "a")
+
+    with pool.lease(a):
+        with pool.lease(a):
+            pool.reconfigure(config_of(inline("b")))
+            assert pool.draining == [a]
+            assert not pool.eligible(a)
+            assert {choose(pool, prefer="a") for _ in range(4)} == {"b"}
+            pool.failed(a, "HTTP 500")  # an outcome reported after removal is harmless
+        assert pool.draining == [a]
+        assert a.inflight == 1
+
+    assert a.inflight == 0
+    assert pool.draining == []
+    assert [x.name for x in pool.accounts] == ["b"]
+
+
+def test_account_named_again_while_draining_comes_back_with_its_state() -> None:
+    pool = make_pool(FakeClock(), "a", "b")
+    a = account(pool, "a")
+    pool.failed(a, "HTTP 500")
+
+    with pool.lease(a):
+        pool.reconfigure(config_of(inline("b")))
+        changes = pool.reconfigure(config_of(inline("a"), inline("b")))
+        assert changes.added == ("a",)
+        assert account(pool, "a") is a
+        assert pool.draining == []
+        assert a.inflight == 1
+    assert a.inflight == 0
+    assert a.error_streak == 1
+
+
+def test_changed_credentials_make_an_unauthorized_account_usable_again() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b", chatgpt_account_id="acct")
+    a = account(pool, "a")
+    pool.rate_limited(a, headers=headers(retry_after="100"), error=None)
+    pool.unauthorized(a)
+    assert a.state(clock.now) == "unusable"
+
+    unchanged = pool.reconfigure(
+        config_of(inline("a", chatgpt_account_id="acct"), inline("b", chatgpt_account_id="acct"))
+    )
+    assert unchanged.credentials == ()
+    assert not a.usable
+
+    changes = pool.reconfigure(
+        config_of(
+            inline("a", access_token="at-a-2", chatgpt_account_id="acct"),
+            inline("b", chatgpt_account_id="acct"),
+        )
+    )
+
+    assert changes.credentials == ("a",)
+    assert account(pool, "a") is a
+    assert a.usable
+    assert a.last_error is None
+    assert a.credentials.access_token == "at-a-2"
+    assert a.cooldown_until == NOW + 100  # the same upstream account: its rate limit stands
+    assert a.state(clock.now) == "rate_limited"
+
+
+def test_credentials_of_another_upstream_account_forget_what_was_learned() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", chatgpt_account_id="acct-1")
+    a = account(pool, "a")
+    pool.rate_limited(a, headers=headers(retry_after="100"), error=None)
+    pool.observe_headers(a, headers(x_codex_primary_used_percent="80"))
+
+    pool.reconfigure(config_of(inline("a", chatgpt_account_id="acct-2")))
+
+    assert (a.cooldown_until, a.rate_limited_until, a.primary.used_percent) == (0, 0, 0)
+    assert choose(pool) == "a"
+
+
+def test_unreadable_new_credentials_leave_the_account_unusable(tmp_path: Path) -> None:
+    pool = make_pool(FakeClock(), "a")
+    missing = tmp_path / "auth.json"
+
+    changes = pool.reconfigure(config_of({"name": "a", "auth_file": str(missing)}))
+
+    a = account(pool, "a")
+    assert changes.credentials == ("a",)
+    assert not a.usable
+    assert "file not found" in (a.last_error or "")
+    assert choose(pool) is None
+
+
+def test_unusable_auth_file_account_adopts_new_tokens_on_reload(tmp_path: Path) -> None:
+    auth_file = tmp_path / "auth.json"
+    write_auth(auth_file, "token-1")
+    config = config_of({"name": "a", "auth_file": str(auth_file)})
+    pool = Pool(config, clock=FakeClock())
+    a = account(pool, "a")
+    pool.unauthorized(a)
+
+    assert pool.reconfigure(config).credentials == ()
+    assert not a.usable
+    write_auth(auth_file, "token-2")
+    changes = pool.reconfigure(config)
+
+    assert changes.credentials == ("a",)
+    assert a.usable
+    assert a.credentials.access_token == "token-2"
+
+
+def write_auth(path: Path, access_token: str) -> None:
+    tokens = {"access_token": access_token, "refresh_token": "rt", "account_id": "acct"}
+    path.write_text(json.dumps({"tokens": tokens}))
+
+
+def test_account_states() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "ok", "limited", "full", "cooling", "off", "bad")
+    pool.reconfigure(
+        config_of(
+            *(inline(n) for n in ("ok", "limited", "full", "cooling", "bad")),
+            inline("off", enabled=False),
+        )
+    )
+    pool.rate_limited(account(pool, "limited"), headers=headers(retry_after="9"), error=None)
+    pool.observe_headers(
+        account(pool, "full"),
+        headers(x_codex_primary_used_percent="100", x_codex_primary_reset_at=str(NOW + 60)),
+    )
+    pool.failed(account(pool, "cooling"), "HTTP 503")
+    pool.unauthorized(account(pool, "bad"))
+
+    states = {a.name: a.state(clock.now) for a in pool.accounts}
+
+    assert states == {
+        "ok": "ok",
+        "limited": "rate_limited",
+        "full": "rate_limited",
+        "cooling": "cooling_down",
+        "off": "disabled",
+        "bad": "unusable",
+    }
+    clock.now = NOW + 60
+    assert [n for n in states if account(pool, n).state(clock.now) == "ok"] == [
+        "ok",
+        "limited",
+        "full",
+        "cooling",
+    ]
+
+
+def test_credentials_changed_elsewhere_are_adopted() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", chatgpt_account_id="acct")
+    a = account(pool, "a")
+    pool.failed(a, "HTTP 502")
+    pool.unauthorized(a)
+
+    pool.credentials_changed("a", Credentials(access_token="renewed", account_id="acct"))
+    pool.credentials_changed("nobody", Credentials(access_token="x"))
+
+    assert a.usable
+    assert a.credentials.access_token == "renewed"
+    assert (a.last_error, a.error_streak) == (None, 1)  # the same identity: back-off stands
+    pool.credentials_changed("a", Credentials())
+    assert a.state(clock.now) == "unusable"
+    assert a.last_error == "no usable credentials"
