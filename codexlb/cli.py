@@ -65,9 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return _check_config(config)
     if args.command == "db":
-        db.upgrade_url(config.database.url)
-        print("database is at the latest schema")
-        return 0
+        return _db(args, config)
     return _serve(config, Path(config_path))
 
 
@@ -81,7 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
     db_parser = sub.add_parser("db", help="database maintenance")
-    db_parser.add_argument("action", choices=["upgrade"], help="apply the migrations")
+    db_parser.add_argument(
+        "action",
+        choices=["upgrade", "backup"],
+        help="upgrade: apply the migrations; backup DEST: copy a live SQLite database",
+    )
+    db_parser.add_argument("destination", nargs="?", help="backup: the file to write")
     db_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
     status_parser = sub.add_parser("status", help="print the pool of a running server")
     status_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
@@ -93,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     hash_parser = sub.add_parser("hash-key", help="print the key_sha256 of a client key")
     hash_parser.add_argument("key", nargs="?", help="the key (prompted for when omitted)")
     return parser
+
+
+def _db(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "upgrade":
+        db.upgrade_url(config.database.url)
+        print("database is at the latest schema")
+        return 0
+    if not args.destination:
+        print("codexlb: db backup needs a destination file", file=sys.stderr)
+        return 2
+    try:
+        db.backup_sqlite(config.database.url, Path(args.destination))
+    except db.BackupError as exc:
+        print(f"codexlb: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up to {args.destination}")
+    return 0
 
 
 def _check_config(config: Config) -> int:

@@ -58,6 +58,35 @@ async def upgrade(engine: AsyncEngine) -> None:
         await conn.run_sync(_upgrade_on)
 
 
+class BackupError(Exception):
+    """The database cannot be backed up this way; the message says why."""
+
+
+def backup_sqlite(url: str, destination: Path) -> None:
+    """Copy a SQLite database while codexlb may be serving from it.
+
+    SQLite's online backup copies a consistent snapshot page by page, WAL included, without
+    stopping writers for long. PostgreSQL has ``pg_dump`` for this.
+    """
+    prefix = "sqlite+aiosqlite:///"
+    if not url.startswith(prefix):
+        raise BackupError("db backup copies SQLite databases; use pg_dump for PostgreSQL")
+    source_path = Path(url[len(prefix) :])
+    if not source_path.is_file():
+        raise BackupError(f"{source_path}: no such database file")
+    if destination.exists():
+        raise BackupError(f"{destination}: already exists; choose a new file")
+    source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
+    try:
+        target = sqlite3.connect(destination)
+        try:
+            source.backup(target, pages=1024)
+        finally:
+            target.close()
+    finally:
+        source.close()
+
+
 def upgrade_url(url: str) -> None:
     """Synchronous entry point for ``codexlb db upgrade``."""
 

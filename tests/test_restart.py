@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -55,3 +57,51 @@ async def test_chain_continues_after_restart(
         user_message("three"),
     ]
     assert (tmp_path / "codexlb.db").exists()
+
+
+async def test_backup_of_a_live_database_serves_the_conversation(
+    fake: Fake, tmp_path: Path
+) -> None:
+    config_file = write_toml(
+        tmp_path / "codexlb.toml", config_data(fake.url, "sqlite+aiosqlite:///codexlb.db")
+    )
+    async with aiohttp.ClientSession() as http:
+        server = await start_child(config_file)
+        try:
+            first = await stream_turn(http, server.url, {"input": [user_message("one")]})
+            backup = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "codexlb",
+                "db",
+                "backup",
+                "backup.db",
+                "--config",
+                str(config_file),
+                cwd=tmp_path,
+            )
+            assert await backup.wait() == 0
+        finally:
+            assert await server.stop() == 0
+
+        restored = tmp_path / "restored"
+        restored.mkdir()
+        (tmp_path / "backup.db").rename(restored / "codexlb.db")
+        restored_config = write_toml(
+            restored / "codexlb.toml", config_data(fake.url, "sqlite+aiosqlite:///codexlb.db")
+        )
+        server = await start_child(restored_config)
+        try:
+            second = await stream_turn(
+                http,
+                server.url,
+                {"input": [user_message("two")], "previous_response_id": first.response_id},
+            )
+        finally:
+            assert await server.stop() == 0
+    assert second.status == 200, second.events
+    assert fake.received[-1].body["input"] == [
+        user_message("one"),
+        *first.output_items,
+        user_message("two"),
+    ]
