@@ -23,11 +23,13 @@ from codexlb import db
 from codexlb.auth import ClientKeys
 from codexlb.catalog import ModelCatalog
 from codexlb.config import Config
+from codexlb.credential_store import CredentialStore
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
 from codexlb.exchange import Services
 from codexlb.http_proxy import HttpProxy
 from codexlb.metrics import CONTENT_TYPE
 from codexlb.pool import Pool
+from codexlb.refresh import CredentialManager
 from codexlb.reload import WATCH_INTERVAL_SECONDS, Reloader
 from codexlb.status import StatusView
 from codexlb.store import SnapshotStore
@@ -59,9 +61,13 @@ def create_app(
         middlewares=[_openai_errors], client_max_size=config.limits.max_body_bytes
     )
     engine = db.create_engine(config.database.url)
+    pool = Pool(config)
     services = Services(
         config=config,
-        pool=Pool(config),
+        pool=pool,
+        credentials=CredentialManager(
+            config, store=CredentialStore(engine), on_change=pool.credentials_changed
+        ),
         store=SnapshotStore(engine),
         upstream=Upstream(
             config.timeouts, websocket_compression=config.upstream.websocket_compression
@@ -71,9 +77,16 @@ def create_app(
     app[ENGINE] = engine
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_credentials)  # after both: closed before the session and engine
     app.cleanup_ctx.append(_pruning)
     if config_path is not None:
-        app[RELOADER] = Reloader(config_path, config, services.pool, interval=watch_interval)
+        app[RELOADER] = Reloader(
+            config_path,
+            config,
+            services.pool,
+            interval=watch_interval,
+            followers=[services.credentials.reconfigure],
+        )
         app.cleanup_ctx.append(_config_watch)
 
     keys = ClientKeys(config.api_keys)
@@ -132,6 +145,16 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await app[SERVICES].upstream.close()
+
+
+async def _credentials(app: web.Application) -> AsyncIterator[None]:
+    """Token refresh (S5): rotated tokens from the database, the app's client session."""
+    services = app[SERVICES]
+    await services.credentials.start(services.upstream.session)
+    try:
+        yield
+    finally:
+        await services.credentials.close()
 
 
 async def _pruning(app: web.Application) -> AsyncIterator[None]:

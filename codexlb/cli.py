@@ -26,7 +26,7 @@ from aiohttp import web
 from codexlb import db
 from codexlb.auth import hash_key
 from codexlb.config import Config, ConfigError, load_config
-from codexlb.credentials import CredentialsError, load_credentials
+from codexlb.credentials import CredentialsError, import_auth_snippet, load_credentials
 from codexlb.status import render_table
 
 log = logging.getLogger("codexlb")
@@ -41,6 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "import-auth":
+        try:
+            print(import_auth_snippet(args.auth_file, name=args.name), end="")
+        except CredentialsError as exc:
+            print(f"codexlb: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "hash-key":
         key = args.key if args.key is not None else getpass.getpass("client key: ")
         print(hash_key(key))
@@ -93,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     status_parser.add_argument("--key", help="a client key (default: $CODEXLB_KEY)")
     status_parser.add_argument("--json", action="store_true", help="print the JSON document")
+    import_parser = sub.add_parser(
+        "import-auth", help="print an [[accounts]] entry that serves a Codex auth.json"
+    )
+    import_parser.add_argument("auth_file", nargs="?", default="~/.codex/auth.json")
+    import_parser.add_argument("--name", help="the account name (default: from the login)")
     hash_parser = sub.add_parser("hash-key", help="print the key_sha256 of a client key")
     hash_parser.add_argument("key", nargs="?", help="the key (prompted for when omitted)")
     return parser

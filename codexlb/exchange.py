@@ -22,9 +22,11 @@ from enum import Enum, auto
 from typing import Any, Protocol
 
 from codexlb.config import Config
+from codexlb.credentials import Credentials
 from codexlb.metrics import Metrics
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account, Pool
+from codexlb.refresh import CredentialManager, RefreshUnavailable
 from codexlb.replay import rebuild_input, strip_reasoning
 from codexlb.store import Snapshot, SnapshotStore
 from codexlb.upstream import Upstream
@@ -49,6 +51,7 @@ class Services:
     pool: Pool
     store: SnapshotStore
     upstream: Upstream
+    credentials: CredentialManager
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -241,6 +244,9 @@ class Exchange:
         self.tried: set[str] = set()
         self.rate_limited_only = True
         self.strip_reasoning = False
+        self.reauthorized: set[str] = set()
+        """Accounts whose 401 this exchange already answered with a refresh (once each)."""
+        self._retry_on: Account | None = None
 
     async def load_chain(self) -> None:
         """Read the ancestry of ``previous_response_id`` (once); raises S1.4's not-found error."""
@@ -257,6 +263,10 @@ class Exchange:
 
         The parent's account comes first, then ``prefer`` (a transport's open socket).
         """
+        retry, self._retry_on = self._retry_on, None
+        if retry is not None:  # after a token refresh: the same account once more (S4)
+            self.attempt_on(retry)
+            return retry
         pool = self.services.pool
         max_attempts = pool.routing.max_attempts  # live: the pool follows config reloads
         account = None
@@ -307,10 +317,35 @@ class Exchange:
         self.services.pool.rate_limited(account, headers=headers, error=error)
         self.services.metrics.attempt(account.name, "rate_limited")
 
-    def unauthorized(self, account: Account) -> None:
+    async def prepare(self, account: Account) -> None:
+        """Before an attempt on ``account``: refresh its token if it expires soon (S5).
+
+        The pool's ``account.credentials`` follow (``Pool.credentials_changed``); take the
+        credentials an attempt sends from there, right before sending.
+        """
+        await self.services.credentials.ensure_fresh(account.name)
+
+    async def unauthorized(self, account: Account, sent: Credentials) -> None:
+        """The upstream answered 401 to ``sent`` (S4): the first time per account, refresh
+        and let ``next_account`` retry the same account; a second 401, or nothing to refresh
+        with, makes the account unusable until its credentials change. A refresh that failed
+        for a transient reason cools the account down instead."""
         self.rate_limited_only = False
-        self.services.pool.unauthorized(account)
         self.services.metrics.attempt(account.name, "unauthorized")
+        if account.name not in self.reauthorized:
+            self.reauthorized.add(account.name)
+            try:
+                renewed = await self.services.credentials.refresh_after_401(
+                    account.name, sent.access_token
+                )
+            except RefreshUnavailable as exc:
+                self.services.pool.failed(account, f"token refresh failed: {exc}")
+                return
+            if renewed:
+                self.tried.discard(account.name)
+                self._retry_on = account
+                return
+        self.services.pool.unauthorized(account)
 
     def refused_by_upstream(self, account: Account) -> None:
         """The upstream found fault with the request itself; its answer goes to the client."""

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
+from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, NotFound, PayloadTooLarge
 from codexlb.exchange import (
     RATE_LIMIT_CODES,
@@ -130,13 +131,15 @@ class HttpProxy:
         headers: Mapping[str, str],
     ) -> web.StreamResponse | None:
         """One try on ``account``: the client's response, or ``None`` to try another."""
+        await exchange.prepare(account)
         body = exchange.request.upstream_body(input_items=exchange.upstream_input(account))
+        sent = account.credentials
         try:
             async with self.services.upstream.post(
                 account, "/responses", body, headers, sse=True
             ) as upstream:
                 if upstream.status != 200:
-                    return await self._refused(exchange, account, upstream)
+                    return await self._refused(exchange, account, upstream, sent)
                 self.services.pool.observe_headers(account, upstream.headers)
                 if exchange.request.stream:
                     return await self._relay(request, exchange, account, upstream)
@@ -152,14 +155,16 @@ class HttpProxy:
         account: Account,
         headers: Mapping[str, str],
     ) -> web.StreamResponse | None:
+        await exchange.prepare(account)
         body = exchange.request.upstream_json(input_items=exchange.upstream_input(account))
         limit = self.services.config.limits.max_body_bytes
+        sent = account.credentials
         try:
             async with self.services.upstream.post(
                 account, "/responses/compact", body, headers, sse=False
             ) as upstream:
                 if upstream.status != 200:
-                    return await self._refused(exchange, account, upstream)
+                    return await self._refused(exchange, account, upstream, sent)
                 self.services.pool.observe_headers(account, upstream.headers)
                 raw = await upstream.read(limit, self._idle)
                 if not upstream.complete:
@@ -182,7 +187,7 @@ class HttpProxy:
         )
 
     async def _refused(
-        self, exchange: Exchange, account: Account, upstream: Http1Response
+        self, exchange: Exchange, account: Account, upstream: Http1Response, sent: Credentials
     ) -> web.Response | None:
         """An upstream error status: fail over, or pass the client's own mistake through."""
         status = upstream.status
@@ -198,7 +203,7 @@ class HttpProxy:
             exchange.rate_limited(account, upstream.headers, error)
             return None
         if status == 401:
-            exchange.unauthorized(account)
+            await exchange.unauthorized(account, sent)
             return None
         if status >= 500 or status in (403, 408):
             exchange.failed(account, f"HTTP {status}")

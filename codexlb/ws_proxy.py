@@ -27,6 +27,7 @@ import orjson
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
+from codexlb.credentials import Credentials
 from codexlb.errors import (
     CodexLBError,
     InvalidRequest,
@@ -83,6 +84,8 @@ class Outcome(Enum):
     """The upstream did not know the forwarded anchor: replay on the same account."""
     RECONNECT = auto()
     """The socket reached its lifetime limit: a new one on the same account, with replay."""
+    UNAUTHORIZED = auto()
+    """The upstream refused the socket's token (401) before output: refresh, then retry."""
 
 
 class Frame:
@@ -157,6 +160,8 @@ class ClientSocket:
         self.affinity_key = headers.get("session-id") or headers.get("thread-id")
         self.upstream: aiohttp.ClientWebSocketResponse | None = None
         self.account: Account | None = None
+        self.sent = Credentials()
+        """The credentials the upstream socket was opened with."""
         self.last_response_id: str | None = None
         """The last response completed on the current upstream socket (a live anchor)."""
 
@@ -185,6 +190,7 @@ class ClientSocket:
         account = pool.choose(prefer=None, affinity_key=self.affinity_key, exclude=())
         if account is None:
             return {}
+        await self.services.credentials.ensure_fresh(account.name)
         try:
             await self._connect(account)
         except (UpstreamConnectError, UpstreamRefused) as exc:
@@ -253,10 +259,11 @@ class ClientSocket:
                 exchange.attempt_on(account)
             if account is not self.account or self.upstream is None:
                 await self._drop_upstream()
+                await exchange.prepare(account)
                 try:
                     await self._connect(account)
                 except (UpstreamConnectError, UpstreamRefused) as exc:
-                    self._connect_failed(exchange, account, exc)
+                    await self._connect_failed(exchange, account, exc)
                     continue
             message = text
             if not live:
@@ -270,7 +277,12 @@ class ClientSocket:
                 live = False
                 exchange.retry_same_account(account)
                 continue
+            sent = self.sent
             await self._drop_upstream()
+            if outcome is Outcome.UNAUTHORIZED:
+                live = False
+                await exchange.unauthorized(account, sent)
+                continue
             if outcome is Outcome.RECONNECT and not reconnected:
                 reconnected = True
                 exchange.retry_same_account(account)
@@ -282,6 +294,7 @@ class ClientSocket:
         return self.account if self.services.pool.eligible(self.account) else None
 
     async def _connect(self, account: Account) -> None:
+        self.sent = account.credentials  # what the handshake sends: named again on a 401
         self.upstream = await self.services.upstream.websocket(
             account,
             "/responses",
@@ -292,7 +305,7 @@ class ClientSocket:
         self.account = account
         self.last_response_id = None
 
-    def _connect_failed(
+    async def _connect_failed(
         self, exchange: Exchange, account: Account, exc: UpstreamConnectError | UpstreamRefused
     ) -> None:
         if isinstance(exc, UpstreamRefused):
@@ -300,7 +313,7 @@ class ClientSocket:
                 exchange.rate_limited(account, exc.headers, None)
                 return
             if exc.status == 401:
-                exchange.unauthorized(account)
+                await exchange.unauthorized(account, self.sent)
                 return
         exchange.failed(account, str(exc))
 
@@ -392,6 +405,8 @@ class ClientSocket:
             return Outcome.REPLAY
         if code == "websocket_connection_limit_reached":
             return Outcome.RECONNECT
+        if status == 401:
+            return Outcome.UNAUTHORIZED
         if code in RATE_LIMIT_CODES or status == 429:
             error = _error_object(frame)
             exchange.rate_limited(account, {}, error)

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from codexlb.db import MIGRATIONS_DIR, create_engine, upgrade, upgrade_url
+from codexlb.db import MIGRATIONS_DIR, alembic_config, create_engine, upgrade, upgrade_url
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import snapshots
 from codexlb.store import Snapshot, SnapshotStore
+
+HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -311,7 +314,7 @@ async def test_upgrade_twice_is_a_no_op(store: SnapshotStore, engine: AsyncEngin
 
     async with engine.connect() as conn:
         versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
-    assert [v for (v,) in versions] == ["0001"]
+    assert [v for (v,) in versions] == [HEAD]
     assert await store.get("alice", "resp_kept") is not None
 
 
@@ -356,4 +359,4 @@ async def test_upgrade_url_and_alembic_cli(tmp_path: Path) -> None:
     )
 
     assert cli.returncode == 0, cli.stderr
-    assert "0001 (head)" in cli.stdout
+    assert f"{HEAD} (head)" in cli.stdout

@@ -8,6 +8,7 @@ response goes out in a single write.
     ├── state.UpstreamState accounts, usage, scripted faults, records; auth, validation, events
     ├── http_routes         POST {prefix}/responses (SSE), GET .../models
     ├── ws_routes           GET {prefix}/responses upgraded to WebSocket mode
+    ├── oauth.FakeOAuth     POST /oauth/token: refresh grants, rotation (``fake.oauth``)
     ├── faults              `Fault` values and OpenAI-shaped error rendering
     └── events              pure construction and encoding of a response's events
 
@@ -34,6 +35,7 @@ from aiohttp import web
 
 from codexlb.testing import http_routes, ws_routes
 from codexlb.testing.faults import Fault
+from codexlb.testing.oauth import TOKEN_PATH, FakeOAuth
 from codexlb.testing.state import FakeAccount, ReceivedRequest, Responder, UpstreamState
 
 __all__ = ["FakeAccount", "FakeUpstream", "Fault", "ReceivedRequest", "Responder", "main"]
@@ -62,6 +64,7 @@ class FakeUpstream(UpstreamState):
         completed_output: bool = False,
     ) -> None:
         super().__init__(accounts, deltas=deltas, text=text, completed_output=completed_output)
+        self.oauth = FakeOAuth(self)
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
@@ -78,6 +81,7 @@ class FakeUpstream(UpstreamState):
             app.router.add_post(f"{path}/compact", functools.partial(http_routes.compact, self))
         for path in MODELS_PATHS:
             app.router.add_get(path, functools.partial(http_routes.models, self))
+        app.router.add_post(TOKEN_PATH, self.oauth.handle)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app

@@ -39,13 +39,15 @@ SECONDARY_WINDOW_MINUTES = 7 * 24 * 60
 @dataclass(frozen=True)
 class FakeAccount:
     """An upstream account: a ChatGPT login (``access_token`` + ``chatgpt_account_id``) or a
-    platform key (``api_key``, which must come without a ``chatgpt-account-id`` header)."""
+    platform key (``api_key``, which must come without a ``chatgpt-account-id`` header).
+    ``refresh_token`` is the login's first refresh token at the fake's ``/oauth/token``."""
 
     name: str
     access_token: str | None = field(default=None, repr=False)
     chatgpt_account_id: str | None = None
     api_key: str | None = field(default=None, repr=False)
     used_percent: float = 0.0
+    refresh_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if (self.access_token is None) == (self.api_key is None):
@@ -154,6 +156,18 @@ class UpstreamState:
         async with asyncio.timeout(timeout):
             while not predicate():
                 await self._changed.wait()
+
+    def accept_token(self, account: str, token: str) -> None:
+        """Authenticate ``token`` as ``account`` from now on, beside its other tokens (an
+        access token issued by a refresh at ``/oauth/token``)."""
+        holder = self._by_token.get(token)
+        if holder is not None and holder.name != account:
+            raise ValueError(f"the token already belongs to account {holder.name!r}")
+        self._by_token[token] = self.accounts[account]
+
+    def revoke_token(self, token: str) -> None:
+        """Stop accepting ``token``: requests bearing it get 401 ``invalid_api_key``."""
+        self._by_token.pop(token, None)
 
     # -- for the transports ------------------------------------------------------------------
 

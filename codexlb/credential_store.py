@@ -1,0 +1,168 @@
+"""Rotated tokens of inline accounts, kept in the database (SPEC S5).
+
+An OAuth refresh rotates the refresh token: the one written in the TOML is dead after the first
+refresh. ``auth_file`` accounts get the new tokens written back to their file; inline accounts
+get a row here, so a restart (or another replica on the same PostgreSQL database) continues with
+the live refresh token instead of the dead one.
+
+Each row remembers a fingerprint of the refresh token the TOML gave when the row's token family
+began (:func:`source_fingerprint`). At start-up the row is used only while the TOML still gives
+that same refresh token: when the operator pastes new credentials into the TOML, the row is
+stale and ignored (and replaced at the next refresh).
+
+:meth:`CredentialStore.exclusive` is the cross-process half of single-flight refreshing: on
+PostgreSQL a transaction-scoped advisory lock per account, so replicas sharing the database
+refresh one at a time and the later one finds the earlier one's row instead of reusing a dead
+refresh token. On SQLite it is a no-op: one process serves a SQLite database, and the
+in-process single-flight suffices.
+
+    account_credentials
+      account             text, primary key     the [[accounts]] name
+      access_token        text, null
+      refresh_token       text, null
+      id_token            text, null
+      account_id          text, null            chatgpt-account-id
+      source_fingerprint  text                  sha256 of the TOML's refresh token
+      updated_at          timestamptz
+
+Tokens are stored as they are sent upstream (the database is as sensitive as the TOML).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Column, Insert, RowMapping, String, Table, Text, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from codexlb.credentials import Credentials
+from codexlb.models import UtcDateTime, metadata
+
+account_credentials = Table(
+    "account_credentials",
+    metadata,
+    Column("account", String(), primary_key=True),
+    Column("access_token", Text, nullable=True),
+    Column("refresh_token", Text, nullable=True),
+    Column("id_token", Text, nullable=True),
+    Column("account_id", String(), nullable=True),
+    Column("source_fingerprint", String(), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+_FINGERPRINT_PREFIX = b"codexlb-toml-refresh-token\x00"
+_LOCK_PREFIX = b"codexlb-credentials-lock\x00"
+
+
+def source_fingerprint(refresh_token: str) -> str:
+    """What a row remembers of the TOML's refresh token: a SHA-256, never the token."""
+    return hashlib.sha256(_FINGERPRINT_PREFIX + refresh_token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCredentials:
+    """One row. ``repr`` shows no token."""
+
+    account: str
+    credentials: Credentials
+    source_fingerprint: str = field(repr=False)
+    updated_at: datetime
+
+
+class CredentialStore:
+    """The ``account_credentials`` table; each operation is its own short transaction."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._upsert = _upsert(engine.dialect.name)
+
+    async def get(self, account: str) -> StoredCredentials | None:
+        query = select(account_credentials).where(account_credentials.c.account == account)
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return None if row is None else _from_row(row)
+
+    async def load_all(self) -> dict[str, StoredCredentials]:
+        """Every row, by account name (one query, for start-up)."""
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select(account_credentials))).mappings().all()
+        return {row["account"]: _from_row(row) for row in rows}
+
+    async def save(
+        self, account: str, credentials: Credentials, *, source_fingerprint: str
+    ) -> None:
+        """Insert or replace the row of ``account``; ``updated_at`` is now."""
+        row: dict[str, Any] = {
+            "account": account,
+            "access_token": credentials.access_token,
+            "refresh_token": credentials.refresh_token,
+            "id_token": credentials.id_token,
+            "account_id": credentials.account_id,
+            "source_fingerprint": source_fingerprint,
+            "updated_at": datetime.now(UTC),
+        }
+        async with self._engine.begin() as conn:
+            await conn.execute(self._upsert, row)
+
+    async def delete(self, account: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                account_credentials.delete().where(account_credentials.c.account == account)
+            )
+
+    @asynccontextmanager
+    async def exclusive(self, account: str) -> AsyncIterator[None]:
+        """Hold the cross-process refresh lock of ``account`` for the ``async with`` block.
+
+        PostgreSQL: ``pg_advisory_xact_lock`` in a transaction of its own connection, released
+        when the block ends (or when the connection dies). SQLite: no lock (see the module
+        docstring). Database errors propagate (SQLAlchemy's).
+        """
+        if self._engine.dialect.name != "postgresql":
+            yield
+            return
+        async with self._engine.connect() as conn, conn.begin():
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(account)}
+            )
+            yield
+
+
+def _lock_key(account: str) -> int:
+    digest = hashlib.sha256(_LOCK_PREFIX + account.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _upsert(dialect_name: str) -> Insert:
+    """``INSERT ... ON CONFLICT (account) DO UPDATE`` (same syntax on both dialects)."""
+    if dialect_name == "sqlite":
+        insert: Any = sqlite.insert(account_credentials)
+    elif dialect_name == "postgresql":
+        insert = postgresql.insert(account_credentials)
+    else:
+        raise ValueError(f"unsupported database dialect {dialect_name!r}")
+    replaced = [c.name for c in account_credentials.columns if c.name != "account"]
+    upsert: Insert = insert.on_conflict_do_update(
+        index_elements=["account"], set_={name: insert.excluded[name] for name in replaced}
+    )
+    return upsert
+
+
+def _from_row(row: RowMapping) -> StoredCredentials:
+    return StoredCredentials(
+        account=row["account"],
+        credentials=Credentials(
+            access_token=row["access_token"],
+            account_id=row["account_id"],
+            refresh_token=row["refresh_token"],
+            id_token=row["id_token"],
+        ),
+        source_fingerprint=row["source_fingerprint"],
+        updated_at=row["updated_at"],
+    )
