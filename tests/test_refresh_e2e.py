@@ -1,7 +1,8 @@
-"""Scratch: the refresh wiring end to end through codexlb (HTTP and WebSocket)."""
+"""Token refresh end to end through codexlb (HTTP and WebSocket), on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -81,6 +82,30 @@ async def test_http_401_refreshes_and_retries_the_same_account(
         assert result.status == 200
         assert upstream.requests_for("a")[-1].headers["authorization"] == sent[1]
     assert upstream.oauth.calls("rt-a") == 1
+
+
+async def test_twenty_requests_hit_by_one_401_share_one_refresh(
+    upstream: Fake, tmp_path: Path
+) -> None:
+    upstream.revoke_token("tok-a")  # every request still carrying it gets a 401
+    connector = aiohttp.TCPConnector(limit=0)
+    async with (
+        serve(make_config(data(upstream, tmp_path), tmp_path)) as lb,
+        aiohttp.ClientSession(connector=connector) as http,
+    ):
+        results = await asyncio.gather(
+            *(stream_turn(http, lb.url, {"input": [user_message(f"r{i}")]}) for i in range(20))
+        )
+        assert [r.status for r in results] == [200] * 20
+        later = await stream_turn(http, lb.url, {"input": [user_message("later")]})
+        assert later.status == 200
+    assert upstream.oauth.calls("rt-a") == 1
+    refused = [r for r in upstream.received if r.account is None]
+    assert [r.headers["authorization"] for r in refused] == ["Bearer tok-a"] * 20
+    served = [r.headers["authorization"] for r in upstream.requests_for("a")]
+    assert len(served) == 21
+    assert len(set(served)) == 1  # every retry and the later request carry the one new token
+    assert served[0] != "Bearer tok-a"
 
 
 async def test_a_second_401_makes_the_account_unusable(
