@@ -26,9 +26,10 @@ from codexlb.credentials import Credentials
 from codexlb.metrics import Metrics
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account, Pool
-from codexlb.refresh import CredentialManager, RefreshUnavailable
+from codexlb.refresh import CredentialManager
 from codexlb.replay import rebuild_input, strip_reasoning
 from codexlb.store import Snapshot, SnapshotStore
+from codexlb.token_endpoint import RefreshUnavailable
 from codexlb.upstream import Upstream
 
 log = logging.getLogger("codexlb.requests")

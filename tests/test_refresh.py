@@ -25,15 +25,15 @@ from codexlb.config import Config
 from codexlb.credential_store import CredentialStore
 from codexlb.credentials import Credentials, read_auth_file
 from codexlb.db import create_engine, upgrade
-from codexlb.refresh import (
+from codexlb.refresh import CredentialManager
+from codexlb.testing.fake_upstream import FakeAccount, Fault
+from codexlb.testing.oauth import TOKEN_PATH, TokenFault, access_token, id_token
+from codexlb.token_endpoint import (
     CLIENT_ID,
-    CredentialManager,
     RefreshRefused,
     RefreshUnavailable,
     request_refresh,
 )
-from codexlb.testing.fake_upstream import FakeAccount, Fault
-from codexlb.testing.oauth import TOKEN_PATH, TokenFault, access_token, id_token
 from tests.harness import CODEX_PATH, Fake, make_config
 
 EXPIRES_SOON = time.time() + 60
