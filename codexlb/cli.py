@@ -86,13 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
     db_parser = sub.add_parser("db", help="database maintenance")
-    db_parser.add_argument(
-        "action",
-        choices=["upgrade", "backup"],
-        help="upgrade: apply the migrations; backup DEST: copy a live SQLite database",
-    )
-    db_parser.add_argument("destination", nargs="?", help="backup: the file to write")
-    db_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
+    db_actions = db_parser.add_subparsers(dest="action", required=True)
+    upgrade_parser = db_actions.add_parser("upgrade", help="apply the migrations")
+    upgrade_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
+    backup_parser = db_actions.add_parser("backup", help="copy a live SQLite database")
+    backup_parser.add_argument("destination", help="the file to write (must not exist)")
+    backup_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
     status_parser = sub.add_parser("status", help="print the pool of a running server")
     status_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
     status_parser.add_argument(
@@ -115,9 +114,6 @@ def _db(args: argparse.Namespace, config: Config) -> int:
         db.upgrade_url(config.database.url)
         print("database is at the latest schema")
         return 0
-    if not args.destination:
-        print("codexlb: db backup needs a destination file", file=sys.stderr)
-        return 2
     try:
         db.backup_sqlite(config.database.url, Path(args.destination))
     except db.BackupError as exc:
