@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -78,7 +79,7 @@ def create_app(
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_credentials)  # after both: closed before the session and engine
-    app.cleanup_ctx.append(_pruning)
+    app.cleanup_ctx.append(_background("codexlb-prune", _prune_forever))
     if config_path is not None:
         app[RELOADER] = Reloader(
             config_path,
@@ -87,7 +88,7 @@ def create_app(
             interval=watch_interval,
             followers=[services.credentials.reconfigure],
         )
-        app.cleanup_ctx.append(_config_watch)
+        app.cleanup_ctx.append(_background("codexlb-config-watch", _watch_config))
 
     keys = ClientKeys(config.api_keys)
     proxy = HttpProxy(services, keys)
@@ -157,24 +158,26 @@ async def _credentials(app: web.Application) -> AsyncIterator[None]:
         await services.credentials.close()
 
 
-async def _pruning(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(_prune_forever(app), name="codexlb-prune")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def _background(
+    name: str, work: Callable[[web.Application], Coroutine[Any, Any, None]]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs ``work(app)`` as a named task, cancelled and awaited at
+    shutdown."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(work(app), name=name)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return context
 
 
-async def _config_watch(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[RELOADER].run(), name="codexlb-config-watch")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+async def _watch_config(app: web.Application) -> None:
+    await app[RELOADER].run()
 
 
 async def _prune_forever(app: web.Application) -> None:

@@ -126,6 +126,17 @@ class AccountConfig(_Section):
     def is_platform(self) -> bool:
         return self.api_key is not None
 
+    @property
+    def credential_fields(self) -> tuple[object, ...]:
+        """What decides the credentials an account presents: a change means new ones."""
+        return (
+            self.api_key,
+            self.auth_file,
+            self.access_token,
+            self.refresh_token,
+            self.chatgpt_account_id,
+        )
+
 
 class RoutingConfig(_Section):
     strategy: Literal["least_used", "round_robin"] = "least_used"

@@ -379,7 +379,7 @@ def _update(account: Account, config: Config, account_config: AccountConfig) -> 
     """Give a kept account its new settings; returns (settings changed, credentials reloaded)."""
     old = account.config
     base_url = config.account_base_url(account_config)
-    credentials_changed = _credential_fields(account_config) != _credential_fields(old)
+    credentials_changed = account_config.credential_fields != old.credential_fields
     settings_changed = (
         _setting_fields(account_config) != _setting_fields(old) or base_url != account.base_url
     )
@@ -425,16 +425,6 @@ def _adopt(account: Account, credentials: Credentials) -> None:
         account.last_error = "no usable credentials"
     elif not was_usable:
         account.last_error = None
-
-
-def _credential_fields(account: AccountConfig) -> tuple[Any, ...]:
-    return (
-        account.api_key,
-        account.auth_file,
-        account.access_token,
-        account.refresh_token,
-        account.chatgpt_account_id,
-    )
 
 
 def _setting_fields(account: AccountConfig) -> tuple[Any, ...]:

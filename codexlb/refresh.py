@@ -162,7 +162,7 @@ class CredentialManager:
         live: dict[str, _Live] = {}
         for account in config.accounts:
             known = self._live.get(account.name)
-            if known is None or _credential_fields(known.config) != _credential_fields(account):
+            if known is None or known.config.credential_fields != account.credential_fields:
                 live[account.name] = _from_config(account)
                 fresh.append(live[account.name])
                 continue
@@ -507,16 +507,6 @@ def _from_config(account: AccountConfig) -> _Live:
 
 def _differ(one: Credentials, other: Credentials) -> bool:
     return (one.access_token, one.refresh_token) != (other.access_token, other.refresh_token)
-
-
-def _credential_fields(account: AccountConfig) -> tuple[Any, ...]:
-    return (
-        account.api_key,
-        account.auth_file,
-        account.access_token,
-        account.refresh_token,
-        account.chatgpt_account_id,
-    )
 
 
 def _fmt_time(epoch: float) -> str:
