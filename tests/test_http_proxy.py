@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -353,3 +354,23 @@ async def test_client_disconnect_mid_stream_releases_the_account(
     await fake.wait_until(lambda: fake.disconnects == 1, timeout=10)
     for account in lb.services.pool.accounts:
         assert account.inflight == 0
+
+
+async def test_oversized_chunked_body_is_413_too(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    limit = lb.services.config.limits.max_body_bytes
+    block = b"x" * (1024 * 1024)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"model": "m", "input": "'
+        for _ in range(limit // len(block) + 1):
+            yield block
+        yield b'"}'
+
+    async with http.post(
+        lb.url + CODEX_PATH, data=body(), headers={**auth(), "Content-Type": "application/json"}
+    ) as response:
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "payload_too_large"
+    assert fake.received == []
