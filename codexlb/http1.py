@@ -229,6 +229,16 @@ class Http1Response:
             transport.resume_reading()
 
 
+class _NoHeadersInTime(Exception):
+    pass
+
+
+def _expire_headers(headers: asyncio.Future[None]) -> None:
+    # A bare timer rather than a timeout context: this runs once per relayed request.
+    if not headers.done():
+        headers.set_exception(_NoHeadersInTime())
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(Http1Error("upstream went silent"))
@@ -262,10 +272,11 @@ class Http1Client:
                 connection = await self._connect(origin)
             response = Http1Response(self, origin, connection)
             connection.send(request, body, response)
+            head = response._headers_future
+            timer = asyncio.get_running_loop().call_later(first_byte_timeout, _expire_headers, head)
             try:
-                async with asyncio.timeout(first_byte_timeout):
-                    await response._headers_future
-            except TimeoutError:
+                await head
+            except _NoHeadersInTime:
                 response.release()
                 raise ConnectFailed("no response headers in time") from None
             except Http1Error as exc:
@@ -276,6 +287,8 @@ class Http1Client:
             except BaseException:
                 response.release()
                 raise
+            finally:
+                timer.cancel()
             return response
         raise ConnectFailed("unreachable")  # pragma: no cover - the loop returns or raises
 

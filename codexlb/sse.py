@@ -64,7 +64,7 @@ class SSEDecoder:
         start = 0
         if b"\r" not in buffer:  # the usual framing: one fast search per event
             while (end := buffer.find(b"\n\n", start)) >= 0:
-                events.append(_parse_block(buffer[start : end + 2], buffer[start:end]))
+                events.append(_parse_lf_block(buffer[start : end + 2], buffer[start:end]))
                 start = end + 2
         else:
             while True:
@@ -97,15 +97,22 @@ def _find_separator(buffer: bytes, start: int) -> tuple[int, int]:
     return best, best_len
 
 
-def _parse_block(raw: bytes, body: bytes) -> SSEEvent:
-    if body.startswith(b"event: "):  # fast path: "event: <type>\ndata: <one line>"
+def _parse_lf_block(raw: bytes, body: bytes) -> SSEEvent:
+    """A block known to hold no CR: the common ``event: <type>\ndata: <one line>`` is split
+    with two searches, anything else goes the general way."""
+    if body.startswith(b"event: "):
         newline = body.find(b"\n")
-        if newline > 0 and body.startswith(b"data: ", newline + 1):
-            data = body[newline + 7 :]
-            if b"\n" not in data and b"\r" not in body:
-                return SSEEvent(
-                    raw=raw, event=body[7:newline].decode("utf-8", "replace"), data=data
-                )
+        if (
+            newline > 0
+            and body.startswith(b"data: ", newline + 1)
+            and body.find(b"\n", newline + 1) < 0
+        ):
+            kind = body[7:newline].decode("utf-8", "replace")
+            return SSEEvent(raw=raw, event=kind, data=body[newline + 7 :])
+    return _parse_block(raw, body)
+
+
+def _parse_block(raw: bytes, body: bytes) -> SSEEvent:
     event: str | None = None
     data_lines: list[bytes] = []
     for line in body.splitlines():
