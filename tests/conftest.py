@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -14,7 +15,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb.db import create_engine, upgrade
 from codexlb.store import SnapshotStore
-from tests.harness import ACCOUNTS, Balancer, Fake, config_data, make_config, serve
+from tests.harness import (
+    ACCOUNTS,
+    CHILD_LOGS,
+    SECRETS,
+    Balancer,
+    Fake,
+    config_data,
+    make_config,
+    serve,
+)
 
 # --- Database fixtures (real SQLite and PostgreSQL; see tests/test_store.py) ----------------
 
@@ -65,6 +75,36 @@ async def store(engine: AsyncEngine) -> AsyncIterator[SnapshotStore]:
 
 
 # --- End of database fixtures -------------------------------------------------------------
+
+
+# --- No configured secret in any log line of the whole run ---------------------------------
+
+
+class _AllRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+_RECORDS = _AllRecords()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    logging.getLogger().addHandler(_RECORDS)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    logging.getLogger().removeHandler(_RECORDS)
+    lines = _RECORDS.lines + [line for log in CHILD_LOGS for line in log]
+    leaked = sorted({secret for secret in SECRETS for line in lines if secret in line})
+    if leaked:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"configured secrets found in log lines: {len(leaked)}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # --- The event loop: uvloop, as ``codexlb serve`` runs --------------------------------------

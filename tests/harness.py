@@ -32,6 +32,11 @@ ACCOUNTS = (
 CLIENT_KEYS = {"alice": "sk-lb-alice-0123456789", "bob": "sk-lb-bob-0123456789"}
 CODEX_PATH = "/backend-api/codex/responses"
 
+SECRETS = frozenset({*CLIENT_KEYS.values(), *(a.access_token for a in ACCOUNTS if a.access_token)})
+"""Configured secrets the whole test run checks its logs for (see tests/conftest.py)."""
+CHILD_LOGS: list[list[str]] = []
+"""The log lines of every ``codexlb serve`` child process of this run."""
+
 
 class Fake(FakeUpstream):
     """The fake upstream, remembering the base URL it serves on."""
@@ -250,6 +255,7 @@ async def start_child(config_file: Path) -> ChildServer:
     )
     assert process.stderr is not None
     log: list[str] = []
+    CHILD_LOGS.append(log)
     listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     reader = asyncio.create_task(_read_log(process.stderr, log, listening))
     try:
