@@ -11,6 +11,7 @@ What a reload changes at once:
 - the accounts (``Pool.reconfigure``: added, removed, enabled, weight, max_inflight, base URL,
   credentials), including ``[upstream].base_url`` as the accounts' default;
 - ``[routing]`` (``Pool.routing``);
+- ``[upstream].token_url`` (the credential manager, a follower);
 - ``[logging].level``.
 
 Everything else was wired into a resource at start (the listening socket, the database engine,
@@ -45,7 +46,6 @@ RESTART_ONLY = (
     "server",
     "database",
     "api_keys",
-    "upstream.token_url",
     "upstream.websocket_compression",
     "timeouts",
     "limits",
