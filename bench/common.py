@@ -2,10 +2,10 @@
 parts of a report, and the command-line plumbing.
 
 Each benchmark (``http_sse.py``, ``ws.py``) starts the fake upstream and ``codexlb serve`` with
-`serving`, drives one *direct* and one *through* side with its own transport, and reports
-through `run_report` / `render_footer`, so that the numbers of all benchmarks mean the same
-thing and a run fails the same way: exit 1 when a check fails, 2 when a server does not start,
-130 on Ctrl-C, 143 on SIGTERM.
+`serving`, drives one *direct* and one *through* side with its own transport (the shape of
+that measurement is in ``levels.py``), and reports through `run_report` / `render_footer`, so
+that the numbers of all benchmarks mean the same thing and a run fails the same way: exit 1
+when a check fails, 2 when a server does not start, 130 on Ctrl-C, 143 on SIGTERM.
 
 Both ``python bench/<name>.py`` and ``python -m bench.<name>`` work: a script run directly
 puts the repository root on ``sys.path`` before importing this module.

@@ -75,14 +75,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import resource
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,39 +92,42 @@ if __package__ in (None, ""):  # run as ``python bench/ws.py``: make ``bench`` i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
-    LABELS,
-    RESPONSES_PATH,
-    RUN_TIMEOUT_SECONDS,
     SIDES,
     BenchError,
-    Closing,
-    Errors,
     ProcessStats,
-    Server,
+    Servers,
     Side,
-    account_headers,
     cell,
-    client_headers,
-    concurrency_list,
     cpu_seconds,
     distribution_ms,
     execute,
     machine_busy_seconds,
     memory_kib,
-    minus,
     open_sockets,
     positive,
     progress,
     ratio,
     render_environment,
     render_footer,
-    run_report,
-    serving,
-    split,
+)
+from bench.levels import (
+    Names,
+    Outcome,
+    Run,
+    SideResult,
+    add_level_arguments,
+    closed_loop,
+    interleave,
+    render_level,
+    run_levels,
+    targets,
 )
 
 T = TypeVar("T")
 
+NAMES = Names(
+    unit="turns", per_unit="turn", first="first_output", first_column="first", rate_column="turns/s"
+)
 MODEL = "gpt-5-codex"
 WEBSOCKET_BETA = {"OpenAI-Beta": "responses_websockets=2026-02-06"}
 NOT_OUTPUT = frozenset({"codex.rate_limits", "response.created", "response.in_progress"})
@@ -143,31 +146,6 @@ FD_MARGIN = 256
 
 
 # -- one socket ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    side: Side
-    url: str
-    headers: tuple[dict[str, str], ...]
-    """Rotated over the sockets (one per direct account)."""
-
-    def channels(
-        self, session: aiohttp.ClientSession, count: int, *, chain: int, compress: bool
-    ) -> list[Channel]:
-        return [
-            Channel(session, self.url, self.headers[n % len(self.headers)], chain, compress)
-            for n in range(count)
-        ]
-
-
-def targets(fake_url: str, codexlb_url: str) -> dict[Side, Target]:
-    accounts = tuple({**WEBSOCKET_BETA, **headers} for headers in account_headers())
-    client = {**WEBSOCKET_BETA, **client_headers()}
-    return {
-        "direct": Target("direct", fake_url + RESPONSES_PATH, accounts),
-        "through": Target("through", codexlb_url + RESPONSES_PATH, (client,)),
-    }
 
 
 class Channel:
@@ -341,61 +319,86 @@ def new_session() -> aiohttp.ClientSession:
 
 
 @dataclass
-class SideResult:
-    """The pooled samples of one side at one concurrency (warm-up excluded)."""
+class SideCpuResult(SideResult):
+    """A `SideResult` that also shares out the machine's CPU time during the side's rounds."""
 
-    first: list[float] = field(default_factory=list)
-    total: list[float] = field(default_factory=list)
-    wall_seconds: float = 0.0
-    codexlb_cpu_seconds: float = 0.0
     fake_cpu_seconds: float = 0.0
     load_generator_cpu_seconds: float = 0.0
     other_cpu_seconds: float = 0.0
     """The machine's busy time minus the three processes': other processes, and kernel work
     not charged to a process (loopback softirqs)."""
-    turns: int = 0
+
+    def add_cpu(self, codexlb: float, fake: float, own: float, machine: float) -> None:
+        """Pool the CPU seconds a batch took from the fake, this process and the machine
+        (codexlb's own go to `add`)."""
+        self.fake_cpu_seconds += fake
+        self.load_generator_cpu_seconds += own
+        self.other_cpu_seconds += max(0.0, machine - codexlb - fake - own)
+
+    def extra_summary(self) -> dict[str, Any]:
+        return {
+            "cpu_share_of_core": {
+                "codexlb": ratio(self.codexlb_cpu_seconds, self.wall_seconds),
+                "fake_upstream": ratio(self.fake_cpu_seconds, self.wall_seconds),
+                "load_generator": ratio(self.load_generator_cpu_seconds, self.wall_seconds),
+                "other": ratio(self.other_cpu_seconds, self.wall_seconds),
+            }
+        }
 
 
 @dataclass
-class Run:
-    """The running benchmark: its targets and servers, the tallies of the whole run, `level`
-    (one concurrency) and `idle` (the idle-socket phase)."""
+class WsRun(Run):
+    """`Run` over WebSockets: ``concurrency`` sockets per side and level, then the idle-socket
+    phase (`idle`) after the levels."""
 
-    targets: dict[Side, Target]
-    codexlb: Server
-    fake: Server
-    errors: Errors
     chain: int
     compress: bool
-    completed_through: int = 0
-    sent: int = 0
+    idle_sockets: int
 
     async def level(
-        self, concurrency: int, turns: int, rounds: int, warmup: int
-    ) -> dict[Side, SideResult]:
-        results: dict[Side, SideResult] = {side: SideResult() for side in SIDES}
+        self, concurrency: int, count: int, rounds: int, warmup: int
+    ) -> dict[Side, SideCpuResult]:
         async with new_session() as direct, new_session() as through:
             sessions = {"direct": direct, "through": through}
             channels = {
-                side: self.targets[side].channels(
-                    sessions[side], concurrency, chain=self.chain, compress=self.compress
-                )
-                for side in SIDES
+                side: self.channels(side, sessions[side], concurrency, self.chain) for side in SIDES
             }
             try:
                 for side in SIDES:
                     await self.open_all(side, channels[side], "handshake")
-                for side in SIDES:
-                    await self.batch(channels[side], side, warmup, "warm-up", None)
-                for number, count in enumerate(split(turns, rounds)):
-                    order = SIDES if number % 2 == 0 else SIDES[::-1]
-                    progress(f"  concurrency {concurrency}: round {number + 1}/{rounds}")
-                    for side in order:
-                        await self.batch(channels[side], side, count, "measured", results[side])
+                batch = functools.partial(self.batch, channels)
+                return await interleave(batch, SideCpuResult, concurrency, count, rounds, warmup)
             finally:
                 for side in SIDES:
                     await asyncio.gather(*(channel.close() for channel in channels[side]))
-        return results
+
+    def after_level(self) -> dict[str, Any]:
+        return {"codexlb_rss_mib_at_end": round(ProcessStats.read(self.codexlb.pid).rss_mib, 1)}
+
+    async def after_levels(self) -> tuple[dict[str, Any], list[str]]:
+        """codexlb's peak RSS after the levels, then the idle-socket phase (unless
+        ``idle_sockets`` is 0), which must succeed on every socket."""
+        peak_after_levels = ProcessStats.read(self.codexlb.pid).peak_rss_mib
+        idle = await self.idle(self.idle_sockets) if self.idle_sockets else None
+        failures = []
+        if idle is not None:
+            for phase in ("first_turns", "second_turns"):
+                if idle[phase]["succeeded"] != self.idle_sockets:
+                    ok = idle[phase]["succeeded"]
+                    failures.append(
+                        f"idle sockets: {ok}/{self.idle_sockets} {phase.replace('_', ' ')}"
+                    )
+        sections = {"peak_rss_mib_after_levels": round(peak_after_levels, 1), "idle": idle}
+        return sections, failures
+
+    def channels(
+        self, side: Side, session: aiohttp.ClientSession, count: int, chain: int
+    ) -> list[Channel]:
+        target = self.targets[side]
+        return [
+            Channel(session, target.url, target.headers_for(n), chain, self.compress)
+            for n in range(count)
+        ]
 
     async def open_all(self, side: Side, channels: Sequence[Channel], phase: str) -> None:
         async def open_one(channel: Channel) -> None:
@@ -408,55 +411,24 @@ class Run:
 
     async def batch(
         self,
-        channels: Sequence[Channel],
+        channels: Mapping[Side, Sequence[Channel]],
         side: Side,
         count: int,
         phase: str,
-        result: SideResult | None,
+        result: SideCpuResult | None,
     ) -> None:
         """``count`` turns, each channel's worker taking the next index as it comes free."""
-        outcomes: list[tuple[float, float] | str] = []
-        indexes = iter(range(self.sent, self.sent + count))
-
-        async def worker(channel: Channel) -> None:
-            for index in indexes:  # shared by the workers: each index is sent once
-                outcomes.append(await channel.turn(index))
-
+        turns = [channel.turn for channel in channels[side][:count]]
         cpu_before = self.cpu_now()
-        start = time.perf_counter()
-        async with asyncio.TaskGroup() as group:
-            for channel in channels[:count]:
-                group.create_task(worker(channel))
-        wall = time.perf_counter() - start
+        outcomes, wall = await closed_loop(turns, self.sent, count)
         used = [b - a for a, b in zip(cpu_before, self.cpu_now(), strict=True)]
         lb_cpu, fake_cpu, own_cpu, machine = used
         self.sent += count
         self.tally(side, phase, outcomes)
         if result is None:
             return
-        result.wall_seconds += wall
-        result.codexlb_cpu_seconds += lb_cpu
-        result.fake_cpu_seconds += fake_cpu
-        result.load_generator_cpu_seconds += own_cpu
-        result.other_cpu_seconds += max(0.0, machine - lb_cpu - fake_cpu - own_cpu)
-        result.turns += count
-        for outcome in outcomes:
-            if not isinstance(outcome, str):
-                result.first.append(outcome[0])
-                result.total.append(outcome[1])
-
-    def tally(self, side: Side, phase: str, outcomes: Sequence[tuple[float, float] | str]) -> int:
-        """Count the errors and the completed through turns; returns the successes."""
-        ok = 0
-        for outcome in outcomes:
-            if isinstance(outcome, str):
-                self.errors.add(side, phase, outcome)
-            else:
-                ok += 1
-        if side == "through":
-            self.completed_through += ok
-        self.check_alive()
-        return ok
+        result.add(outcomes, wall, lb_cpu, count)
+        result.add_cpu(lb_cpu, fake_cpu, own_cpu, machine)
 
     def cpu_now(self) -> tuple[float, float, float, float]:
         """CPU seconds so far of codexlb, the fake upstream, this process and the machine."""
@@ -467,19 +439,13 @@ class Run:
             machine_busy_seconds(),
         )
 
-    def check_alive(self) -> None:
-        self.codexlb.check_alive()
-        self.fake.check_alive()
-
     async def idle(self, count: int) -> dict[str, Any]:
         """The idle-socket phase (see the module docstring)."""
         lb, fake = self.codexlb.pid, self.fake.pid
         await asyncio.sleep(IDLE_PAUSE_SECONDS)
         before = IdleSample.read(lb, fake)
         async with new_session() as session:
-            channels = self.targets["through"].channels(
-                session, count, chain=count + 2, compress=self.compress
-            )
+            channels = self.channels("through", session, count, count + 2)
             try:
                 progress(f"  idle: opening {count} sockets, one turn each")
                 opened = await self.idle_turns(channels, "idle: first turn")
@@ -509,7 +475,7 @@ class Run:
 
     async def idle_turns(self, channels: Sequence[Channel], phase: str) -> dict[str, Any]:
         """One turn on every channel (opening it first if needed), IN_FLIGHT at a time."""
-        outcomes: list[tuple[float, float] | str] = []
+        outcomes: list[Outcome] = []
         numbers = itertools.count(self.sent)
 
         async def one(channel: Channel) -> None:
@@ -569,57 +535,6 @@ def raise_fd_limit(needed: int) -> int:
 # -- reports ---------------------------------------------------------------------------------
 
 
-def side_summary(result: SideResult) -> dict[str, Any]:
-    return {
-        "turns": result.turns,
-        "completed": len(result.total),
-        "wall_seconds": round(result.wall_seconds, 3),
-        "turns_per_second": ratio(len(result.total), result.wall_seconds, 1),
-        "first_output_ms": distribution_ms(result.first),
-        "total_ms": distribution_ms(result.total),
-        "cpu_share_of_core": {
-            "codexlb": ratio(result.codexlb_cpu_seconds, result.wall_seconds),
-            "fake_upstream": ratio(result.fake_cpu_seconds, result.wall_seconds),
-            "load_generator": ratio(result.load_generator_cpu_seconds, result.wall_seconds),
-            "other": ratio(result.other_cpu_seconds, result.wall_seconds),
-        },
-        "codexlb_cpu_seconds": round(result.codexlb_cpu_seconds, 2),
-    }
-
-
-def level_summary(
-    concurrency: int, warmup: int, results: dict[Side, SideResult], rss_mib: float
-) -> dict[str, Any]:
-    direct, through = side_summary(results["direct"]), side_summary(results["through"])
-    lb_cpu, through_result = results["through"].codexlb_cpu_seconds, results["through"]
-    return {
-        "concurrency": concurrency,
-        "warmup_per_side": warmup,
-        "direct": direct,
-        "through": through,
-        "added_ms": {
-            f"{metric}_{q}": minus(through[f"{metric}_ms"][q], direct[f"{metric}_ms"][q])
-            for metric in ("first_output", "total")
-            for q in ("p50", "p99")
-        },
-        "throughput_ratio": ratio(
-            through["turns_per_second"] or 0.0, direct["turns_per_second"] or 0.0
-        ),
-        "codexlb_cpu_ms_per_turn": ratio(1000 * lb_cpu, through_result.turns),
-        "codexlb_cpu_share_of_core": ratio(lb_cpu, through_result.wall_seconds),
-        "codexlb_rss_mib_at_end": round(rss_mib, 1),
-    }
-
-
-COLUMNS = ("first p50", "first p99", "total p50", "total p99")
-WIDTHS = (10, 10, 11, 11)
-
-
-def table_row(label: str, values: Sequence[float | None], spec: str) -> str:
-    cells = "".join(cell(v, w, spec) for v, w in zip(values, WIDTHS, strict=True))
-    return f"  {label:<17}{cells}"
-
-
 def render(report: dict[str, Any]) -> str:
     settings = report["settings"]
     compress = "offered" if settings["compress"] else "not offered"
@@ -632,25 +547,9 @@ def render(report: dict[str, Any]) -> str:
         "codex.rate_limits, response.created or response.in_progress); added = through minus "
         "direct at the same percentile",
     ]
-    header = "  " + " " * 17 + "".join(f"{n:>{w}}" for n, w in zip(COLUMNS, WIDTHS, strict=True))
     for level in report["levels"]:
-        out += ["", f"concurrency {level['concurrency']} (sockets per side)"]
-        out.append(header + f"{'turns/s':>10}")
-        for side in SIDES:
-            first, total = level[side]["first_output_ms"], level[side]["total_ms"]
-            latencies = [first["p50"], first["p99"], total["p50"], total["p99"]]
-            rate = cell(level[side]["turns_per_second"], 10, ".1f")
-            out.append(table_row(LABELS[side], latencies, ".2f") + rate)
-        a = level["added_ms"]
-        added = [a["first_output_p50"], a["first_output_p99"], a["total_p50"], a["total_p99"]]
-        out.append(table_row("added", added, "+.2f"))
-        cpu_share = level["codexlb_cpu_share_of_core"]
-        out.append(
-            f"  throughput through/direct {cell(level['throughput_ratio'], 0)}; codexlb CPU "
-            f"{cell(level['codexlb_cpu_ms_per_turn'], 0)} ms/turn, "
-            f"{cell(None if cpu_share is None else 100 * cpu_share, 0, '.0f')}% of one core "
-            f"during through rounds; RSS {level['codexlb_rss_mib_at_end']:.1f} MiB after the level"
-        )
+        rss = f"; RSS {level['codexlb_rss_mib_at_end']:.1f} MiB after the level"
+        out += render_level(NAMES, level, heading_note=" (sockets per side)", cpu_note=rss)
         shares = "; ".join(cpu_shares(side, level[side]) for side in SIDES)
         out.append(f"  CPU, % of one core: {shares}")
     out += [
@@ -716,70 +615,20 @@ def render_idle(idle: dict[str, Any]) -> list[str]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    began = time.perf_counter()
-    bench_cpu_before = time.process_time()
     raise_fd_limit(2 * args.idle + 2 * max(args.concurrency) + FD_MARGIN)
-    errors = Errors()
-    with tempfile.TemporaryDirectory(prefix="codexlb-bench-") as temp:
-        async with serving(Path(temp)) as servers:
-            fake, codexlb = servers.fake, servers.codexlb
-            after_start = ProcessStats.read(codexlb.pid)
-            fake_cpu_before = cpu_seconds(fake.pid)
-            bench = Run(
-                targets=targets(fake.url, codexlb.url),
-                codexlb=codexlb,
-                fake=fake,
-                errors=errors,
-                chain=args.chain,
-                compress=args.compress,
-            )
-            levels = []
-            idle = None
-            async with asyncio.timeout(RUN_TIMEOUT_SECONDS):
-                for concurrency in args.concurrency:
-                    warmup = max(args.warmup, 2 * concurrency)
-                    results = await bench.level(concurrency, args.turns, args.rounds, warmup)
-                    rss = ProcessStats.read(codexlb.pid).rss_mib
-                    levels.append(level_summary(concurrency, warmup, results, rss))
-                peak_after_levels = ProcessStats.read(codexlb.pid).peak_rss_mib
-                if args.idle:
-                    idle = await bench.idle(args.idle)
-            at_end = ProcessStats.read(codexlb.pid)
-            fake_cpu = cpu_seconds(fake.pid) - fake_cpu_before
-            codexlb_exit = await codexlb.stop()
-            await fake.stop()
-        closing = Closing(
-            servers=servers,
-            errors=errors,
-            completed_through=bench.completed_through,
-            after_start=after_start,
-            at_end=at_end,
-            codexlb_exit=codexlb_exit,
-            fake_cpu_seconds=fake_cpu,
-            began=began,
-            bench_cpu_before=bench_cpu_before,
+
+    def start(servers: Servers) -> WsRun:
+        return WsRun(
+            targets(servers, WEBSOCKET_BETA),
+            servers.codexlb,
+            servers.fake,
+            chain=args.chain,
+            compress=args.compress,
+            idle_sockets=args.idle,
         )
-        failures = []
-        if idle is not None:
-            for phase in ("first_turns", "second_turns"):
-                if idle[phase]["succeeded"] != args.idle:
-                    ok = idle[phase]["succeeded"]
-                    failures.append(f"idle sockets: {ok}/{args.idle} {phase.replace('_', ' ')}")
-        settings = {
-            "turns": args.turns,
-            "concurrency": args.concurrency,
-            "rounds": args.rounds,
-            "warmup": args.warmup,
-            "chain": args.chain,
-            "idle": args.idle,
-            "compress": args.compress,
-        }
-        sections = {
-            "levels": levels,
-            "peak_rss_mib_after_levels": round(peak_after_levels, 1),
-            "idle": idle,
-        }
-        return run_report(closing, settings, sections, failures)
+
+    settings = {"chain": args.chain, "idle": args.idle, "compress": args.compress}
+    return await run_levels(args, NAMES, start, settings)
 
 
 def non_negative(text: str) -> int:
@@ -795,27 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Latency, throughput and idle-socket memory of codexlb versus the fake "
         "upstream, in Responses WebSocket mode.",
     )
-    parser.add_argument(
-        "--turns",
-        type=positive,
-        default=8000,
-        help="measured turns per side and level (default 8000)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=concurrency_list,
-        default=[1, 16, 64],
-        help="sockets per side, e.g. 1,16,64",
-    )
-    parser.add_argument(
-        "--rounds", type=positive, default=8, help="alternating rounds per level (default 8)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=positive,
-        default=100,
-        help="warm-up turns per side and level (at least 2 x concurrency)",
-    )
+    add_level_arguments(parser, NAMES, concurrency_help="sockets per side, e.g. 1,16,64")
     parser.add_argument(
         "--chain",
         type=positive,
