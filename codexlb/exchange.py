@@ -382,10 +382,14 @@ class Exchange:
             self.services.metrics.snapshot_write.observe(time.perf_counter() - queued)
         else:
             log.warning("account %s completed a response without an id", account.name)
+        self.succeeded(account)
+        return response
+
+    def succeeded(self, account: Account) -> None:
+        """``account`` served this request: reset its error streak, remember the affinity."""
         self.services.pool.succeeded(account)
         self.services.pool.remember_affinity(self.affinity_key, account)
         self.services.metrics.attempt(account.name, "ok")
-        return response
 
 
 def affinity_key(headers: Mapping[str, str], request: CreateRequest) -> str | None:

@@ -130,23 +130,15 @@ class HttpProxy:
         account: Account,
         headers: Mapping[str, str],
     ) -> web.StreamResponse | None:
-        """One try on ``account``: the client's response, or ``None`` to try another."""
-        await exchange.prepare(account)
+        """One try of a turn on ``account``: the client's response, or ``None``."""
         body = exchange.request.upstream_body(input_items=exchange.upstream_input(account))
-        sent = account.credentials
-        try:
-            async with self.services.upstream.post(
-                account, "/responses", body, headers, sse=True
-            ) as upstream:
-                if upstream.status != 200:
-                    return await self._refused(exchange, account, upstream, sent)
-                self.services.pool.observe_headers(account, upstream.headers)
-                if exchange.request.stream:
-                    return await self._relay(request, exchange, account, upstream)
-                return await self._assemble(exchange, account, upstream)
-        except (UpstreamConnectError, UpstreamBroken) as exc:
-            exchange.failed(account, str(exc))
-            return None
+
+        async def respond(upstream: Http1Response) -> web.StreamResponse | None:
+            if exchange.request.stream:
+                return await self._relay(request, exchange, account, upstream)
+            return await self._assemble(exchange, account, upstream)
+
+        return await self._try(exchange, account, headers, "/responses", body, respond, sse=True)
 
     async def _attempt_compact(
         self,
@@ -155,36 +147,54 @@ class HttpProxy:
         account: Account,
         headers: Mapping[str, str],
     ) -> web.StreamResponse | None:
-        await exchange.prepare(account)
+        """One try of a compaction on ``account``: its JSON answer, passed through."""
         body = exchange.request.upstream_json(input_items=exchange.upstream_input(account))
         limit = self.services.config.limits.max_body_bytes
-        sent = account.credentials
+
+        async def respond(upstream: Http1Response) -> web.StreamResponse:
+            try:
+                raw = await upstream.read(limit, self._idle)
+            except Http1Error as exc:
+                raise UpstreamBroken(f"compact answer broken: {exc}") from exc
+            if not upstream.complete:
+                raise UpstreamBroken("compact answer incomplete")
+            exchange.succeeded(account)
+            exchange.record.mark_first_byte()
+            return web.Response(
+                body=raw,
+                content_type="application/json",
+                headers=relayed_headers(upstream.headers, exchange.request.model),
+            )
+
+        path = "/responses/compact"
+        return await self._try(exchange, account, headers, path, body, respond, sse=False)
+
+    async def _try(
+        self,
+        exchange: Exchange,
+        account: Account,
+        headers: Mapping[str, str],
+        path: str,
+        body: bytes,
+        respond: Callable[[Http1Response], Awaitable[web.StreamResponse | None]],
+        *,
+        sse: bool,
+    ) -> web.StreamResponse | None:
+        """POST to ``account``; an error status, a connect failure or a broken answer before
+        anything reached the client ends as ``None`` (try another) or a passed-through error."""
+        await exchange.prepare(account)
+        sent = account.credentials  # exactly what the request carries: named again on a 401
         try:
             async with self.services.upstream.post(
-                account, "/responses/compact", body, headers, sse=False
+                account, path, body, headers, sse=sse
             ) as upstream:
                 if upstream.status != 200:
                     return await self._refused(exchange, account, upstream, sent)
                 self.services.pool.observe_headers(account, upstream.headers)
-                raw = await upstream.read(limit, self._idle)
-                if not upstream.complete:
-                    exchange.failed(account, "compact answer incomplete")
-                    return None
-        except UpstreamConnectError as exc:
+                return await respond(upstream)
+        except (UpstreamConnectError, UpstreamBroken) as exc:
             exchange.failed(account, str(exc))
             return None
-        except Http1Error as exc:
-            exchange.failed(account, f"compact answer broken: {exc}")
-            return None
-        self.services.pool.succeeded(account)
-        self.services.pool.remember_affinity(exchange.affinity_key, account)
-        self.services.metrics.attempt(account.name, "ok")
-        exchange.record.mark_first_byte()
-        return web.Response(
-            body=raw,
-            content_type="application/json",
-            headers=relayed_headers(upstream.headers, exchange.request.model),
-        )
 
     async def _refused(
         self, exchange: Exchange, account: Account, upstream: Http1Response, sent: Credentials
