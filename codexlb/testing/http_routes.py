@@ -10,19 +10,30 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from codexlb.testing import events
-from codexlb.testing.faults import UpstreamError, openai_error
-from codexlb.testing.state import UpstreamState
+from codexlb.testing.faults import Fault, UpstreamError, openai_error
+from codexlb.testing.state import FakeAccount, UpstreamState
 
 MODELS_ETAG = '"fake-models-1"'
 
 
-async def post_response(state: UpstreamState, request: web.Request) -> web.StreamResponse:
-    """``POST .../responses``: an SSE stream, an error, or a scripted fault."""
+@dataclass(frozen=True)
+class _Arrival:
+    """A POST that authenticated and drew no error fault."""
+
+    account: FakeAccount
+    body: Any
+    request_id: str
+    fault: Fault | None
+
+
+async def _arrive(state: UpstreamState, request: web.Request) -> _Arrival | web.Response:
+    """Record a POST, authenticate it and draw its fault: the arrival, or the error answer."""
     headers = lower_headers(request.headers)
     account = state.authenticate(headers)
     body = parse_json(await request.read())
@@ -35,6 +46,20 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
         previous = body.get("previous_response_id") if isinstance(body, dict) else None
         error = fault.error(now=time.time(), previous_response_id=previous)
         return error_response(error, request_id)
+    return _Arrival(account, body, request_id, fault)
+
+
+async def post_response(state: UpstreamState, request: web.Request) -> web.StreamResponse:
+    """``POST .../responses``: an SSE stream, an error, or a scripted fault."""
+    arrival = await _arrive(state, request)
+    if isinstance(arrival, web.Response):
+        return arrival
+    account, body, request_id, fault = (
+        arrival.account,
+        arrival.body,
+        arrival.request_id,
+        arrival.fault,
+    )
     problem = state.check(body, account, transport="http", last_response_id=None)
     if problem is not None:
         return error_response(problem, request_id)
@@ -71,16 +96,10 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
 
 async def compact(state: UpstreamState, request: web.Request) -> web.StreamResponse:
     """``POST .../responses/compact``: the history replaced by one summary message."""
-    headers = lower_headers(request.headers)
-    account = state.authenticate(headers)
-    body = parse_json(await request.read())
-    state.record(state.received, "http", request.path, account, headers, body)
-    request_id = events.new_id("req")
-    if account is None:
-        return error_response(unauthorized(), request_id)
-    fault = state.take_fault(account.name)
-    if fault is not None and fault.is_error:
-        return error_response(fault.error(now=time.time()), request_id)
+    arrival = await _arrive(state, request)
+    if isinstance(arrival, web.Response):
+        return arrival
+    body, request_id = arrival.body, arrival.request_id
     if not isinstance(body, dict) or "previous_response_id" in body:
         problem = openai_error(400, "invalid_request", now=time.time())
         return error_response(problem, request_id)
