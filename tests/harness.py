@@ -281,6 +281,23 @@ async def _read_log(
         listening.set_exception(EOFError("codexlb exited"))
 
 
+@asynccontextmanager
+async def running_child(config_file: Path) -> AsyncIterator[ChildServer]:
+    """``codexlb serve`` for the block; it must drain and exit 0 on SIGTERM afterwards."""
+    server = await start_child(config_file)
+    try:
+        yield server
+    finally:
+        assert await server.stop() == 0
+
+
+def child_config(directory: Path, fake: Fake) -> Path:
+    """``directory/codexlb.toml`` for a child server: the fake's accounts, SQLite beside it."""
+    return write_toml(
+        directory / "codexlb.toml", config_data(fake.url, "sqlite+aiosqlite:///codexlb.db")
+    )
+
+
 def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
     """Write ``data`` as TOML (the subset the configuration uses)."""
     lines: list[str] = []

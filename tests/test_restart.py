@@ -10,16 +10,21 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import Fake, config_data, start_child, stream_turn, user_message, write_toml
+from tests.harness import (
+    Fake,
+    child_config,
+    running_child,
+    start_child,
+    stream_turn,
+    user_message,
+)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_chain_continues_after_restart(
     stop: signal.Signals, fake: Fake, tmp_path: Path
 ) -> None:
-    config_file = write_toml(
-        tmp_path / "codexlb.toml", config_data(fake.url, "sqlite+aiosqlite:///codexlb.db")
-    )
+    config_file = child_config(tmp_path, fake)
     async with aiohttp.ClientSession() as http:
         server = await start_child(config_file)
         try:
@@ -38,15 +43,12 @@ async def test_chain_continues_after_restart(
                 await server.stop()
         assert code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
 
-        server = await start_child(config_file)
-        try:
+        async with running_child(config_file) as server:
             third = await stream_turn(
                 http,
                 server.url,
                 {"input": [user_message("three")], "previous_response_id": second.response_id},
             )
-        finally:
-            assert await server.stop() == 0
 
     assert third.status == 200, third.events
     assert fake.received[-1].body["input"] == [
@@ -62,12 +64,9 @@ async def test_chain_continues_after_restart(
 async def test_backup_of_a_live_database_serves_the_conversation(
     fake: Fake, tmp_path: Path
 ) -> None:
-    config_file = write_toml(
-        tmp_path / "codexlb.toml", config_data(fake.url, "sqlite+aiosqlite:///codexlb.db")
-    )
+    config_file = child_config(tmp_path, fake)
     async with aiohttp.ClientSession() as http:
-        server = await start_child(config_file)
-        try:
+        async with running_child(config_file) as server:
             first = await stream_turn(http, server.url, {"input": [user_message("one")]})
             backup = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -81,24 +80,16 @@ async def test_backup_of_a_live_database_serves_the_conversation(
                 cwd=tmp_path,
             )
             assert await backup.wait() == 0
-        finally:
-            assert await server.stop() == 0
 
         restored = tmp_path / "restored"
         restored.mkdir()
         (tmp_path / "backup.db").rename(restored / "codexlb.db")
-        restored_config = write_toml(
-            restored / "codexlb.toml", config_data(fake.url, "sqlite+aiosqlite:///codexlb.db")
-        )
-        server = await start_child(restored_config)
-        try:
+        async with running_child(child_config(restored, fake)) as server:
             second = await stream_turn(
                 http,
                 server.url,
                 {"input": [user_message("two")], "previous_response_id": first.response_id},
             )
-        finally:
-            assert await server.stop() == 0
     assert second.status == 200, second.events
     assert fake.received[-1].body["input"] == [
         user_message("one"),

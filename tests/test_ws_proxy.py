@@ -18,15 +18,15 @@ from tests.harness import (
     Balancer,
     Fake,
     auth,
+    child_config,
     completed_id,
     config_data,
     make_config,
     output_items,
+    running_child,
     serve,
-    start_child,
     user_message,
     without_ids_and_reasoning,
-    write_toml,
     ws_events,
     ws_turn,
     ws_url,
@@ -151,25 +151,20 @@ async def test_new_socket_continuing_an_older_sockets_response_replays(
 async def test_conversation_continues_over_websocket_after_restart(
     fake: Fake, tmp_path: Path
 ) -> None:
-    config_file = write_toml(
-        tmp_path / "codexlb.toml", config_data(fake.url, "sqlite+aiosqlite:///codexlb.db")
-    )
+    config_file = child_config(tmp_path, fake)
     async with aiohttp.ClientSession() as http:
-        server = await start_child(config_file)
-        try:
-            async with http.ws_connect(ws_url(server.url), headers=auth()) as ws:
-                first = await ws_turn(ws, {"input": [user_message("one")]})
-        finally:
-            assert await server.stop() == 0
-        server = await start_child(config_file)
-        try:
-            async with http.ws_connect(ws_url(server.url), headers=auth()) as ws:
-                second = await ws_turn(
-                    ws,
-                    {"input": [user_message("two")], "previous_response_id": completed_id(first)},
-                )
-        finally:
-            assert await server.stop() == 0
+        async with (
+            running_child(config_file) as server,
+            http.ws_connect(ws_url(server.url), headers=auth()) as ws,
+        ):
+            first = await ws_turn(ws, {"input": [user_message("one")]})
+        async with (
+            running_child(config_file) as server,
+            http.ws_connect(ws_url(server.url), headers=auth()) as ws,
+        ):
+            second = await ws_turn(
+                ws, {"input": [user_message("two")], "previous_response_id": completed_id(first)}
+            )
     assert second[-1]["type"] == "response.completed"
     assert fake.received[-1].body["input"] == [
         user_message("one"),
