@@ -15,8 +15,7 @@ A preferred account that is not eligible is skipped, never waited for.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Strategy = Literal["least_used", "round_robin"]
 
@@ -24,8 +23,9 @@ USAGE_BUCKET_PERCENT = 5.0
 """Usage figures within one bucket count as equal, so in-flight load can break the tie."""
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """One account as the balancer sees it (a tuple: built for every account on every choice)."""
+
     name: str
     enabled: bool = True
     usable: bool = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import cast
 
 import httptools
@@ -133,31 +133,37 @@ class Http1Response:
         self._headers_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._released = False
 
-    async def chunks(self, idle_timeout: float) -> AsyncIterator[bytes]:
-        """The body as it arrives; raises ``Http1Error`` if it breaks or goes silent."""
-        while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered < MAX_BUFFERED_BYTES // 2:
-                    self._resume()
-                yield chunk
-                continue
+    async def next_chunk(self, idle_timeout: float) -> bytes | None:
+        """The body received since the last call (waiting for some), or ``None`` at its end;
+        raises ``Http1Error`` if it breaks or goes silent for ``idle_timeout`` seconds.
+
+        A plain coroutine rather than an async iterator: it runs for every piece of every
+        relayed response.
+        """
+        chunks = self._chunks
+        while not chunks:
             if self.complete:
-                return
+                return None
             if self._error is not None:
                 raise self._error
             await self._wait(idle_timeout)
+        if len(chunks) == 1:
+            chunk = chunks.popleft()
+        else:  # several arrived meanwhile: one piece, so the relay frames and writes once
+            chunk = b"".join(chunks)
+            chunks.clear()
+        self._buffered -= len(chunk)
+        if self._buffered < MAX_BUFFERED_BYTES // 2:
+            self._resume()
+        return chunk
 
     async def read(self, limit: int, idle_timeout: float) -> bytes:
         """Up to ``limit`` bytes of the body (for error answers)."""
         parts: list[bytes] = []
         size = 0
-        async for chunk in self.chunks(idle_timeout):
+        while size < limit and (chunk := await self.next_chunk(idle_timeout)) is not None:
             parts.append(chunk)
             size += len(chunk)
-            if size >= limit:
-                break
         return b"".join(parts)[:limit]
 
     def release(self) -> None:

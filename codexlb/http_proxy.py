@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -237,8 +237,9 @@ class HttpProxy:
         sink = _ClientStream(
             request, exchange, relayed_headers(upstream.headers, exchange.request.model)
         )
+        batches = _UpstreamEvents(upstream, self._idle)
         try:
-            async for events in _event_batches(upstream, self._idle):
+            while (events := await batches.next_batch()) is not None:
                 for event in events:
                     step = recorder.observe(event.type, event)
                     if step is Step.HOLD:
@@ -278,7 +279,8 @@ class HttpProxy:
         self, exchange: Exchange, account: Account, upstream: Http1Response
     ) -> web.Response | None:
         recorder = ResponseRecorder(streaming=False)
-        async for events in _event_batches(upstream, self._idle):
+        batches = _UpstreamEvents(upstream, self._idle)
+        while (events := await batches.next_batch()) is not None:
             for event in events:
                 step = recorder.observe(event.type, event)
                 if step is Step.COMPLETED:
@@ -388,18 +390,28 @@ class _ClientStream:
         return self.response
 
 
-async def _event_batches(
-    upstream: Http1Response, idle_timeout: float
-) -> AsyncIterator[list[SSEEvent]]:
-    """The upstream's events, one list per received chunk; ``UpstreamBroken`` on failure."""
-    decoder = SSEDecoder()
-    try:
-        async for chunk in upstream.chunks(idle_timeout):
-            events = decoder.feed(chunk)
+class _UpstreamEvents:
+    """The upstream's events, one list per arrival, then ``None``; ``UpstreamBroken`` on
+    failure. (A plain object, not an async generator: one is made for every response.)"""
+
+    __slots__ = ("_decoder", "_ended", "_idle", "_upstream")
+
+    def __init__(self, upstream: Http1Response, idle_timeout: float) -> None:
+        self._upstream = upstream
+        self._idle = idle_timeout
+        self._decoder = SSEDecoder()
+        self._ended = False
+
+    async def next_batch(self) -> list[SSEEvent] | None:
+        while not self._ended:
+            try:
+                chunk = await self._upstream.next_chunk(self._idle)
+            except Http1Error as exc:
+                raise UpstreamBroken(f"stream failed: {exc}") from exc
+            if chunk is None:
+                self._ended = True
+                return self._decoder.flush() or None
+            events = self._decoder.feed(chunk)
             if events:
-                yield events
-    except Http1Error as exc:
-        raise UpstreamBroken(f"stream failed: {exc}") from exc
-    tail = decoder.flush()
-    if tail:
-        yield tail
+                return events
+        return None

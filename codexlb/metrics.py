@@ -7,6 +7,7 @@ replay, snapshot, socket); the pool's state (in-flight, account state, usage) is
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from typing import get_args
@@ -83,6 +84,14 @@ class Metrics:
             registry=registry,
         )
         registry.register(_PoolCollector(accounts))
+        # ``labels()`` validates and takes a lock on every call, while a label set's child
+        # never changes: look each one up once (label sets are few: routes, statuses, accounts).
+        self._request_count = functools.cache(self.requests.labels)
+        self._first_byte = functools.cache(self.first_byte.labels)
+        self._duration = functools.cache(self.duration.labels)
+        self._attempt_count = functools.cache(self.attempts.labels)
+        self._failover_count = functools.cache(self.failovers.labels)
+        self._replay_count = functools.cache(self.replays.labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -95,18 +104,18 @@ class Metrics:
         first_byte: float | None,
         duration: float,
     ) -> None:
-        self.requests.labels(route, transport, str(status)).inc()
+        self._request_count(route, transport, str(status)).inc()
         if first_byte is not None:
-            self.first_byte.labels(transport).observe(first_byte)
-        self.duration.labels(transport).observe(duration)
+            self._first_byte(transport).observe(first_byte)
+        self._duration(transport).observe(duration)
 
     def attempt(self, account: str, outcome: str) -> None:
-        self.attempts.labels(account, outcome).inc()
+        self._attempt_count(account, outcome).inc()
         if outcome != "ok" and outcome != "client_error":
-            self.failovers.labels(account, outcome).inc()
+            self._failover_count(account, outcome).inc()
 
     def replay(self, items: int, *, same_account: bool) -> None:
-        self.replays.labels("same_account" if same_account else "cross_account").inc()
+        self._replay_count("same_account" if same_account else "cross_account").inc()
         self.replay_items.observe(items)
 
 

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from codexlb import balancer
@@ -438,7 +438,7 @@ def _identity(credentials: Credentials) -> tuple[str | None, str | None]:
 
 def _only_busy(candidate: balancer.Candidate, now: float) -> bool:
     """Ineligible only because of its ``max_inflight``."""
-    idle = replace(candidate, inflight=0)
+    idle = candidate._replace(inflight=0)
     return idle.eligible(now)
 
 

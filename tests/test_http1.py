@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 from yarl import URL
 
-from codexlb.http1 import ConnectFailed, Http1Client, Http1Error
+from codexlb.http1 import ConnectFailed, Http1Client, Http1Error, Http1Response
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -66,14 +66,16 @@ SSE_HEAD = (
 async def read_all(client: Http1Client, url: URL, body: bytes = b"{}") -> tuple[int, bytes]:
     response = await client.post(url, {"X-Test": "1"}, body, first_byte_timeout=5)
     try:
-        data = b"".join([chunk async for chunk in response.chunks(5)])
+        received: list[bytes] = []
+        await collect(response, 5, received)
+        data = b"".join(received)
     finally:
         response.release()
     return response.status, data
 
 
-async def collect(chunks: AsyncIterator[bytes], into: list[bytes]) -> None:
-    async for chunk in chunks:
+async def collect(response: Http1Response, idle_timeout: float, into: list[bytes]) -> None:
+    while (chunk := await response.next_chunk(idle_timeout)) is not None:
         into.append(chunk)
 
 
@@ -153,7 +155,7 @@ async def test_a_stream_cut_mid_body_raises(client: Http1Client) -> None:
         response = await client.post(server.url, {}, b"", first_byte_timeout=5)
         received: list[bytes] = []
         with pytest.raises(Http1Error, match="closed by upstream"):
-            await collect(response.chunks(5), received)
+            await collect(response, 5, received)
         response.release()
     assert received == [b"hello"]
 
@@ -170,7 +172,7 @@ async def test_silence_mid_body_raises_after_the_idle_timeout(client: Http1Clien
     async with raw_server(script) as server:
         response = await client.post(server.url, {}, b"", first_byte_timeout=5)
         with pytest.raises(Http1Error, match="silent"):
-            await collect(response.chunks(0.2), [])
+            await collect(response, 0.2, [])
         response.release()
         release.set()
 
@@ -214,9 +216,7 @@ async def test_a_response_released_early_does_not_return_its_connection(
     async with raw_server(script) as server:
         for _ in range(2):
             response = await client.post(server.url, {}, b"", first_byte_timeout=5)
-            async for chunk in response.chunks(5):
-                assert chunk == b"abc"
-                break
+            assert await response.next_chunk(5) == b"abc"
             response.release()
         assert server.connections == 2
 
@@ -237,7 +237,7 @@ async def test_a_large_body_read_slowly_arrives_whole(client: Http1Client) -> No
     async with raw_server(script) as server:
         response = await client.post(server.url, {}, b"", first_byte_timeout=5)
         size = 0
-        async for chunk in response.chunks(5):
+        while (chunk := await response.next_chunk(5)) is not None:
             size += len(chunk)
             await asyncio.sleep(0)
         assert response.complete
