@@ -28,6 +28,7 @@ from codexlb import db
 from codexlb.auth import hash_key
 from codexlb.config import Config, ConfigError, load_config
 from codexlb.credentials import CredentialsError, import_auth_snippet, load_credentials
+from codexlb.logs import setup_logging
 from codexlb.status import render_table
 
 log = logging.getLogger("codexlb")
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("codexlb: [server].port is 0 (chosen at start): give --url", file=sys.stderr)
             return 1
         return _status(url, args.key, as_json=args.json)
-    _setup_logging(config)
+    setup_logging(config)
     if args.command == "check-config":
         return _check_config(config)
     if args.command == "db":
@@ -261,37 +262,6 @@ async def _run(config: Config, config_path: Path) -> None:
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
         await runner.cleanup()
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            entry.update(fields)  # a request line: its facts as fields of their own
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def _setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler()
-    if config.logging.format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.logging.level)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # These log statement parameters at DEBUG: conversation content and stored tokens.
-    for noisy in ("aiosqlite", "sqlalchemy.engine", "asyncpg"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _redact_url(url: str) -> str:

@@ -1,0 +1,63 @@
+"""The log handler of ``codexlb`` commands: request lines batched, warnings at once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+from codexlb.logs import FLUSH_SECONDS, BatchedStreamHandler
+
+
+class CountingStream(io.StringIO):
+    """Remembers what has been flushed, as a file on disk would show it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed = ""
+
+    def flush(self) -> None:
+        self.flushed = self.getvalue()
+
+
+def make_logger(stream: CountingStream) -> logging.Logger:
+    logger = logging.getLogger(f"test_logs.{id(stream)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.handlers[:] = [handler]
+    return logger
+
+
+async def test_info_lines_are_flushed_together_within_the_flush_interval() -> None:
+    stream = CountingStream()
+    logger = make_logger(stream)
+    logger.info("one")
+    logger.info("two")
+    assert stream.flushed == ""
+    assert stream.getvalue() == "INFO one\nINFO two\n"
+    await asyncio.sleep(FLUSH_SECONDS * 3)
+    assert stream.flushed == "INFO one\nINFO two\n"
+
+
+async def test_a_warning_flushes_everything_at_once() -> None:
+    stream = CountingStream()
+    logger = make_logger(stream)
+    logger.info("request")
+    logger.warning("trouble")
+    assert stream.flushed == "INFO request\nWARNING trouble\n"
+
+
+def test_without_an_event_loop_every_line_is_flushed() -> None:
+    stream = CountingStream()
+    logger = make_logger(stream)
+    logger.info("starting")
+    assert stream.flushed == "INFO starting\n"
+
+
+async def test_lines_from_another_thread_are_flushed_at_once() -> None:
+    stream = CountingStream()
+    logger = make_logger(stream)
+    await asyncio.to_thread(logger.info, "from a worker thread")
+    assert stream.flushed == "INFO from a worker thread\n"
