@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from enum import Enum, auto
 from typing import Any, Protocol
 
+import orjson
+
 from codexlb.config import Config
 from codexlb.credentials import Credentials
 from codexlb.metrics import Metrics
@@ -65,6 +67,10 @@ class HasJson(Protocol):
     def json(self) -> Any: ...
 
 
+EventData = bytes | HasJson
+"""An event's data: its JSON text as received (SSE), or an object that parses it once (WS)."""
+
+
 class Step(Enum):
     HOLD = auto()
     """Not visible yet (created / in_progress): keep it until something visible comes."""
@@ -83,12 +89,12 @@ class ResponseRecorder:
         self.streaming = streaming
         """When false (an assembled response) nothing reaches the client before the end."""
         self.visible = False
-        self._created: HasJson | None = None
+        self._created: EventData | None = None
         self.output_items: dict[int, Any] = {}
         self.response: dict[str, Any] | None = None
         self.failure_code: str | None = None
 
-    def observe(self, kind: str | None, event: HasJson) -> Step:
+    def observe(self, kind: str | None, event: EventData) -> Step:
         if kind is None:  # a keep-alive comment: harmless, but not output either
             return Step.PASS if self.visible else Step.HOLD
         if kind in HELD_BACK:
@@ -416,9 +422,9 @@ def error_code(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:
     return (code if isinstance(code, str) else None), error
 
 
-def _json_object(event: HasJson) -> dict[str, Any]:
+def _json_object(event: EventData) -> dict[str, Any]:
     try:
-        payload = event.json()
+        payload = orjson.loads(event) if isinstance(event, bytes) else event.json()
     except ValueError:
         return {}
     return payload if isinstance(payload, dict) else {}

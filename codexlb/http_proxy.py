@@ -33,7 +33,7 @@ from codexlb.exchange import (
 from codexlb.http1 import Http1Error, Http1Response
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
-from codexlb.sse import SSEDecoder, SSEEvent, encode_event
+from codexlb.sse import Event, SSEDecoder, encode_event
 from codexlb.upstream import UpstreamConnectError, forward_headers, relayed_headers
 
 log = logging.getLogger(__name__)
@@ -240,10 +240,10 @@ class HttpProxy:
         batches = _UpstreamEvents(upstream, self._idle)
         try:
             while (events := await batches.next_batch()) is not None:
-                for event in events:
-                    step = recorder.observe(event.type, event)
+                for raw, kind, data in events:
+                    step = recorder.observe(kind, data)
                     if step is Step.HOLD:
-                        sink.hold(event.raw)
+                        sink.hold(raw)
                         continue
                     if step is Step.FAILED and recorder.retryable_failure():
                         self._failed_before_output(exchange, account, recorder, upstream)
@@ -253,7 +253,7 @@ class HttpProxy:
                         if sink.pending and not await sink.flush():
                             return sink.response
                         await exchange.commit(account, recorder)
-                    sink.add(event.raw)
+                    sink.add(raw)
                     if step is not Step.PASS:
                         if step is Step.FAILED:
                             exchange.refused_by_upstream(account)
@@ -281,8 +281,8 @@ class HttpProxy:
         recorder = ResponseRecorder(streaming=False)
         batches = _UpstreamEvents(upstream, self._idle)
         while (events := await batches.next_batch()) is not None:
-            for event in events:
-                step = recorder.observe(event.type, event)
+            for _, kind, data in events:
+                step = recorder.observe(kind, data)
                 if step is Step.COMPLETED:
                     response = await exchange.commit(account, recorder)
                     if not response.get("output"):
@@ -402,7 +402,7 @@ class _UpstreamEvents:
         self._decoder = SSEDecoder()
         self._ended = False
 
-    async def next_batch(self) -> list[SSEEvent] | None:
+    async def next_batch(self) -> list[Event] | None:
         while not self._ended:
             try:
                 chunk = await self._upstream.next_chunk(self._idle)

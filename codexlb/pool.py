@@ -44,6 +44,10 @@ class UsageWindow:
     used_percent: float = 0.0
     resets_at: float = 0.0
 
+    def full_until(self) -> float:
+        """When a window that is used up resets (0 when it is not used up, or unknown)."""
+        return self.resets_at if self.used_percent >= 100.0 else 0.0
+
 
 @dataclass(slots=True)
 class Account:
@@ -90,17 +94,17 @@ class Account:
         return "ok"
 
     def candidate(self) -> balancer.Candidate:
-        full = [w for w in (self.primary, self.secondary) if w.used_percent >= 100.0]
+        primary, secondary, config = self.primary, self.secondary, self.config
         return balancer.Candidate(
-            name=self.config.name,
-            enabled=self.config.enabled,
+            name=config.name,
+            enabled=config.enabled,
             usable=self.usable,
             cooldown_until=self.cooldown_until,
             inflight=self.inflight,
-            max_inflight=self.config.max_inflight,
-            used_percent=max(self.primary.used_percent, self.secondary.used_percent),
-            usage_resets_at=max((w.resets_at for w in full), default=0.0),
-            weight=self.config.weight,
+            max_inflight=config.max_inflight,
+            used_percent=max(primary.used_percent, secondary.used_percent),
+            usage_resets_at=max(primary.full_until(), secondary.full_until()),
+            weight=config.weight,
         )
 
 

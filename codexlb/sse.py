@@ -1,53 +1,30 @@
 """A pure, incremental decoder of Server-Sent Events.
 
 Feed it the byte chunks of a stream as they arrive; it returns the complete events so far,
-each carrying the exact bytes it was framed in (``raw``), so a relay can forward what it
-received unchanged while it observes a parsed copy. Comment-only blocks (keep-alives) come
-out as events without a type, so not a byte of the stream is lost. Event data is decoded as
-JSON only on demand: a relay reads the ``event:`` line of most events and parses just the few
-it needs.
+each carrying the exact bytes it was framed in, so a relay can forward what it received
+unchanged while it observes the events' types. Comment-only blocks (keep-alives) come out as
+events without a type, so not a byte of the stream is lost. Data is left as bytes: a relay
+parses the JSON of just the few events it needs.
+
+Events are plain tuples ``(raw, type, data)`` (see ``Event``): a relay makes one for every
+event it forwards, and a tuple costs a fraction of an object with named fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+Event = tuple[bytes, str | None, bytes]
+"""``(raw, type, data)``: the event's exact bytes, through the blank line that ended it; its
+type (the ``event:`` field, else the ``type`` member of its JSON data, else ``None``); its
+``data:`` lines joined with newlines."""
+
 _SEPARATORS = (b"\n\n", b"\r\n\r\n", b"\r\r")
-
-
-@dataclass(slots=True)
-class SSEEvent:
-    raw: bytes
-    """The event's bytes exactly as received, including the blank line that ended it."""
-    event: str | None
-    """The ``event:`` field, if the event had one."""
-    data: bytes
-    """The ``data:`` lines joined with newlines."""
-    _parsed: Any = field(default=None, repr=False)
-
-    def json(self) -> Any:
-        """The data decoded as JSON (cached); raises ``ValueError`` when it is not JSON."""
-        if self._parsed is None:
-            self._parsed = orjson.loads(self.data)
-        return self._parsed
-
-    @property
-    def type(self) -> str | None:
-        """The event's type: its ``event:`` field, else the ``type`` member of its data."""
-        return self.event if self.event is not None else type_of(self)
-
-
-def type_of(event: Any) -> str | None:
-    """The ``type`` member of an event's JSON (``event.json()``), if it has one."""
-    try:
-        payload = event.json()
-    except ValueError:
-        return None
-    kind = payload.get("type") if isinstance(payload, dict) else None
-    return kind if isinstance(kind, str) else None
+_KNOWN_HEADS: dict[bytes, str] = {}
+"""``event: <type>`` lines seen before, decoded (a stream repeats a handful of types)."""
+_KNOWN_HEADS_LIMIT = 256
 
 
 class SSEDecoder:
@@ -58,25 +35,29 @@ class SSEDecoder:
     def __init__(self) -> None:
         self._buffer = b""
 
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
+    def feed(self, chunk: bytes) -> list[Event]:
         buffer = self._buffer + chunk if self._buffer else chunk
-        events: list[SSEEvent] = []
-        start = 0
-        if b"\r" not in buffer:  # the usual framing: one fast search per event
-            while (end := buffer.find(b"\n\n", start)) >= 0:
-                events.append(_parse_lf_block(buffer[start : end + 2], buffer[start:end]))
-                start = end + 2
-        else:
-            while True:
-                end, sep_len = _find_separator(buffer, start)
-                if end < 0:
-                    break
-                events.append(_parse_block(buffer[start : end + sep_len], buffer[start:end]))
-                start = end + sep_len
-        self._buffer = buffer[start:]
+        if b"\r" in buffer:
+            return self._feed_any_framing(buffer)
+        # The usual framing: blocks end with a blank line, most are ``event: <type>`` then
+        # one ``data:`` line.
+        blocks = buffer.split(b"\n\n")
+        self._buffer = blocks.pop()
+        events: list[Event] = []
+        for block in blocks:
+            head, separator, data = block.partition(b"\ndata: ")
+            kind = _KNOWN_HEADS.get(head)
+            if kind is None and separator and head.startswith(b"event: ") and b"\n" not in head:
+                kind = head[7:].decode("utf-8", "replace")
+                if len(_KNOWN_HEADS) < _KNOWN_HEADS_LIMIT:
+                    _KNOWN_HEADS[head] = kind
+            if kind is not None and b"\n" not in data:
+                events.append((block + b"\n\n", kind, data))
+            else:
+                events.append(_parse_block(block + b"\n\n", block))
         return events
 
-    def flush(self) -> list[SSEEvent]:
+    def flush(self) -> list[Event]:
         """The last event of a stream that ended without its blank line, if any."""
         tail, self._buffer = self._buffer, b""
         if not tail.strip():
@@ -86,6 +67,18 @@ class SSEDecoder:
     @property
     def pending(self) -> bool:
         return bool(self._buffer.strip())
+
+    def _feed_any_framing(self, buffer: bytes) -> list[Event]:
+        events: list[Event] = []
+        start = 0
+        while True:
+            end, separator_length = _find_separator(buffer, start)
+            if end < 0:
+                break
+            events.append(_parse_block(buffer[start : end + separator_length], buffer[start:end]))
+            start = end + separator_length
+        self._buffer = buffer[start:]
+        return events
 
 
 def _find_separator(buffer: bytes, start: int) -> tuple[int, int]:
@@ -97,23 +90,8 @@ def _find_separator(buffer: bytes, start: int) -> tuple[int, int]:
     return best, best_len
 
 
-def _parse_lf_block(raw: bytes, body: bytes) -> SSEEvent:
-    """A block known to hold no CR: the common ``event: <type>\ndata: <one line>`` is split
-    with two searches, anything else goes the general way."""
-    if body.startswith(b"event: "):
-        newline = body.find(b"\n")
-        if (
-            newline > 0
-            and body.startswith(b"data: ", newline + 1)
-            and body.find(b"\n", newline + 1) < 0
-        ):
-            kind = body[7:newline].decode("utf-8", "replace")
-            return SSEEvent(raw=raw, event=kind, data=body[newline + 7 :])
-    return _parse_block(raw, body)
-
-
-def _parse_block(raw: bytes, body: bytes) -> SSEEvent:
-    event: str | None = None
+def _parse_block(raw: bytes, body: bytes) -> Event:
+    kind: str | None = None
     data_lines: list[bytes] = []
     for line in body.splitlines():
         if not line or line.startswith(b":"):
@@ -124,8 +102,25 @@ def _parse_block(raw: bytes, body: bytes) -> SSEEvent:
         if name == b"data":
             data_lines.append(value)
         elif name == b"event":
-            event = value.decode("utf-8", "replace")
-    return SSEEvent(raw=raw, event=event, data=b"\n".join(data_lines))
+            kind = value.decode("utf-8", "replace")
+    data = b"\n".join(data_lines)
+    if kind is None and data:
+        kind = type_of(data)
+    return raw, kind, data
+
+
+def type_of(data: bytes) -> str | None:
+    """The ``type`` member of an event's JSON data, if it has one."""
+    try:
+        return type_member(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def type_member(payload: Any) -> str | None:
+    """The ``type`` member of parsed JSON, if it is an object with a string ``type``."""
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def encode_event(payload: dict[str, Any]) -> bytes:

@@ -46,7 +46,7 @@ from codexlb.exchange import (
 )
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
-from codexlb.sse import type_of
+from codexlb.sse import type_member
 from codexlb.upstream import (
     UpstreamConnectError,
     UpstreamRefused,
@@ -109,7 +109,10 @@ class Frame:
             end = self.text.find('"', 9)
             if end > 0:
                 return self.text[9:end]
-        return type_of(self)
+        try:
+            return type_member(self.json())
+        except orjson.JSONDecodeError:
+            return None
 
 
 class WsProxy:

@@ -168,9 +168,9 @@ async def stream_turn(
         decoder = SSEDecoder()
         events: list[dict[str, Any]] = []
         async for chunk in response.content.iter_any():
-            for event in decoder.feed(chunk):
-                events.append(event.json())
-                if event.type in ("response.completed", "response.failed"):
+            for _, kind, data in decoder.feed(chunk):
+                events.append(json.loads(data))
+                if kind in ("response.completed", "response.failed"):
                     return StreamResult(200, events, response.headers)
         return StreamResult(200, events, response.headers)
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from codexlb.sse import SSEDecoder, SSEEvent, encode_event
+from codexlb.sse import Event, SSEDecoder, encode_event
 
 CREATED = {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}
 DELTA = {"type": "response.output_text.delta", "delta": "héllo\nworld"}
@@ -16,9 +16,9 @@ COMPLETED = {"type": "response.completed", "response": {"id": "resp_1", "usage":
 STREAM = b"".join(encode_event(p) for p in (CREATED, DELTA, COMPLETED))
 
 
-def decode_in_chunks(stream: bytes, size: int) -> list[SSEEvent]:
+def decode_in_chunks(stream: bytes, size: int) -> list[Event]:
     decoder = SSEDecoder()
-    events: list[SSEEvent] = []
+    events: list[Event] = []
     for start in range(0, len(stream), size):
         events.extend(decoder.feed(stream[start : start + size]))
     events.extend(decoder.flush())
@@ -29,13 +29,13 @@ def decode_in_chunks(stream: bytes, size: int) -> list[SSEEvent]:
 def test_any_chunking_yields_the_same_events_and_exact_bytes(size: int) -> None:
     events = decode_in_chunks(STREAM, size)
 
-    assert [e.type for e in events] == [
+    assert [kind for _, kind, _ in events] == [
         "response.created",
         "response.output_text.delta",
         "response.completed",
     ]
-    assert [e.json() for e in events] == [CREATED, DELTA, COMPLETED]
-    assert b"".join(e.raw for e in events) == STREAM
+    assert [orjson.loads(data) for _, _, data in events] == [CREATED, DELTA, COMPLETED]
+    assert b"".join(raw for raw, _, _ in events) == STREAM
 
 
 def test_split_inside_a_multibyte_character() -> None:
@@ -45,9 +45,10 @@ def test_split_inside_a_multibyte_character() -> None:
 
     assert decoder.feed(stream[:cut]) == []
     assert decoder.pending
-    [event] = decoder.feed(stream[cut:])
-    assert event.json() == {"delta": "héllo"}
-    assert event.raw == stream
+    [(raw, kind, data)] = decoder.feed(stream[cut:])
+    assert orjson.loads(data) == {"delta": "héllo"}
+    assert kind is None
+    assert raw == stream
     assert not decoder.pending
 
 
@@ -57,14 +58,18 @@ def test_crlf_framing(size: int) -> None:
 
     events = decode_in_chunks(stream, size)
 
-    assert [(e.event, e.json()) for e in events] == [("a", {"x": 1}), ("b", {"x": 2})]
-    assert b"".join(e.raw for e in events) == stream
+    assert [(kind, orjson.loads(data)) for _, kind, data in events] == [
+        ("a", {"x": 1}),
+        ("b", {"x": 2}),
+    ]
+    assert b"".join(raw for raw, _, _ in events) == stream
 
 
 def test_cr_only_framing() -> None:
     events = SSEDecoder().feed(b"event: a\rdata: 1\r\revent: b\rdata: 2\r\r")
 
-    assert [(e.event, e.data) for e in events] == [("a", b"1"), ("b", b"2")]
+    assert [(kind, data) for _, kind, data in events] == [("a", b"1"), ("b", b"2")]
+    assert [raw for raw, _, _ in events] == [b"event: a\rdata: 1\r\r", b"event: b\rdata: 2\r\r"]
 
 
 @pytest.mark.parametrize(
@@ -75,16 +80,22 @@ def test_comments_and_blank_blocks_are_typeless_events_kept_in_raw(keepalive: by
 
     events = decode_in_chunks(stream, 3)
 
-    assert [e.type for e in events] == [None, "response.created", None, "response.completed", None]
-    assert b"".join(e.raw for e in events) == stream
+    assert [kind for _, kind, _ in events] == [
+        None,
+        "response.created",
+        None,
+        "response.completed",
+        None,
+    ]
+    assert b"".join(raw for raw, _, _ in events) == stream
 
 
 def test_comment_line_inside_an_event_is_skipped_but_kept_in_raw() -> None:
     block = b"event: x\n: note\ndata: 1\n\n"
 
-    [event] = SSEDecoder().feed(block)
+    [(raw, kind, data)] = SSEDecoder().feed(block)
 
-    assert (event.event, event.data, event.raw) == ("x", b"1", block)
+    assert (kind, data, raw) == ("x", b"1", block)
 
 
 @pytest.mark.parametrize(
@@ -98,17 +109,18 @@ def test_comment_line_inside_an_event_is_skipped_but_kept_in_raw() -> None:
     ids=["two-lines", "json-over-lines", "no-space", "bare-field"],
 )
 def test_data_lines_are_joined_with_newlines(block: bytes, data: bytes) -> None:
-    [event] = SSEDecoder().feed(block)
+    [(raw, kind, decoded)] = SSEDecoder().feed(block)
 
-    assert event.data == data
-    assert event.event is None
+    assert decoded == data
+    assert kind is None
+    assert raw == block
 
 
 def test_multi_line_json_parses() -> None:
-    [event] = SSEDecoder().feed(b'data: {"type":\ndata: "response.done", "n": 2}\n\n')
+    [(_raw, kind, data)] = SSEDecoder().feed(b'data: {"type":\ndata: "response.done", "n": 2}\n\n')
 
-    assert event.json() == {"type": "response.done", "n": 2}
-    assert event.type == "response.done"
+    assert orjson.loads(data) == {"type": "response.done", "n": 2}
+    assert kind == "response.done"
 
 
 @pytest.mark.parametrize(
@@ -123,22 +135,67 @@ def test_multi_line_json_parses() -> None:
     ],
 )
 def test_type_comes_from_event_line_else_from_json(block: bytes, expected: str | None) -> None:
-    [event] = SSEDecoder().feed(block)
+    [(_raw, kind, _data)] = SSEDecoder().feed(block)
 
-    assert event.type == expected
+    assert kind == expected
 
 
 def test_other_fields_are_ignored() -> None:
-    [event] = SSEDecoder().feed(b"id: 7\nretry: 1000\nevent: x\ndata: 1\n\n")
+    [(_raw, kind, data)] = SSEDecoder().feed(b"id: 7\nretry: 1000\nevent: x\ndata: 1\n\n")
 
-    assert (event.event, event.data) == ("x", b"1")
+    assert (kind, data) == ("x", b"1")
 
 
-def test_json_raises_value_error_for_non_json() -> None:
-    [event] = SSEDecoder().feed(b"data: not json\n\n")
+def test_non_json_data_has_no_type_and_is_kept_as_bytes() -> None:
+    block = b"data: not json\n\n"
 
-    with pytest.raises(orjson.JSONDecodeError):
-        event.json()
+    [(raw, kind, data)] = SSEDecoder().feed(block)
+
+    assert kind is None
+    assert isinstance(data, bytes)
+    assert data == b"not json"
+    assert raw == block
+
+
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_event_lines_seen_before_new_and_again_decode_the_same(size: int) -> None:
+    blocks = [
+        b"event: test.cache.a\ndata: 1\n\n",
+        b"event: test.cache.a\ndata: 2\n\n",
+        b'event: test.cache.b\ndata: {"type": "other"}\n\n',
+        b"event: test.cache.a\ndata: x\ndata: y\n\n",
+        b"event: test.cache.a\n: note\ndata: 3\n\n",
+        b"event: test.cache.b\ndata: 4\nid: 9\n\n",
+        b"event: test.cache.a\n\n",
+        b"event: test.cache.a\ndata: 5\n\n",
+    ]
+    stream = b"".join(blocks)
+
+    events = decode_in_chunks(stream, size)
+    again = [event for block in blocks for event in SSEDecoder().feed(block)]
+
+    expected: list[Event] = [
+        (blocks[0], "test.cache.a", b"1"),
+        (blocks[1], "test.cache.a", b"2"),
+        (blocks[2], "test.cache.b", b'{"type": "other"}'),
+        (blocks[3], "test.cache.a", b"x\ny"),
+        (blocks[4], "test.cache.a", b"3"),
+        (blocks[5], "test.cache.b", b"4"),
+        (blocks[6], "test.cache.a", b""),
+        (blocks[7], "test.cache.a", b"5"),
+    ]
+    assert events == expected
+    assert again == expected
+
+
+def test_cached_event_line_then_multi_line_data_takes_the_general_path() -> None:
+    decoder = SSEDecoder()
+
+    [first] = decoder.feed(b"event: a\ndata: 1\n\n")
+    [(raw, kind, data)] = decoder.feed(b"event: a\ndata: x\ndata: y\n\n")
+
+    assert first == (b"event: a\ndata: 1\n\n", "a", b"1")
+    assert (raw, kind, data) == (b"event: a\ndata: x\ndata: y\n\n", "a", b"x\ny")
 
 
 @pytest.mark.parametrize("tail", [b"data: 1", b"data: 1\n", b"data: 1\r\n"])
@@ -147,12 +204,14 @@ def test_flush_returns_an_unterminated_last_event(tail: bytes) -> None:
     stream = encode_event(CREATED) + tail
 
     events = decoder.feed(stream)
-    assert [e.type for e in events] == ["response.created"]
+    assert [kind for _, kind, _ in events] == ["response.created"]
     assert decoder.pending
 
     [last] = decoder.flush()
-    assert (last.data, last.raw) == (b"1", tail)
-    assert b"".join(e.raw for e in [*events, last]) == stream
+    raw, kind, data = last
+    assert (data, raw) == (b"1", tail)
+    assert kind is None
+    assert b"".join(raw for raw, _, _ in [*events, last]) == stream
     assert not decoder.pending
     assert decoder.flush() == []
 
@@ -169,9 +228,9 @@ def test_flush_keeps_an_unterminated_comment() -> None:
     decoder = SSEDecoder()
     decoder.feed(encode_event(CREATED) + b": comment\n")
 
-    [tail] = decoder.flush()
+    [(raw, kind, data)] = decoder.flush()
 
-    assert (tail.type, tail.raw) == (None, b": comment\n")
+    assert (kind, raw, data) == (None, b": comment\n", b"")
 
 
 def test_decoder_is_reusable_after_flush() -> None:
@@ -179,21 +238,23 @@ def test_decoder_is_reusable_after_flush() -> None:
     decoder.feed(b"data: partial")
     decoder.flush()
 
-    [event] = decoder.feed(encode_event(COMPLETED))
+    [(raw, kind, data)] = decoder.feed(encode_event(COMPLETED))
 
-    assert event.json() == COMPLETED
+    assert orjson.loads(data) == COMPLETED
+    assert kind == "response.completed"
+    assert raw == encode_event(COMPLETED)
 
 
 @pytest.mark.parametrize("payload", [CREATED, DELTA, COMPLETED, {"type": "t", "s": "a\r\nb"}])
 def test_encode_event_round_trip(payload: dict[str, Any]) -> None:
-    raw = encode_event(payload)
+    encoded = encode_event(payload)
 
-    [event] = SSEDecoder().feed(raw)
+    [(raw, kind, data)] = SSEDecoder().feed(encoded)
 
-    assert raw.startswith(f"event: {payload['type']}\ndata: ".encode())
-    assert raw.endswith(b"\n\n")
-    assert raw.count(b"\n") == 3
-    assert event.raw == raw
-    assert event.event == payload["type"]
-    assert event.json() == payload
-    assert json.loads(event.data) == payload
+    assert encoded.startswith(f"event: {payload['type']}\ndata: ".encode())
+    assert encoded.endswith(b"\n\n")
+    assert encoded.count(b"\n") == 3
+    assert raw == encoded
+    assert kind == payload["type"]
+    assert orjson.loads(data) == payload
+    assert json.loads(data) == payload
