@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from typing import Any, TextIO
 
 from codexlb.config import Config
@@ -21,7 +22,26 @@ FLUSH_SECONDS = 0.1
 BUFFER_BYTES = 64 * 1024
 
 
-class JsonFormatter(logging.Formatter):
+class Formatter(logging.Formatter):
+    """The standard formatter, with the date and time formatted once per second."""
+
+    def __init__(self, fmt: str | None = None) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+        msec_format = self.default_msec_format
+        return self._stamp if msec_format is None else msec_format % (self._stamp, record.msecs)
+
+
+class JsonFormatter(Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": self.formatTime(record),
@@ -99,7 +119,7 @@ def setup_logging(config: Config) -> None:
     if config.logging.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # The switches of the logging HOWTO's "Optimization" section, for facts no format here
     # shows: the caller's file and line (a frame walk per record), thread and process.
     logging._srcfile = None

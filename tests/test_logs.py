@@ -6,7 +6,7 @@ import asyncio
 import io
 import logging
 
-from codexlb.logs import FLUSH_SECONDS, BatchedStreamHandler
+from codexlb.logs import FLUSH_SECONDS, BatchedStreamHandler, Formatter
 
 
 class CountingStream(io.StringIO):
@@ -61,3 +61,13 @@ async def test_lines_from_another_thread_are_flushed_at_once() -> None:
     logger = make_logger(stream)
     await asyncio.to_thread(logger.info, "from a worker thread")
     assert stream.flushed == "INFO from a worker thread\n"
+
+
+def test_the_formatter_writes_the_standard_time_stamp() -> None:
+    standard = logging.Formatter("%(asctime)s %(message)s")
+    ours = Formatter("%(asctime)s %(message)s")
+    for created in (1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.25, 1_700_000_000.5):
+        record = logging.LogRecord("x", logging.INFO, "", 0, "hello", None, None)
+        record.created = created
+        record.msecs = (created - int(created)) * 1000
+        assert ours.format(record) == standard.format(record)
