@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl
 from collections.abc import Mapping
 from typing import cast
@@ -345,12 +346,19 @@ def _origin(url: URL) -> Origin:
 
 
 def _request_head(url: URL, headers: Mapping[str, str], length: int) -> bytes:
-    host = url.host if url.is_default_port() else f"{url.host}:{url.port}"
-    lines = [f"POST {url.raw_path_qs} HTTP/1.1", f"Host: {host}"]
-    for name, value in headers.items():
-        if _BREAKS.intersection(name) or _BREAKS.intersection(value):
-            raise ConnectFailed(f"header {name!r} holds a line break")
-        lines.append(f"{name}: {value}")
-    lines.append(f"Content-Length: {length}\r\n\r\n")
+    fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    # Each field adds one CR and one LF; any more came from inside a name or value.
+    count = len(headers)
+    if fields.count("\n") != count or fields.count("\r") != count or "\x00" in fields:
+        name = next(name for name, value in headers.items() if _BREAKS.intersection(name + value))
+        raise ConnectFailed(f"header {name!r} holds a line break")
+    head = f"{_request_line(url)}{fields}Content-Length: {length}\r\n\r\n"
     # aiohttp decodes incoming header bytes as UTF-8 with surrogateescape: this restores them.
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+    return head.encode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=256)
+def _request_line(url: URL) -> str:
+    """The request line and ``Host`` field of a POST to ``url`` (once per URL)."""
+    host = url.host if url.is_default_port() else f"{url.host}:{url.port}"
+    return f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host}\r\n"

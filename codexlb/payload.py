@@ -43,8 +43,10 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and frozen fields cost a call each
 class CreateRequest:
+    """A validated ``response.create`` body; treated as immutable."""
+
     body: dict[str, Any]
     """The body as the client sent it (minus ``type`` for a WebSocket message)."""
     raw: bytes | None
@@ -77,36 +79,11 @@ class CreateRequest:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise InvalidRequest("The request body is not valid JSON.") from None
-        request = cls.from_body(body)
-        return cls(request.body, raw, request.input_items)
+        return cls(body, raw, _validated_input(body))
 
     @classmethod
     def from_body(cls, body: Any) -> CreateRequest:
-        if not isinstance(body, dict):
-            raise InvalidRequest("The request body must be a JSON object.")
-        for name, (types, description) in _FIELD_TYPES.items():
-            value = body.get(name)
-            if value is not None and (
-                not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
-            ):
-                raise InvalidRequest(
-                    f"Invalid type for '{name}': expected {description}.", param=name
-                )
-        if not body.get("model"):
-            raise InvalidRequest("Missing required parameter: 'model'.", param="model")
-        value = body.get("input")
-        if value is not None and not isinstance(value, str | list):
-            raise InvalidRequest(
-                "Invalid type for 'input': expected a string or an array of items.", param="input"
-            )
-        if isinstance(value, list):
-            for index, item in enumerate(value):
-                if not isinstance(item, dict):
-                    raise InvalidRequest(
-                        f"Invalid type for 'input[{index}]': expected an object.",
-                        param=f"input[{index}]",
-                    )
-        return cls(body, None, normalize_input(value))
+        return cls(body, None, _validated_input(body))
 
     def upstream_message(self, *, input_items: list[Any] | None) -> str | None:
         """The ``response.create`` text for an upstream WebSocket after a replay, or ``None``
@@ -142,3 +119,31 @@ class CreateRequest:
         if input_items is not None:
             body["input"] = input_items
         return orjson.dumps(body)
+
+
+def _validated_input(body: Any) -> list[Any]:
+    """Check the fields codexlb reads or the upstream would refuse; the input as a list."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    for name, value in body.items():  # fewer than the checked fields, usually
+        expected = _FIELD_TYPES.get(name)
+        if expected is None or value is None:
+            continue
+        types, description = expected
+        if not isinstance(value, types) or (type(value) is bool and bool not in types):
+            raise InvalidRequest(f"Invalid type for '{name}': expected {description}.", param=name)
+    if not body.get("model"):
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+    value = body.get("input")
+    if value is not None and not isinstance(value, str | list):
+        raise InvalidRequest(
+            "Invalid type for 'input': expected a string or an array of items.", param="input"
+        )
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise InvalidRequest(
+                    f"Invalid type for 'input[{index}]': expected an object.",
+                    param=f"input[{index}]",
+                )
+    return normalize_input(value)

@@ -51,8 +51,10 @@ BATCH_LIMIT = 512
 """Most rows the writer commits in one transaction."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per response, and frozen fields cost a call each
 class Snapshot:
+    """One stored response; treated as immutable."""
+
     response_id: str
     previous_response_id: str | None
     scope: str
