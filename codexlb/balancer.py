@@ -15,7 +15,7 @@ A preferred account that is not eligible is skipped, never waited for.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 Strategy = Literal["least_used", "round_robin"]
 
@@ -23,8 +23,49 @@ USAGE_BUCKET_PERCENT = 5.0
 """Usage figures within one bucket count as equal, so in-flight load can break the tie."""
 
 
+class Contender(Protocol):
+    """What the balancer reads of an account. ``Candidate`` holds it as plain values; the pool
+    passes its live accounts, which read the same way, so a choice copies nothing."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def usable(self) -> bool: ...
+    @property
+    def cooldown_until(self) -> float: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def max_inflight(self) -> int:
+        """0: no limit."""
+
+    @property
+    def used_percent(self) -> float:
+        """The highest used percentage over the account's usage windows."""
+
+    @property
+    def usage_resets_at(self) -> float:
+        """When the window that is at 100% resets (0 when unknown)."""
+
+    @property
+    def weight(self) -> float: ...
+
+
+def eligible(candidate: Contender, now: float) -> bool:
+    """Whether ``candidate`` may take a request at ``now``."""
+    return (
+        candidate.enabled
+        and candidate.usable
+        and candidate.cooldown_until <= now
+        and (candidate.max_inflight == 0 or candidate.inflight < candidate.max_inflight)
+        and not (candidate.used_percent >= 100.0 and candidate.usage_resets_at > now)
+    )
+
+
 class Candidate(NamedTuple):
-    """One account as the balancer sees it (a tuple: built for every account on every choice)."""
+    """A ``Contender`` as plain values."""
 
     name: str
     enabled: bool = True
@@ -39,17 +80,11 @@ class Candidate(NamedTuple):
     weight: float = 1.0
 
     def eligible(self, now: float) -> bool:
-        return (
-            self.enabled
-            and self.usable
-            and self.cooldown_until <= now
-            and (self.max_inflight == 0 or self.inflight < self.max_inflight)
-            and not (self.used_percent >= 100.0 and self.usage_resets_at > now)
-        )
+        return eligible(self, now)
 
 
 def choose(
-    candidates: Sequence[Candidate],
+    candidates: Sequence[Contender],
     now: float,
     *,
     prefer: str | None = None,
@@ -63,22 +98,22 @@ def choose(
     ``turn`` is a counter the caller advances per choice; ``round_robin`` rotates by it and
     ``least_used`` uses it only to break exact ties.
     """
-    eligible = [c for c in candidates if c.name not in exclude and c.eligible(now)]
-    if not eligible:
+    ready = [c for c in candidates if c.name not in exclude and eligible(c, now)]
+    if not ready:
         return None
     for wanted in (prefer, affinity):
         if wanted is not None:
-            for candidate in eligible:
+            for candidate in ready:
                 if candidate.name == wanted:
                     return wanted
-    offset = turn % len(eligible)
-    rotated = eligible[offset:] + eligible[:offset]
+    offset = turn % len(ready)
+    rotated = ready[offset:] + ready[:offset]
     if strategy == "round_robin":
         return rotated[0].name
     return min(rotated, key=_load).name
 
 
-def _load(candidate: Candidate) -> tuple[int, float, float]:
+def _load(candidate: Contender) -> tuple[int, float, float]:
     return (
         int(candidate.used_percent // USAGE_BUCKET_PERCENT),
         candidate.inflight / candidate.weight,
@@ -86,7 +121,7 @@ def _load(candidate: Candidate) -> tuple[int, float, float]:
     )
 
 
-def earliest_recovery(candidates: Sequence[Candidate], now: float) -> float | None:
+def earliest_recovery(candidates: Sequence[Contender], now: float) -> float | None:
     """When the first ineligible account becomes usable again by time alone, if ever."""
     times = [
         max(c.cooldown_until, c.usage_resets_at if c.used_percent >= 100.0 else 0.0)

@@ -1,7 +1,7 @@
 """Runtime state of the upstream accounts: in-flight leases, cooldowns, usage, affinity.
 
 The pool is the single owner of mutable account state; both transports go through it. It
-turns that state into ``balancer.Candidate`` values and lets the pure balancer choose. Times
+lets the pure balancer choose by reading that state (``balancer.Contender``). Times
 are wall-clock epoch seconds because the upstream speaks in epoch reset times.
 
 ``reconfigure`` applies a reloaded configuration (S6) without losing what was learned: an
@@ -66,9 +66,33 @@ class Account:
     primary: UsageWindow = field(default_factory=UsageWindow)
     secondary: UsageWindow = field(default_factory=UsageWindow)
 
+    # -- read by the balancer (``balancer.Contender``) ----------------------------------------
+
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    @property
+    def max_inflight(self) -> int:
+        return self.config.max_inflight
+
+    @property
+    def weight(self) -> float:
+        return self.config.weight
+
+    @property
+    def used_percent(self) -> float:
+        return max(self.primary.used_percent, self.secondary.used_percent)
+
+    @property
+    def usage_resets_at(self) -> float:
+        return max(self.primary.full_until(), self.secondary.full_until())
+
+    # ----------------------------------------------------------------------------------------
 
     @property
     def kind(self) -> Literal["chatgpt", "platform"]:
@@ -94,17 +118,17 @@ class Account:
         return "ok"
 
     def candidate(self) -> balancer.Candidate:
-        primary, secondary, config = self.primary, self.secondary, self.config
+        """The account as the balancer sees it now, as plain values."""
         return balancer.Candidate(
-            name=config.name,
-            enabled=config.enabled,
-            usable=self.usable,
-            cooldown_until=self.cooldown_until,
-            inflight=self.inflight,
-            max_inflight=config.max_inflight,
-            used_percent=max(primary.used_percent, secondary.used_percent),
-            usage_resets_at=max(primary.full_until(), secondary.full_until()),
-            weight=config.weight,
+            self.name,
+            self.enabled,
+            self.usable,
+            self.cooldown_until,
+            self.inflight,
+            self.max_inflight,
+            self.used_percent,
+            self.usage_resets_at,
+            self.weight,
         )
 
 
@@ -180,7 +204,7 @@ class Pool:
         now = self._clock()
         affinity = self._affinity_account(affinity_key, now)
         name = balancer.choose(
-            [a.candidate() for a in self._accounts.values()],
+            list(self._accounts.values()),
             now,
             prefer=prefer,
             affinity=affinity,
