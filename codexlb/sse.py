@@ -37,7 +37,9 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[Event]:
         buffer = self._buffer + chunk if self._buffer else chunk
-        if b"\r" in buffer:
+        # ``find`` rather than ``in``: for bytes, ``in`` first tries its operand as an integer
+        # and formats an error message for each miss.
+        if buffer.find(b"\r") >= 0:
             return self._feed_any_framing(buffer)
         # The usual framing: blocks end with a blank line, most are ``event: <type>`` then
         # one ``data:`` line.
@@ -47,11 +49,11 @@ class SSEDecoder:
         for block in blocks:
             head, separator, data = block.partition(b"\ndata: ")
             kind = _KNOWN_HEADS.get(head)
-            if kind is None and separator and head.startswith(b"event: ") and b"\n" not in head:
+            if kind is None and separator and head.startswith(b"event: ") and head.find(b"\n") < 0:
                 kind = head[7:].decode("utf-8", "replace")
                 if len(_KNOWN_HEADS) < _KNOWN_HEADS_LIMIT:
                     _KNOWN_HEADS[head] = kind
-            if kind is not None and b"\n" not in data:
+            if kind is not None and data.find(b"\n") < 0:
                 events.append((block + b"\n\n", kind, data))
             else:
                 events.append(_parse_block(block + b"\n\n", block))
