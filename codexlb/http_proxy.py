@@ -20,12 +20,15 @@ from codexlb.auth import ClientKeys
 from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, NotFound, PayloadTooLarge
 from codexlb.exchange import (
+    COMPLETED,
+    FAILED,
+    HOLD,
+    PASS,
     RATE_LIMIT_CODES,
     Exchange,
     RequestRecord,
     ResponseRecorder,
     Services,
-    Step,
     affinity_key,
     error_code,
     new_request_id,
@@ -242,20 +245,20 @@ class HttpProxy:
             while (events := await batches.next_batch()) is not None:
                 for raw, kind, data in events:
                     step = recorder.observe(kind, data)
-                    if step is Step.HOLD:
+                    if step is HOLD:
                         sink.hold(raw)
                         continue
-                    if step is Step.FAILED and recorder.retryable_failure():
+                    if step is FAILED and recorder.retryable_failure():
                         self._failed_before_output(exchange, account, recorder, upstream)
                         return None
-                    if step is Step.COMPLETED:
+                    if step is COMPLETED:
                         # Output first, so the commit below never delays it.
                         if sink.pending and not await sink.flush():
                             return sink.response
                         await exchange.commit(account, recorder)
                     sink.add(raw)
-                    if step is not Step.PASS:
-                        if step is Step.FAILED:
+                    if step is not PASS:
+                        if step is FAILED:
                             exchange.refused_by_upstream(account)
                         await sink.finish()
                         return sink.response
@@ -283,7 +286,7 @@ class HttpProxy:
         while (events := await batches.next_batch()) is not None:
             for _, kind, data in events:
                 step = recorder.observe(kind, data)
-                if step is Step.COMPLETED:
+                if step is COMPLETED:
                     response = await exchange.commit(account, recorder)
                     if not response.get("output"):
                         response = {**response, "output": recorder.ordered_output()}
@@ -291,7 +294,7 @@ class HttpProxy:
                     return web.json_response(
                         response, headers=relayed_headers(upstream.headers, exchange.request.model)
                     )
-                if step is Step.FAILED:
+                if step is FAILED:
                     if recorder.retryable_failure():
                         self._failed_before_output(exchange, account, recorder, upstream)
                         return None

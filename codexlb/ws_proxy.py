@@ -34,13 +34,16 @@ from codexlb.errors import (
     PayloadTooLarge,
 )
 from codexlb.exchange import (
+    COMPLETED,
+    FAILED,
+    HOLD,
+    PASS,
     RATE_LIMIT_CODES,
     RETRYABLE_CODES,
     Exchange,
     RequestRecord,
     ResponseRecorder,
     Services,
-    Step,
     affinity_key,
     new_request_id,
 )
@@ -69,6 +72,9 @@ ENDED = frozenset(
         aiohttp.WSMsgType.ERROR,
     }
 )
+TEXT, BINARY = aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY
+"""For the per-message code: on Python 3.11 each ``WSMsgType.X`` goes through
+``EnumType.__getattr__``."""
 
 
 class ClientGone(Exception):
@@ -172,13 +178,13 @@ class ClientSocket:
         limit = self.services.config.limits.max_body_bytes
         try:
             async for message in self.client:
-                if message.type == aiohttp.WSMsgType.TEXT:
+                if message.type == TEXT:
                     text: str = message.data
                     if len(text) > limit and len(text.encode()) > limit:
                         await self._send_error(PayloadTooLarge(limit))
                         continue
                     await self._on_text(text)
-                elif message.type == aiohttp.WSMsgType.BINARY:
+                elif message.type == BINARY:
                     await self._send_error(
                         InvalidRequest("Binary frames are not supported; send JSON text frames.")
                     )
@@ -355,7 +361,7 @@ class ClientSocket:
                 await self._send_text(orjson.dumps(recorder.incomplete_event()).decode())
                 await self._drop_upstream()
                 return Outcome.DONE
-            if received.type != aiohttp.WSMsgType.TEXT:
+            if received.type != TEXT:
                 continue  # binary frames carry nothing for the client
             frame = Frame(received.data)
             kind = frame.type
@@ -364,17 +370,17 @@ class ClientSocket:
                 if isinstance(payload, dict):
                     self.services.pool.observe_rate_limits(account, payload)
             step = recorder.observe(kind, frame)
-            if step is Step.HOLD:
+            if step is HOLD:
                 held.append(frame.text)
                 continue
             text = frame.text
-            if step is Step.FAILED:
+            if step is FAILED:
                 outcome = self._failure_before_output(exchange, account, recorder, frame, live)
                 if outcome is not None:
                     return outcome
                 if kind == "error":
                     text = _with_status(frame)
-            if step is Step.COMPLETED:
+            if step is COMPLETED:
                 await exchange.commit(account, recorder)
                 response_id = (recorder.response or {}).get("id")
                 self.last_response_id = response_id if isinstance(response_id, str) else None
@@ -385,8 +391,8 @@ class ClientSocket:
                 held.clear()
             exchange.record.mark_first_byte()
             await self._send_text(text)
-            if step is not Step.PASS:
-                if step is Step.FAILED:
+            if step is not PASS:
+                if step is FAILED:
                     self.last_response_id = None
                     exchange.refused_by_upstream(account)
                 return Outcome.DONE
