@@ -39,6 +39,12 @@ window at 100% until its reset), ``cooling_down`` (backing off after errors), ``
 ``max_inflight``), else ``ok``."""
 
 
+_USAGE_HEADERS = tuple(
+    (f"x-codex-{window}-used-percent", f"x-codex-{window}-reset-at")
+    for window in ("primary", "secondary")
+)
+
+
 @dataclass(slots=True)
 class UsageWindow:
     used_percent: float = 0.0
@@ -338,11 +344,13 @@ class Pool:
 
     def observe_headers(self, account: Account, headers: Mapping[str, str]) -> None:
         """Learn usage from the ``x-codex-{primary,secondary}-*`` headers, when present."""
-        for window, prefix in ((account.primary, "primary"), (account.secondary, "secondary")):
-            used = _float(headers.get(f"x-codex-{prefix}-used-percent"))
+        for window, (used_name, reset_name) in zip(
+            (account.primary, account.secondary), _USAGE_HEADERS, strict=True
+        ):
+            used = _float(headers.get(used_name))
             if used is not None:
                 window.used_percent = used
-                window.resets_at = _float(headers.get(f"x-codex-{prefix}-reset-at")) or 0.0
+                window.resets_at = _float(headers.get(reset_name)) or 0.0
 
     def observe_rate_limits(self, account: Account, event: Mapping[str, Any]) -> None:
         """Learn usage from a WebSocket ``codex.rate_limits`` event."""

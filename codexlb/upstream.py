@@ -76,13 +76,31 @@ RELAYED_PREFIXES = ("x-codex-", "x-ratelimit-")
 models ETag, request id and rate limits."""
 
 
+KNOWN_NAMES_LIMIT = 1024
+"""Header names whose verdict (relayed, forwarded) is remembered, per direction."""
+_relayed_names: dict[str, bool] = {}
+_forwarded_names: dict[str, bool] = {}
+
+
+def _remember(known: dict[str, bool], name: str, verdict: bool) -> bool:
+    """Record a header name's verdict: the same few dozen names come with every request,
+    and a dictionary hit costs less than lowercasing and matching the name again."""
+    if len(known) < KNOWN_NAMES_LIMIT:
+        known[name] = verdict
+    return verdict
+
+
 def relayed_headers(headers: Mapping[str, str], model: str | None) -> dict[str, str]:
     """The upstream's useful response headers; ``openai-model`` only when it matches the
     requested model (Codex warns of a reroute otherwise)."""
     relayed: dict[str, str] = {}
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in RELAYED_HEADERS or lower.startswith(RELAYED_PREFIXES):
+        relay = _relayed_names.get(name)
+        if relay is None:
+            lower = name.lower()
+            relay = lower in RELAYED_HEADERS or lower.startswith(RELAYED_PREFIXES)
+            _remember(_relayed_names, name, relay)
+        if relay:
             relayed[name] = value
     upstream_model = headers.get("openai-model")
     if upstream_model is not None and upstream_model == model:
@@ -131,10 +149,15 @@ def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The client's headers that travel upstream (SPEC S1.3, PROTOCOL §2)."""
     forwarded: dict[str, str] = {}
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower.startswith(("x-forwarded-", "sec-websocket-")):
-            continue
-        forwarded[name] = value
+        forward = _forwarded_names.get(name)
+        if forward is None:
+            lower = name.lower()
+            forward = not (
+                lower in HOP_BY_HOP or lower.startswith(("x-forwarded-", "sec-websocket-"))
+            )
+            _remember(_forwarded_names, name, forward)
+        if forward:
+            forwarded[name] = value
     return forwarded
 
 
