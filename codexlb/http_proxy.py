@@ -188,13 +188,14 @@ class HttpProxy:
         await exchange.prepare(account)
         sent = account.credentials  # exactly what the request carries: named again on a 401
         try:
-            async with self.services.upstream.post(
-                account, path, body, headers, sse=sse
-            ) as upstream:
+            upstream = await self.services.upstream.post(account, path, body, headers, sse=sse)
+            try:
                 if upstream.status != 200:
                     return await self._refused(exchange, account, upstream, sent)
                 self.services.pool.observe_headers(account, upstream.headers)
                 return await respond(upstream)
+            finally:
+                upstream.release()
         except (UpstreamConnectError, UpstreamBroken) as exc:
             exchange.failed(account, str(exc))
             return None

@@ -18,8 +18,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -226,22 +225,20 @@ class Pool:
             self._clock()
         )
 
-    @contextmanager
-    def lease(self, account: Account) -> Iterator[None]:
-        """Count a request in flight on ``account`` for the ``with`` block.
+    def lease(self, account: Account) -> Lease:
+        """Count a request in flight on ``account`` for a ``with`` block.
 
         Works on the ``Account`` object itself, so a lease taken before a reload releases
         cleanly after it even if the account was removed meanwhile; the last lease of a
         removed account lets it go.
         """
-        account.inflight += 1
-        try:
-            yield
-        finally:
-            account.inflight -= 1
-            if account.inflight == 0 and self._draining.get(account.name) is account:
-                del self._draining[account.name]
-                log.info("account %s: removed from the configuration, now drained", account.name)
+        return Lease(self, account)
+
+    def _released(self, account: Account) -> None:
+        account.inflight -= 1
+        if account.inflight == 0 and self._draining.get(account.name) is account:
+            del self._draining[account.name]
+            log.info("account %s: removed from the configuration, now drained", account.name)
 
     def reconfigure(self, config: Config) -> Reconfiguration:
         """Apply a reloaded configuration to the accounts and the routing settings.
@@ -465,6 +462,22 @@ def _adopt(account: Account, credentials: Credentials) -> None:
 
 def _setting_fields(account: AccountConfig) -> tuple[Any, ...]:
     return (account.enabled, account.weight, account.max_inflight)
+
+
+class Lease:
+    """``Pool.lease``: a class rather than a generator, since every attempt takes one."""
+
+    __slots__ = ("_account", "_pool")
+
+    def __init__(self, pool: Pool, account: Account) -> None:
+        self._pool = pool
+        self._account = account
+
+    def __enter__(self) -> None:
+        self._account.inflight += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool._released(self._account)
 
 
 def _identity(credentials: Credentials) -> tuple[str | None, str | None]:

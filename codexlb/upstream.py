@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
@@ -200,11 +199,11 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not awaited"
         return self._session
 
-    @asynccontextmanager
     async def post(
         self, account: Account, path: str, body: bytes, headers: Mapping[str, str], *, sse: bool
-    ) -> AsyncIterator[Http1Response]:
-        """POST ``body`` to ``account``; yields once the response headers arrived."""
+    ) -> Http1Response:
+        """POST ``body`` to ``account``; returns once the response headers arrived. The caller
+        reads the answer and then ``release()``s it."""
         request_headers = dict(headers)
         request_headers.update(account.credentials.auth_headers())
         request_headers["Content-Type"] = "application/json"
@@ -219,10 +218,7 @@ class Upstream:
             )
         except ConnectFailed as exc:
             raise UpstreamConnectError(str(exc)) from exc
-        try:
-            yield response
-        finally:
-            response.release()
+        return response
 
     async def websocket(
         self, account: Account, path: str, headers: Mapping[str, str], *, max_msg_size: int

@@ -5,8 +5,15 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import sys
 
-from codexlb.logs import FLUSH_SECONDS, BatchedStreamHandler, Formatter
+from codexlb.logs import (
+    FLUSH_SECONDS,
+    TEXT_FORMAT,
+    BatchedStreamHandler,
+    Formatter,
+    TextFormatter,
+)
 
 
 class CountingStream(io.StringIO):
@@ -61,6 +68,25 @@ async def test_lines_from_another_thread_are_flushed_at_once() -> None:
     logger = make_logger(stream)
     await asyncio.to_thread(logger.info, "from a worker thread")
     assert stream.flushed == "INFO from a worker thread\n"
+
+
+def test_the_text_formatter_writes_what_the_standard_one_would() -> None:
+    standard = logging.Formatter(TEXT_FORMAT)
+    ours = TextFormatter()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = sys.exc_info()
+    records = [
+        logging.LogRecord("codexlb.requests", logging.INFO, "", 0, "a=%s b=%s", (1, "-"), None),
+        logging.LogRecord("codexlb.app", logging.ERROR, "", 0, "failed", None, failure),
+        logging.LogRecord("codexlb", logging.WARNING, "", 0, "x", None, None, sinfo="Stack:\n  f"),
+    ]
+    for record in records:
+        expected = standard.format(record)
+        record.exc_text = None
+        assert ours.format(record) == expected
+    assert "ValueError: boom" in ours.format(records[1])
 
 
 def test_the_formatter_writes_the_standard_time_stamp() -> None:
