@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, func, insert, select, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb.db import MIGRATIONS_DIR, alembic_config, create_engine, upgrade, upgrade_url
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import snapshots
-from codexlb.store import Snapshot, SnapshotStore
+from codexlb.store import Snapshot, SnapshotStore, _insert_ignoring_duplicates
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
@@ -360,3 +361,20 @@ async def test_upgrade_url_and_alembic_cli(tmp_path: Path) -> None:
 
     assert cli.returncode == 0, cli.stderr
     assert f"{HEAD} (head)" in cli.stdout
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 21, 15, 3, 14, 123456, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-7))),
+        datetime(999, 12, 31, 23, 59, 59, 1, tzinfo=UTC),
+    ],
+)
+def test_the_writer_stores_created_at_on_sqlite_as_the_table_type_would(moment: datetime) -> None:
+    dialect = sqlite.dialect()
+    bind = snapshots.c.created_at.type._cached_bind_processor(dialect)
+    assert bind is not None
+    _, timestamp = _insert_ignoring_duplicates("sqlite")
+
+    assert timestamp(moment) == bind(moment)
