@@ -44,6 +44,18 @@ HELD_BACK = frozenset(
     {"response.created", "response.in_progress", "codex.rate_limits", "response.metadata"}
 )
 """Events that show no output: held back until the first one that does."""
+_NOTABLE = frozenset(
+    {
+        None,
+        *HELD_BACK,
+        "response.output_item.done",
+        "response.completed",
+        "response.failed",
+        "response.incomplete",
+        "error",
+    }
+)
+"""Event types ``ResponseRecorder.observe`` looks at more closely than "visible output"."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,9 @@ class ResponseRecorder:
         self.failure_code: str | None = None
 
     def observe(self, kind: str | None, event: EventData) -> Step:
+        if kind not in _NOTABLE:  # output of any kind (deltas mostly): visible, passed on
+            self.visible = self.streaming
+            return PASS
         if kind is None:  # a keep-alive comment: harmless, but not output either
             return PASS if self.visible else HOLD
         if kind in HELD_BACK:
@@ -125,14 +140,12 @@ class ResponseRecorder:
             self.response = response if isinstance(response, dict) else {}
             self.failure_code = _failure_code(self.response, kind)
             return FAILED
-        if kind == "error":
-            payload = _json_object(event)
-            error = payload.get("error")
-            code = error.get("code") if isinstance(error, dict) else payload.get("code")
-            self.failure_code = code if isinstance(code, str) else "error"
-            return FAILED
-        self.visible = self.streaming
-        return PASS
+        # The one left: "error".
+        payload = _json_object(event)
+        error = payload.get("error")
+        code = error.get("code") if isinstance(error, dict) else payload.get("code")
+        self.failure_code = code if isinstance(code, str) else "error"
+        return FAILED
 
     def started_response(self) -> dict[str, Any]:
         """The response object as far as known: the terminal one, else the created one."""
@@ -230,7 +243,7 @@ class RequestRecord:
         }
         log.info(
             _REQUEST_LINE,
-            *("-" if value is None else value for value in fields.values()),
+            *["-" if value is None else value for value in fields.values()],
             extra={"fields": fields},
         )
 

@@ -246,6 +246,9 @@ class HttpProxy:
             while (events := await batches.next_batch()) is not None:
                 for raw, kind, data in events:
                     step = recorder.observe(kind, data)
+                    if step is PASS:
+                        sink.add(raw)
+                        continue
                     if step is HOLD:
                         sink.hold(raw)
                         continue
@@ -257,12 +260,11 @@ class HttpProxy:
                         if sink.pending and not await sink.flush():
                             return sink.response
                         await exchange.commit(account, recorder)
+                    else:
+                        exchange.refused_by_upstream(account)
                     sink.add(raw)
-                    if step is not PASS:
-                        if step is FAILED:
-                            exchange.refused_by_upstream(account)
-                        await sink.finish()
-                        return sink.response
+                    await sink.finish()
+                    return sink.response
                 if sink.pending and not await sink.flush():
                     return sink.response  # the client has gone
         except UpstreamBroken as exc:
