@@ -265,11 +265,7 @@ def _utc(moment: datetime) -> datetime:
 
 def _sqlite_timestamp(moment: datetime) -> str:
     """``created_at`` as SQLAlchemy stores a SQLite ``DATETIME``: UTC, without an offset."""
-    moment = moment.astimezone(UTC)
-    return (
-        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d} "
-        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{moment.microsecond:06d}"
-    )
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def _chain_statement(scope: str, response_id: str) -> Select[Any]:
