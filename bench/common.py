@@ -110,7 +110,11 @@ class Server:
 
 
 async def start_server(
-    name: str, argv: Sequence[str], log_path: Path, ready: re.Pattern[str]
+    name: str,
+    argv: Sequence[str],
+    log_path: Path,
+    ready: re.Pattern[str],
+    start_timeout: float = START_TIMEOUT_SECONDS,
 ) -> Server:
     """Start ``argv`` and wait until its log matches ``ready`` (group 1: the base URL).
 
@@ -126,7 +130,7 @@ async def start_server(
         )
     server = Server(name, process, log_path)
     try:
-        for _ in range(int(START_TIMEOUT_SECONDS / LOG_POLL_SECONDS)):
+        for _ in range(int(start_timeout / LOG_POLL_SECONDS)):
             match = ready.search(server.log_text())
             if match:
                 server.url = match.group(1)
@@ -134,7 +138,7 @@ async def start_server(
             if process.returncode is not None:
                 raise BenchError(f"{name} exited with code {process.returncode} at start-up\n")
             await asyncio.sleep(LOG_POLL_SECONDS)
-        raise BenchError(f"{name} did not log its address within {START_TIMEOUT_SECONDS:g} s")
+        raise BenchError(f"{name} did not log its address within {start_timeout:g} s")
     except BenchError as exc:
         await server.stop()
         raise BenchError(f"{exc}\n{server.log_tail()}") from None
@@ -189,9 +193,12 @@ class Servers:
 
 
 @contextlib.asynccontextmanager
-async def serving(tmp: Path) -> AsyncIterator[Servers]:
+async def serving(
+    tmp: Path, codexlb_under: Sequence[str] = (), start_timeout: float = START_TIMEOUT_SECONDS
+) -> AsyncIterator[Servers]:
     """The fake upstream and codexlb (SQLite and logs in ``tmp``), stopped on the way out
-    whatever happens; a server may also be stopped earlier (`Server.stop` is idempotent)."""
+    whatever happens; a server may also be stopped earlier (`Server.stop` is idempotent).
+    ``codexlb_under`` prefixes codexlb's command line (a profiler, say)."""
     database = tmp / "codexlb.db"
     async with contextlib.AsyncExitStack() as servers:
         progress("starting the fake upstream and codexlb")
@@ -201,7 +208,11 @@ async def serving(tmp: Path) -> AsyncIterator[Servers]:
         servers.push_async_callback(fake.stop)
         config = write_config(tmp / "codexlb.toml", fake.url, database)
         codexlb = await start_server(
-            "codexlb", codexlb_argv(config), tmp / "codexlb.log", CODEXLB_READY
+            "codexlb",
+            [*codexlb_under, *codexlb_argv(config)],
+            tmp / "codexlb.log",
+            CODEXLB_READY,
+            start_timeout,
         )
         servers.push_async_callback(codexlb.stop)
         yield Servers(fake, codexlb, database)
