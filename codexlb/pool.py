@@ -113,8 +113,7 @@ class Account:
             return "unusable"
         if self.rate_limited_until > now:
             return "rate_limited"
-        candidate = self.candidate()
-        if candidate.used_percent >= 100.0 and candidate.usage_resets_at > now:
+        if self.used_percent >= 100.0 and self.usage_resets_at > now:
             return "rate_limited"
         if self.cooldown_until > now:
             return "cooling_down"
@@ -221,8 +220,8 @@ class Pool:
 
     def eligible(self, account: Account) -> bool:
         """Whether ``account`` may take new work; never once it is removed from the pool."""
-        return self._accounts.get(account.name) is account and account.candidate().eligible(
-            self._clock()
+        return self._accounts.get(account.name) is account and balancer.eligible(
+            account, self._clock()
         )
 
     def lease(self, account: Account) -> Lease:

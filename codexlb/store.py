@@ -223,17 +223,8 @@ class SnapshotStore:
                 pending.committed.set_result(None)
 
 
-_COLUMNS = (
-    "response_id",
-    "previous_response_id",
-    "scope",
-    "account",
-    "model",
-    "input_items",
-    "output_items",
-    "usage",
-    "created_at",
-)
+_COLUMNS = tuple(snapshots.columns.keys())
+"""The table's columns in order: ``_to_row`` gives its values in this order."""
 
 
 def _insert_ignoring_duplicates(dialect_name: str) -> tuple[str, Callable[[datetime], Any]]:
