@@ -23,6 +23,7 @@ from tests.harness import (
     Fake,
     config_data,
     make_config,
+    running_fake,
     serve,
 )
 
@@ -121,12 +122,8 @@ def pytest_asyncio_loop_factories(
 
 @pytest.fixture
 async def fake() -> AsyncIterator[Fake]:
-    upstream = Fake(ACCOUNTS)
-    await upstream.start()
-    try:
+    async with running_fake(ACCOUNTS) as upstream:
         yield upstream
-    finally:
-        await upstream.close()
 
 
 @pytest.fixture

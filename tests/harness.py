@@ -48,6 +48,17 @@ class Fake(FakeUpstream):
         return self.url
 
 
+@asynccontextmanager
+async def running_fake(accounts: Sequence[FakeAccount] = ACCOUNTS) -> AsyncIterator[Fake]:
+    """The fake upstream serving ``accounts`` on loopback for the block."""
+    fake = Fake(accounts)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
 def config_data(
     upstream_url: str,
     database_url: str,

@@ -34,7 +34,7 @@ from codexlb.token_endpoint import (
     RefreshUnavailable,
     request_refresh,
 )
-from tests.harness import CODEX_PATH, Fake, make_config
+from tests.harness import CODEX_PATH, Fake, make_config, running_fake
 
 EXPIRES_SOON = time.time() + 60
 EXPIRES_LATER = time.time() + 3600
@@ -54,12 +54,8 @@ INLINE = {a.name: a for a in ACCOUNTS}
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Fake]:
-    fake = Fake(ACCOUNTS)
-    await fake.start()
-    try:
+    async with running_fake(ACCOUNTS) as fake:
         yield fake
-    finally:
-        await fake.close()
 
 
 def inline(name: str, **override: Any) -> dict[str, Any]:

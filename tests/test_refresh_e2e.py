@@ -19,6 +19,7 @@ from tests.harness import (
     completed_id,
     config_data,
     make_config,
+    running_fake,
     serve,
     stream_turn,
     user_message,
@@ -35,12 +36,8 @@ ACCOUNTS = (
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[Fake]:
-    fake = Fake(ACCOUNTS)
-    await fake.start()
-    try:
+    async with running_fake(ACCOUNTS) as fake:
         yield fake
-    finally:
-        await fake.close()
 
 
 def data(upstream: Fake, tmp_path: Path, names: tuple[str, ...] = ("a",)) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from tests.harness import (
     Fake,
     config_data,
     make_config,
+    running_fake,
     serve,
     stream_turn,
     user_message,
@@ -34,12 +35,8 @@ SECRETS = [a.access_token for a in ACCOUNTS if a.access_token] + list(KEYS.value
 
 @pytest.fixture
 async def secret_fake() -> AsyncIterator[Fake]:
-    fake = Fake(ACCOUNTS)
-    await fake.start()
-    try:
+    async with running_fake(ACCOUNTS) as fake:
         yield fake
-    finally:
-        await fake.close()
 
 
 async def test_no_secret_in_logs_errors_or_metrics(
