@@ -1,14 +1,19 @@
 """The durable snapshot store (S2, S7): one row per completed response.
 
 Writes use group commit. :meth:`SnapshotStore.save` serializes the snapshot, queues it and waits;
-a single writer task drains everything queued (up to ``BATCH_LIMIT`` rows), inserts it with one
-``executemany`` in one short transaction, and then resolves every waiter, or fails every waiter
-of that batch with the error. One writer per process means SQLite sees one write transaction at a
-time from us (other processes queue on the busy timeout), and a burst of hundreds of responses
-completing together costs a few commits instead of hundreds. A save returns only once its row is
-committed, which is what lets the caller forward ``response.completed`` afterwards. Inserts ignore
-an id that already exists (``ON CONFLICT DO NOTHING`` on both dialects), so a duplicate never
-fails the other rows of its batch. A caller cancelled while waiting does not withdraw its row.
+a single writer task drains everything queued (up to the dialect's batch size), inserts it in one
+short transaction, and then resolves every waiter, or fails every waiter of that batch with the
+error. One writer per process means the database sees one write transaction at a time from us
+(other processes queue on SQLite's busy timeout), and a burst of hundreds of responses completing
+together costs a few commits instead of hundreds. A save returns only once its row is committed,
+which is what lets the caller forward ``response.completed`` afterwards. Inserts ignore an id that
+already exists (``ON CONFLICT DO NOTHING`` on both dialects), so a duplicate never fails the other
+rows of its batch. A caller cancelled while waiting does not withdraw its row.
+
+How a batch is inserted is the part that differs by dialect (`_BatchWriter`): on SQLite it is one
+multi-row ``INSERT`` that aiosqlite runs in one trip to its thread, on PostgreSQL an asyncpg
+``executemany`` in a transaction. Both are handed the driver's own SQL, skipping SQLAlchemy's
+compilation and per-row conversion.
 
 A chain is read in one statement, a recursive CTE that starts at the requested id and follows
 ``previous_response_id`` to the parent, keeping to the caller's scope at every hop::
@@ -32,7 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,8 +54,8 @@ from codexlb.models import snapshots
 
 logger = logging.getLogger(__name__)
 
-BATCH_LIMIT = 512
-"""Most rows the writer commits in one transaction."""
+Row = tuple[Any, ...]
+"""A snapshot's values in ``_COLUMNS`` order, as the drivers take them."""
 
 
 @dataclass(slots=True)  # not frozen: one per response, and frozen fields cost a call each
@@ -73,8 +80,7 @@ class Snapshot:
 
 @dataclass(slots=True)
 class _PendingSave:
-    row: tuple[Any, ...]
-    """The row's values in ``_COLUMNS`` order, as the driver takes them."""
+    row: Row
     committed: asyncio.Future[None]
 
 
@@ -83,11 +89,10 @@ class SnapshotStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._insert, self._timestamp = _insert_ignoring_duplicates(engine.dialect.name)
+        self._batches = _batch_writer(engine)
         self._queue: asyncio.Queue[_PendingSave | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        self._writer_connection: AsyncConnection | None = None
         self.batches_committed = 0
         """Transactions the writer has committed; a burst of saves shares a few of them."""
 
@@ -113,7 +118,7 @@ class SnapshotStore:
             raise RuntimeError("snapshot store is not running")
         if snapshot.created_at.tzinfo is None:
             raise ValueError("Snapshot.created_at must be timezone-aware")
-        row = _to_row(snapshot, self._timestamp)
+        row = _to_row(snapshot, self._batches.timestamp)
         pending = _PendingSave(row, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         await pending.committed
@@ -173,13 +178,12 @@ class SnapshotStore:
 
     async def _write_batches(self) -> None:
         try:
-            await self._write_batches_on_own_connection()
+            await self._write_batches_until_closed()
         finally:
-            if self._writer_connection is not None:
-                await self._writer_connection.close()
-                self._writer_connection = None
+            await self._batches.close()
 
-    async def _write_batches_on_own_connection(self) -> None:
+    async def _write_batches_until_closed(self) -> None:
+        limit = self._batches.max_rows
         stopping = False
         while not stopping:
             batch: list[_PendingSave] = []
@@ -189,7 +193,7 @@ class SnapshotStore:
                     stopping = True
                     break
                 batch.append(item)
-                if len(batch) >= BATCH_LIMIT or self._queue.empty():
+                if len(batch) >= limit or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
             if batch:
@@ -197,18 +201,10 @@ class SnapshotStore:
 
     async def _commit(self, batch: list[_PendingSave]) -> None:
         try:
-            # The writer keeps one connection: no pool check-out and reset per batch.
-            if self._writer_connection is None:
-                self._writer_connection = await self._engine.connect()
-            conn = self._writer_connection
-            async with conn.begin():
-                await conn.exec_driver_sql(self._insert, [pending.row for pending in batch])
+            await self._batches.insert([pending.row for pending in batch])
         except Exception as exc:
             logger.error("failed to store a batch of %d snapshots: %s", len(batch), exc)
-            if self._writer_connection is not None:
-                with contextlib.suppress(Exception):
-                    await self._writer_connection.close()
-                self._writer_connection = None
+            await self._batches.close()  # a fresh connection for the next batch
             for pending in batch:
                 if not pending.committed.done():
                     pending.committed.set_exception(exc)
@@ -227,36 +223,116 @@ _COLUMNS = tuple(snapshots.columns.keys())
 """The table's columns in order: ``_to_row`` gives its values in this order."""
 
 
-def _insert_ignoring_duplicates(dialect_name: str) -> tuple[str, Callable[[datetime], Any]]:
-    """The batch insert in the driver's own SQL, and how the driver takes ``created_at``.
+class _BatchWriter(ABC):
+    """How the writer task inserts a batch on one dialect, over a connection of its own that
+    is kept between batches (no pool check-out and reset per batch)."""
 
-    The writer runs it with ``exec_driver_sql``: a batch of rows goes to the driver's
-    ``executemany`` without being compiled and converted column by column, which took a
-    quarter of the writer's time. The values are what ``models.snapshots`` would bind.
-    """
-    columns = ", ".join(_COLUMNS)
-    if dialect_name == "sqlite":
-        placeholders = ", ".join("?" for _ in _COLUMNS)
-        timestamp: Callable[[datetime], Any] = _sqlite_timestamp
-    elif dialect_name == "postgresql":
-        placeholders = ", ".join(f"${number}" for number in range(1, len(_COLUMNS) + 1))
-        timestamp = _utc
-    else:
-        raise ValueError(f"unsupported database dialect {dialect_name!r}")
-    sql = (
-        f"INSERT INTO snapshots ({columns}) VALUES ({placeholders}) "
-        "ON CONFLICT (response_id) DO NOTHING"
-    )
-    return sql, timestamp
+    max_rows: int
+    """Most rows in one batch."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+
+    @staticmethod
+    @abstractmethod
+    def timestamp(moment: datetime) -> Any:
+        """``created_at`` as the driver takes it: what ``models.snapshots`` would bind."""
+
+    async def insert(self, rows: list[Row]) -> None:
+        """Commit ``rows``, skipping ids already stored; all or nothing."""
+        if self._connection is None:
+            self._connection = await self._engine.connect()
+            try:
+                await self._prepare(self._connection)
+            except BaseException:
+                await self.close()
+                raise
+        await self._insert(self._connection, rows)
+
+    async def close(self) -> None:
+        """Give the connection back (quietly: it may be the one that failed)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    @abstractmethod
+    async def _prepare(self, connection: AsyncConnection) -> None:
+        """Set a new connection up."""
+
+    @abstractmethod
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None: ...
 
 
-def _utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC)
+class _SqliteBatchWriter(_BatchWriter):
+    """One multi-row ``INSERT`` per batch, in autocommit mode, run on the aiosqlite connection
+    itself: a single statement is its own transaction, and aiosqlite runs it in one trip to its
+    thread. Through SQLAlchemy's adapter a batch took four trips (cursor, ``executemany``, close,
+    commit), each a wake-up of both threads, and ``executemany`` passed the GIL between them
+    once per row."""
+
+    max_rows = 999 // len(_COLUMNS)
+    """Within SQLite's smallest limit on parameters per statement (999, before 3.32)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self._driver: Any = None
+
+    @staticmethod
+    def timestamp(moment: datetime) -> str:
+        """UTC without an offset, as SQLAlchemy stores a SQLite ``DATETIME``."""
+        return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+    async def _prepare(self, connection: AsyncConnection) -> None:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        self._driver = (await connection.get_raw_connection()).driver_connection
+
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
+        parameters = [value for row in rows for value in row]
+        await self._driver.execute(_sqlite_insert(len(rows)), parameters)
 
 
-def _sqlite_timestamp(moment: datetime) -> str:
-    """``created_at`` as SQLAlchemy stores a SQLite ``DATETIME``: UTC, without an offset."""
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+class _PostgresBatchWriter(_BatchWriter):
+    """``executemany`` in one transaction: asyncpg sends the rows as one pipeline."""
+
+    max_rows = 512
+
+    @staticmethod
+    def timestamp(moment: datetime) -> datetime:
+        return moment.astimezone(UTC)
+
+    async def _prepare(self, connection: AsyncConnection) -> None:
+        """Nothing to set: each batch is its own transaction."""
+
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
+        async with connection.begin():
+            await connection.exec_driver_sql(_POSTGRES_INSERT, rows)
+
+
+def _batch_writer(engine: AsyncEngine) -> _BatchWriter:
+    if engine.dialect.name == "sqlite":
+        return _SqliteBatchWriter(engine)
+    if engine.dialect.name == "postgresql":
+        return _PostgresBatchWriter(engine)
+    raise ValueError(f"unsupported database dialect {engine.dialect.name!r}")
+
+
+_INSERT_INTO = f"INSERT INTO snapshots ({', '.join(_COLUMNS)}) VALUES "
+_IGNORING_DUPLICATES = " ON CONFLICT (response_id) DO NOTHING"
+_POSTGRES_INSERT = (
+    _INSERT_INTO
+    + "("
+    + ", ".join(f"${number}" for number in range(1, len(_COLUMNS) + 1))
+    + ")"
+    + _IGNORING_DUPLICATES
+)
+
+
+@functools.lru_cache(maxsize=_SqliteBatchWriter.max_rows)
+def _sqlite_insert(rows: int) -> str:
+    values = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+    return _INSERT_INTO + ", ".join([values] * rows) + _IGNORING_DUPLICATES
 
 
 def _chain_statement(scope: str, response_id: str) -> Select[Any]:
@@ -278,7 +354,7 @@ def _dump(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _to_row(snapshot: Snapshot, timestamp: Callable[[datetime], Any]) -> tuple[Any, ...]:
+def _to_row(snapshot: Snapshot, timestamp: Callable[[datetime], Any]) -> Row:
     """Serialize, and reject what a database would refuse, so it can only fail its own save."""
     texts = (
         snapshot.response_id,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -21,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codexlb.db import MIGRATIONS_DIR, alembic_config, create_engine, upgrade, upgrade_url
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import snapshots
-from codexlb.store import Snapshot, SnapshotStore, _insert_ignoring_duplicates
+from codexlb.store import Snapshot, SnapshotStore, _SqliteBatchWriter
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
@@ -252,6 +254,66 @@ async def test_unstorable_snapshot_fails_only_its_own_save(store: SnapshotStore)
     assert await store.get("alice", "resp_good") is not None
 
 
+REFUSING_TRIGGER = {
+    "sqlite": [
+        "CREATE TRIGGER refuse BEFORE INSERT ON snapshots WHEN NEW.response_id = 'resp_refused' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+        "IF NEW.response_id = 'resp_refused' THEN RAISE EXCEPTION 'refused by a test trigger'; "
+        "END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse BEFORE INSERT ON snapshots FOR EACH ROW EXECUTE FUNCTION refuse()",
+    ],
+}
+
+
+async def test_a_refused_batch_fails_whole_and_the_next_one_commits(
+    store: SnapshotStore, engine: AsyncEngine
+) -> None:
+    async with engine.begin() as conn:
+        for statement in REFUSING_TRIGGER[engine.dialect.name]:
+            await conn.exec_driver_sql(statement)
+    ids = ["resp_ok_1", "resp_refused", "resp_ok_2"]
+
+    # Queued in one turn of the event loop, the three saves share one batch.
+    results = await asyncio.gather(*(store.save(snap(i)) for i in ids), return_exceptions=True)
+
+    assert all(isinstance(result, Exception) for result in results), results
+    assert "refused by a test trigger" in str(results[0])
+    await store.save(snap("resp_after"))
+    assert await store.get("alice", "resp_after") is not None
+    assert [await store.get("alice", i) for i in ids] == [None, None, None]
+
+
+async def test_sqlite_saves_wait_for_another_writer_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "shared.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    store = SnapshotStore(engine)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await upgrade(engine)
+        await store.start()
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction, say
+        save = asyncio.ensure_future(store.save(snap("resp_waits")))
+        started = time.monotonic()
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - started < 1.0  # the loop went on (the busy timeout is 30 s)
+        assert not save.done()
+
+        other.execute("COMMIT")
+
+        await asyncio.wait_for(save, 5)
+        assert await store.get("alice", "resp_waits") is not None
+    finally:
+        other.close()
+        await store.close()
+        await engine.dispose()
+
+
 async def test_prune_deletes_old_rows_in_batches(store: SnapshotStore, engine: AsyncEngine) -> None:
     cutoff = NOW - timedelta(days=30)
     old = [snap(f"resp_old_{i}", created_at=cutoff - timedelta(hours=i + 1)) for i in range(7)]
@@ -375,6 +437,5 @@ def test_the_writer_stores_created_at_on_sqlite_as_the_table_type_would(moment: 
     dialect = sqlite.dialect()
     bind = snapshots.c.created_at.type._cached_bind_processor(dialect)
     assert bind is not None
-    _, timestamp = _insert_ignoring_duplicates("sqlite")
 
-    assert timestamp(moment) == bind(moment)
+    assert _SqliteBatchWriter.timestamp(moment) == bind(moment)
