@@ -349,6 +349,18 @@ async def test_slow_first_byte_delays_then_answers(served: Served) -> None:
     assert (status, types(events)) == (200, NORMAL_EVENTS)
 
 
+async def test_slow_finish_holds_back_only_the_last_event(served: Served) -> None:
+    served.fake.script(Fault.slow_finish(0.3))
+    loop = asyncio.get_running_loop()
+    chunks: list[tuple[float, bytes]] = []
+    async with served.http.post(served.url + PATH, json=request_body(), headers=AUTH["a"]) as reply:
+        async for chunk in reply.content.iter_any():
+            chunks.append((loop.time(), chunk))
+    before = b"".join(chunk for at, chunk in chunks if at - chunks[0][0] < 0.2)
+    assert types(parse_sse(before.decode())) == NORMAL_EVENTS[:-1]
+    assert types(parse_sse(b"".join(chunk for _, chunk in chunks).decode())) == NORMAL_EVENTS
+
+
 async def test_drop_after_cuts_the_stream_without_terminator(served: Served) -> None:
     served.fake.script(Fault.drop_after(2))
     async with served.http.post(served.url + PATH, json=request_body(), headers=AUTH["a"]) as reply:
@@ -489,6 +501,19 @@ async def test_ws_drop_after_zero_closes_before_response_created(served: Served)
         message = await ws.receive(timeout=5)
         assert message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
     assert served.fake.pending_faults == 0
+
+
+async def test_ws_slow_finish_holds_back_only_the_last_event(served: Served) -> None:
+    served.fake.script(Fault.slow_finish(0.3))
+    loop = asyncio.get_running_loop()
+    async with served.http.ws_connect(served.url + PATH, headers=AUTH["a"]) as ws:
+        await ws.send_json({"type": "response.create", "model": "m", "input": [user("hi")]})
+        arrivals = []
+        for _ in range(len(NORMAL_EVENTS) + 1):
+            frame = await ws.receive_json(timeout=5)
+            arrivals.append((loop.time(), frame["type"]))
+    assert [kind for _, kind in arrivals] == ["codex.rate_limits", *NORMAL_EVENTS]
+    assert arrivals[-1][0] - arrivals[-2][0] >= 0.2
 
 
 async def test_ws_drop_after_events_closes_without_close_frame(served: Served) -> None:

@@ -7,6 +7,7 @@ authenticates pops one and suffers it (see `FakeUpstream`). The kinds:
     ws_error         an ``error`` event over WebSocket (HTTP: the status, 500 when None)
     handshake        refuses the next WebSocket upgrade with an HTTP error (HTTP: like status)
     slow_first_byte  waits, then answers normally
+    slow_finish      sends every event but the last, waits, then sends the last one
     drop_after       sends N events, then drops the connection without any terminator
     stall_after      sends N events, then holds the response open until the peer hangs up
     failed           ``response.created`` then ``response.failed``
@@ -23,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FaultKind = Literal[
-    "status", "ws_error", "handshake", "slow_first_byte", "drop_after", "stall_after", "failed"
+    "status",
+    "ws_error",
+    "handshake",
+    "slow_first_byte",
+    "slow_finish",
+    "drop_after",
+    "stall_after",
+    "failed",
 ]
 
 PRIMARY_WINDOW_MINUTES = 300
@@ -209,6 +217,14 @@ class Fault:
         if seconds < 0:
             raise ValueError("seconds must be >= 0")
         return cls("slow_first_byte", seconds=seconds)
+
+    @classmethod
+    def slow_finish(cls, seconds: float) -> Fault:
+        """Send every response event but the last at once, wait ``seconds``, then send the
+        last one (``response.completed``), as a model does that streams its output over time."""
+        if seconds < 0:
+            raise ValueError("seconds must be >= 0")
+        return cls("slow_finish", seconds=seconds)
 
     @classmethod
     def drop_after(cls, events: int) -> Fault:

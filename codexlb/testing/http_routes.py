@@ -77,12 +77,20 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
     try:
         if fault is not None and fault.kind == "slow_first_byte":
             await state.wait_closing(fault.seconds)
-        if fault is None or fault.kind not in ("drop_after", "stall_after"):
+        if fault is None or fault.kind not in ("drop_after", "stall_after", "slow_finish"):
             response = web.Response(body=events.encode_sse(response_events), headers=reply_headers)
             response.enable_chunked_encoding()
             return response
         stream = web.StreamResponse(headers=reply_headers)
         await stream.prepare(request)
+        if fault.kind == "slow_finish":
+            await stream.write(events.encode_sse(response_events[:-1]))
+            await state.wait_closing(fault.seconds)
+            try:
+                await stream.write_eof(events.encode_sse(response_events[-1:]))
+            except ConnectionError:
+                state.count_disconnect()
+            return stream
         if fault.events:
             await stream.write(events.encode_sse(response_events[: fault.events]))
         if fault.kind == "stall_after":

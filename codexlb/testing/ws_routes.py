@@ -128,6 +128,12 @@ class _Session:
             await self.state.wait_closing(fault.seconds)
         if fault is not None and fault.kind in ("drop_after", "stall_after"):
             frames = frames[: fault.events + 1]
+        if fault is not None and fault.kind == "slow_finish":
+            if not await self._send(frames[:-1]):
+                self.state.count_disconnect()
+                return False
+            await self.state.wait_closing(fault.seconds)
+            frames = frames[-1:]
         if not await self._send(frames):
             self.state.count_disconnect()
             return False
