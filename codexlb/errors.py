@@ -8,7 +8,8 @@
     ├── PayloadTooLarge               413 (HTTP) / 400 (WebSocket) ... / payload_too_large
     ├── UsageLimitReached             429 usage_limit_reached, with Retry-After and resets_at
     ├── PoolBusy                      429 rate_limit_exceeded, Retry-After: 1 (all at max_inflight)
-    └── UpstreamUnavailable           502 server_error / upstream_error
+    ├── UpstreamUnavailable           502 server_error / upstream_error
+    └── SnapshotNotStored             500 server_error / server_error (the database failed)
 
 Foreign exceptions (aiohttp, SQLAlchemy, json) are translated into this tree at exactly one
 boundary each, with ``raise ... from exc``; the HTTP middleware and the WebSocket handler are
@@ -125,3 +126,13 @@ class UpstreamUnavailable(CodexLBError):
     status = 502
     type = "server_error"
     code = "upstream_error"
+
+
+class SnapshotNotStored(CodexLBError):
+    """A completed response whose snapshot the database did not take: it is not forwarded as
+    completed (S2), and the client may send the request again."""
+
+    code = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__("codexlb could not store the response; please send the request again.")

@@ -25,6 +25,7 @@ import orjson
 
 from codexlb.config import Config
 from codexlb.credentials import Credentials
+from codexlb.errors import SnapshotNotStored
 from codexlb.metrics import Metrics
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account, Pool
@@ -160,14 +161,14 @@ class ResponseRecorder:
     def incomplete_event(self) -> dict[str, Any]:
         """The ``response.failed`` (``stream_incomplete``) that ends a response whose upstream
         broke after visible output: the client keeps its connection and may retry."""
-        response = dict(self.started_response())
-        response.update(
-            status="failed",
-            error={
-                "code": "stream_incomplete",
-                "message": "The upstream connection ended before the response completed.",
-            },
+        return self.failed_event(
+            "stream_incomplete", "The upstream connection ended before the response completed."
         )
+
+    def failed_event(self, code: str, message: str) -> dict[str, Any]:
+        """A ``response.failed`` that ends this response after visible output."""
+        response = dict(self.started_response())
+        response.update(status="failed", error={"code": code, "message": message})
         return {"type": "response.failed", "response": response}
 
     def ordered_output(self) -> list[Any]:
@@ -390,19 +391,23 @@ class Exchange:
         if isinstance(response_id, str):
             model = response.get("model")
             queued = time.perf_counter()
-            await self.services.store.save(
-                Snapshot(
-                    response_id=response_id,
-                    previous_response_id=self.request.previous_response_id,
-                    scope=self.scope,
-                    account=account.name,
-                    model=model if isinstance(model, str) else self.request.model,
-                    input_items=self.request.input_items,
-                    output_items=output,
-                    usage=self.record.usage,
-                    created_at=datetime.now(UTC),
+            try:
+                await self.services.store.save(
+                    Snapshot(
+                        response_id=response_id,
+                        previous_response_id=self.request.previous_response_id,
+                        scope=self.scope,
+                        account=account.name,
+                        model=model if isinstance(model, str) else self.request.model,
+                        input_items=self.request.input_items,
+                        output_items=output,
+                        usage=self.record.usage,
+                        created_at=datetime.now(UTC),
+                    )
                 )
-            )
+            except Exception as exc:
+                log.error("response %s was not stored: %s", response_id, exc)
+                raise SnapshotNotStored from exc
             self.services.metrics.snapshot_write.observe(time.perf_counter() - queued)
         else:
             log.warning("account %s completed a response without an id", account.name)

@@ -4,7 +4,7 @@ Upstream bytes are forwarded unchanged, event by event, while a parsed copy feed
 ``ResponseRecorder``. ``response.created``/``in_progress`` are held back until the first
 visible event, and the client's response is only started then: any failure before that point
 fails over to another account invisibly, or ends as a clean S1.4 error. ``response.completed``
-goes out only after its snapshot is committed.
+goes out only after its snapshot is committed, in one write with the events that arrived with it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aiohttp import web
 
 from codexlb.auth import ClientKeys
 from codexlb.credentials import Credentials
-from codexlb.errors import CodexLBError, NotFound, PayloadTooLarge
+from codexlb.errors import CodexLBError, NotFound, PayloadTooLarge, SnapshotNotStored
 from codexlb.exchange import (
     COMPLETED,
     FAILED,
@@ -256,10 +256,14 @@ class HttpProxy:
                         self._failed_before_output(exchange, account, recorder, upstream)
                         return None
                     if step is COMPLETED:
-                        # Output first, so the commit below never delays it.
-                        if sink.pending and not await sink.flush():
-                            return sink.response
-                        await exchange.commit(account, recorder)
+                        # The events that arrived with response.completed wait for the commit
+                        # and go out with it, in one write.
+                        try:
+                            await exchange.commit(account, recorder)
+                        except SnapshotNotStored as exc:
+                            if sink.response is None:
+                                raise  # nothing sent yet: a plain 500
+                            raw = encode_event(recorder.failed_event(exc.code, exc.message))
                     else:
                         exchange.refused_by_upstream(account)
                     sink.add(raw)

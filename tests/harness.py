@@ -4,10 +4,12 @@ process, in front of the fake upstream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -111,6 +113,25 @@ async def serve(config: Config) -> AsyncIterator[Balancer]:
         yield Balancer(f"http://{host}:{port}", runner.app)
     finally:
         await runner.cleanup()
+
+
+def refusing_snapshots(database: Path, refuse: bool = True) -> None:
+    """Make a SQLite database refuse every snapshot from now on, as a full disk would (or,
+    with ``refuse`` False, take them again). Blocking: run it off the event loop."""
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        if refuse:
+            connection.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON snapshots "
+                "BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
+            )
+        else:
+            connection.execute("DROP TRIGGER refuse")
+        connection.commit()
+
+
+async def refuse_snapshots(database: Path, refuse: bool = True) -> None:
+    """`refusing_snapshots`, off the event loop."""
+    await asyncio.to_thread(refusing_snapshots, database, refuse)
 
 
 def make_config(data: Mapping[str, Any], tmp_path: Path) -> Config:

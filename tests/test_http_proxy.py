@@ -6,17 +6,20 @@ import asyncio
 import io
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from codexlb.sse import SSEDecoder
 from codexlb.testing.fake_upstream import Fault
 from tests.harness import (
     CODEX_PATH,
     Balancer,
     Fake,
     auth,
+    refuse_snapshots,
     stream_turn,
     user_message,
     without_ids_and_reasoning,
@@ -271,6 +274,60 @@ async def test_drop_after_visible_output_fails_the_response_cleanly(
     assert len(fake.received) == 1
     # The failed response was not stored: continuing it is not possible.
     failed_id = result.events[0]["response"]["id"]
+    again = await stream_turn(
+        http, lb.url, {"input": [user_message("x")], "previous_response_id": failed_id}
+    )
+    assert again.status == 400
+
+
+async def test_output_streams_to_the_client_before_the_response_completes(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    fake.script(Fault.slow_finish(0.5))
+    arrivals: list[tuple[float, str]] = []
+    decoder = SSEDecoder()
+    payload = {"model": "gpt-5-codex", "stream": True, "input": [user_message("hi")]}
+    async with http.post(lb.url + CODEX_PATH, json=payload, headers=auth()) as response:
+        async for chunk in response.content.iter_any():
+            arrivals += [(time.monotonic(), str(kind)) for _, kind, _ in decoder.feed(chunk)]
+
+    kinds = [kind for _, kind in arrivals]
+    assert kinds[0] == "response.created"
+    assert kinds[-1] == "response.completed"
+    output_done = arrivals[kinds.index("response.output_item.done")][0]
+    assert arrivals[-1][0] - output_done >= 0.4
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_response_the_database_refuses_is_a_500_before_any_output(
+    stream: bool, lb: Balancer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    await refuse_snapshots(tmp_path / "codexlb.db")
+    payload = {"model": "gpt-5-codex", "stream": stream, "input": [user_message("hi")]}
+
+    async with http.post(lb.url + CODEX_PATH, json=payload, headers=auth()) as response:
+        status, body = response.status, await response.json()
+
+    assert status == 500
+    assert body["error"]["type"] == "server_error"
+    assert body["error"]["code"] == "server_error"
+    assert "could not store the response" in body["error"]["message"]
+
+
+async def test_a_response_the_database_refuses_after_output_ends_failed(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    await refuse_snapshots(tmp_path / "codexlb.db")
+    fake.script(Fault.slow_finish(0.2))
+
+    result = await asyncio.wait_for(stream_turn(http, lb.url, {"input": [user_message("hi")]}), 10)
+
+    assert result.status == 200
+    assert "response.output_item.done" in result.types
+    assert "response.completed" not in result.types
+    assert result.types[-1] == "response.failed"
+    assert result.events[-1]["response"]["error"]["code"] == "server_error"
+    failed_id = result.events[-1]["response"]["id"]
     again = await stream_turn(
         http, lb.url, {"input": [user_message("x")], "previous_response_id": failed_id}
     )

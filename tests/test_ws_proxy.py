@@ -23,6 +23,7 @@ from tests.harness import (
     config_data,
     make_config,
     output_items,
+    refuse_snapshots,
     running_child,
     serve,
     user_message,
@@ -228,6 +229,22 @@ async def test_drop_after_output_fails_the_response_and_the_socket_goes_on(
         after = await ws_turn(ws, {"input": [user_message("two")]})
         assert after[-1]["type"] == "response.completed"
     assert len(fake.handshakes) == 2
+
+
+async def test_a_response_the_database_refuses_is_an_error_event_and_the_socket_goes_on(
+    lb: Balancer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
+        await refuse_snapshots(tmp_path / "codexlb.db")
+        refused = await ws_turn(ws, {"input": [user_message("one")]})
+        assert "response.completed" not in [event["type"] for event in refused]
+        assert refused[-1]["type"] == "error"
+        assert refused[-1]["status"] == 500
+        assert refused[-1]["error"]["code"] == "server_error"
+
+        await refuse_snapshots(tmp_path / "codexlb.db", refuse=False)
+        after = await ws_turn(ws, {"input": [user_message("two")]})
+        assert after[-1]["type"] == "response.completed"
 
 
 async def test_whole_pool_rate_limited_sends_error_event_with_status(
