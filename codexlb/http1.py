@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from typing import cast
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 MAX_BUFFERED_BYTES = 1024 * 1024
@@ -31,6 +30,10 @@ MAX_IDLE_CONNECTIONS = 256
 
 Origin = tuple[str, str, int]
 _BREAKS = frozenset("\r\n\x00")
+
+KNOWN_NAMES_LIMIT = 1024
+"""Response header names whose decoded, lower-cased form is remembered."""
+_HEADER_NAMES: dict[bytes, str] = {}
 
 
 class Http1Error(Exception):
@@ -75,7 +78,11 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._response is not None:
-            self._response._raw_headers.append((name, value))
+            headers = self._response.headers
+            key = _HEADER_NAMES.get(name) or _header_name(name)
+            text = value.decode("latin-1")
+            earlier = headers.get(key)
+            headers[key] = text if earlier is None else f"{earlier}, {text}"
 
     def on_headers_complete(self) -> None:
         if self._parser is not None and self._response is not None:
@@ -119,12 +126,12 @@ class Http1Response:
 
     def __init__(self, client: Http1Client, origin: Origin, connection: _Connection) -> None:
         self.status = 0
-        self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+        self.headers: dict[str, str] = {}
+        """Lower-cased names; a repeated field's values joined with ``", "`` (RFC 9110)."""
         self.complete = False
         self._client = client
         self._origin = origin
         self._connection = connection
-        self._raw_headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._keep_alive = False
@@ -184,10 +191,6 @@ class Http1Response:
     def _headers_done(self, status: int) -> None:
         self._started = True
         self.status = status
-        headers: CIMultiDict[str] = CIMultiDict()
-        for name, value in self._raw_headers:
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
-        self.headers = CIMultiDictProxy(headers)
         if not self._headers_future.done():
             self._headers_future.set_result(None)
 
@@ -234,6 +237,15 @@ class Http1Response:
         transport = self._connection.transport
         if transport is not None and not transport.is_closing() and not transport.is_reading():
             transport.resume_reading()
+
+
+def _header_name(raw: bytes) -> str:
+    """A header name as ``Http1Response.headers`` keys it. The same dozen names come with
+    every response: a dictionary hit costs less than decoding and lower-casing each again."""
+    name = raw.decode("latin-1").lower()
+    if len(_HEADER_NAMES) < KNOWN_NAMES_LIMIT:
+        _HEADER_NAMES[raw] = name
+    return name
 
 
 class _NoHeadersInTime(Exception):

@@ -116,7 +116,7 @@ async def test_content_length_body_and_headers(client: Http1Client) -> None:
         await read_request(reader)
         writer.write(
             b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nX-Codex-Primary-Used-Percent: 100"
-            b"\r\nContent-Length: 5\r\n\r\nlimit"
+            b"\r\nVary: Accept\r\nvary: Origin\r\nContent-Length: 5\r\n\r\nlimit"
         )
         await writer.drain()
 
@@ -125,6 +125,8 @@ async def test_content_length_body_and_headers(client: Http1Client) -> None:
         assert response.status == 429
         assert response.headers["retry-after"] == "7"
         assert response.headers["x-codex-primary-used-percent"] == "100"
+        assert response.headers["vary"] == "Accept, Origin"
+        assert "Retry-After" not in response.headers  # names are lower-cased
         assert await response.read(1024, 5) == b"limit"
         response.release()
 
