@@ -589,6 +589,23 @@ def test_split_text_keeps_every_character() -> None:
     assert split_text("abc", 0) == []
 
 
+async def test_keep_bounds_what_the_fake_remembers() -> None:
+    fake = FakeUpstream(ACCOUNTS, keep=3)
+    url = await fake.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for number in range(10):
+                body = request_body(f"turn {number}")
+                async with http.post(url + PATH, json=body, headers=AUTH["a"]) as reply:
+                    assert reply.status == 200
+    finally:
+        await fake.close()
+    assert 3 <= len(fake.received) < 6
+    assert fake.received[-1].body["input"][0]["content"][0]["text"] == "turn 9"
+    with pytest.raises(ValueError, match="keep"):
+        FakeUpstream(ACCOUNTS, keep=0)
+
+
 def test_parse_account_specs() -> None:
     chatgpt = parse_account("work:tok:acct")
     assert (chatgpt.access_token, chatgpt.chatgpt_account_id, chatgpt.api_key) == (

@@ -19,7 +19,8 @@ generated response starts with a reasoning item whose ``encrypted_content`` is b
 account that made it and is refused on any other account.
 
 Standalone: ``python -m codexlb.testing.fake_upstream --account NAME:TOKEN:ACCOUNT_ID``
-(repeatable; ``NAME:sk-...`` for a platform key) serves until SIGINT or SIGTERM.
+(repeatable; ``NAME:sk-...`` for a platform key) serves until SIGINT or SIGTERM, keeping only
+the latest ``--keep`` received requests.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 PREFIXES = ("/backend-api/codex", "/v1", "")
 MODELS_PATHS = ("/backend-api/codex/models", "/v1/models")
 SHUTDOWN_TIMEOUT = 2.0
+STANDALONE_KEEP = 1000
+"""Received requests a standalone fake keeps (nothing reads more of them)."""
 
 
 class FakeUpstream(UpstreamState):
@@ -62,8 +65,11 @@ class FakeUpstream(UpstreamState):
         deltas: int = 3,
         text: str | None = None,
         completed_output: bool = False,
+        keep: int | None = None,
     ) -> None:
-        super().__init__(accounts, deltas=deltas, text=text, completed_output=completed_output)
+        super().__init__(
+            accounts, deltas=deltas, text=text, completed_output=completed_output, keep=keep
+        )
         self.oauth = FakeOAuth(self)
         self._runner: web.AppRunner | None = None
 
@@ -148,13 +154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deltas", type=int, default=3, help="text deltas per message")
     parser.add_argument("--text", default=None, help="fixed answer text instead of the echo")
     parser.add_argument("--completed-output", action="store_true")
+    parser.add_argument(
+        "--keep",
+        type=int,
+        default=STANDALONE_KEEP,
+        help="received requests kept in memory (default %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     fake = FakeUpstream(
-        args.account, deltas=args.deltas, text=args.text, completed_output=args.completed_output
+        args.account,
+        deltas=args.deltas,
+        text=args.text,
+        completed_output=args.completed_output,
+        keep=args.keep,
     )
     asyncio.run(_serve(fake, args.host, args.port))
     return 0

@@ -75,8 +75,11 @@ class UpstreamState:
 
     ``received`` lists every request in arrival order: HTTP requests (rejected ones too),
     WebSocket messages, and WebSocket handshakes that were refused (body None).
-    ``handshakes`` lists every WebSocket upgrade attempt (body None). ``disconnects`` counts
-    responses whose peer hung up before the fake finished them.
+    ``handshakes`` lists every WebSocket upgrade attempt (body None). With ``keep`` both lists
+    hold only about the latest ``keep`` entries (between ``keep`` and twice as many): a
+    long-running fake, as under a benchmark, would otherwise grow without end, and so would the
+    pauses of the garbage collector that walks it. ``disconnects`` counts responses whose peer
+    hung up before the fake finished them.
     """
 
     def __init__(
@@ -86,9 +89,12 @@ class UpstreamState:
         deltas: int = 3,
         text: str | None = None,
         completed_output: bool = False,
+        keep: int | None = None,
     ) -> None:
         if deltas < 0:
             raise ValueError("deltas must be >= 0")
+        if keep is not None and keep < 1:
+            raise ValueError("keep must be at least 1")
         self.accounts = {account.name: account for account in accounts}
         if len(self.accounts) != len(accounts):
             raise ValueError("account names must be unique")
@@ -102,6 +108,7 @@ class UpstreamState:
         self.text = text
         self.completed_output = completed_output
         self.responder: Responder | None = None
+        self.keep = keep
         self.received: list[ReceivedRequest] = []
         self.handshakes: list[ReceivedRequest] = []
         self.disconnects = 0
@@ -195,6 +202,8 @@ class UpstreamState:
     ) -> None:
         name = account.name if account is not None else None
         into.append(ReceivedRequest(transport, path, name, headers, body))
+        if self.keep is not None and len(into) >= 2 * self.keep:
+            del into[: -self.keep]
         logger.debug("%s %s account=%s", transport, path, name)
         self.notify()
 
