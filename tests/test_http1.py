@@ -131,6 +131,32 @@ async def test_content_length_body_and_headers(client: Http1Client) -> None:
         response.release()
 
 
+async def test_headers_split_over_many_reads_arrive_whole(client: Http1Client) -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nX-Codex-Primary-Used-Percent: 42\r\nSet-Cookie: a=1\r\n"
+        b"Set-Cookie: b=2\r\nContent-Type: text/event-stream\r\nContent-Length: 9\r\n\r\n"
+    )
+    pieces = [head[i : i + 7] for i in range(0, len(head), 7)] + [b"data: 1\n\n"]
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        for piece in pieces:  # one read each: the next is only sent after a pause
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.005)
+
+    async with raw_server(script) as server:
+        response = await client.post(server.url, {}, b"", first_byte_timeout=5)
+        assert response.headers == {
+            "x-codex-primary-used-percent": "42",
+            "set-cookie": "a=1, b=2",
+            "content-type": "text/event-stream",
+            "content-length": "9",
+        }
+        assert await response.read(1024, 5) == b"data: 1\n\n"
+        response.release()
+
+
 async def test_a_pooled_connection_closed_while_idle_is_replaced_once(
     client: Http1Client,
 ) -> None:
