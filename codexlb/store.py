@@ -10,6 +10,15 @@ which is what lets the caller forward ``response.completed`` afterwards. Inserts
 already exists (``ON CONFLICT DO NOTHING`` on both dialects), so a duplicate never fails the other
 rows of its batch. A caller cancelled while waiting does not withdraw its row.
 
+While saves arrive together (the last batch held more than one), the writer lets
+``GATHER_TURNS`` turns of the event loop pass before it drains the queue, so that the responses
+completing in them join the batch: PostgreSQL's ``commit_delay``, counted in loop turns, which
+are short when little is going on and long under load. A lone save is never held back. Each
+batch is a trip to the database (on SQLite, to aiosqlite's thread and back), and a trip started
+in the middle of a burst waits on the busy event loop thread; at 64 concurrent streams,
+gathering cut the writer's time spent on trips by two thirds and codexlb's CPU per response by
+some 7%.
+
 How a batch is inserted is the part that differs by dialect (`_BatchWriter`): on SQLite it is one
 multi-row ``INSERT`` that aiosqlite runs in one trip to its thread, on PostgreSQL an asyncpg
 ``executemany`` in a transaction. Both are handed the driver's own SQL, skipping SQLAlchemy's
@@ -56,6 +65,9 @@ logger = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
 """A snapshot's values in ``_COLUMNS`` order, as the drivers take them."""
+
+GATHER_TURNS = 8
+"""Event loop turns a batch waits for more saves while saves are arriving together."""
 
 
 @dataclass(slots=True)  # not frozen: one per response, and frozen fields cost a call each
@@ -185,9 +197,12 @@ class SnapshotStore:
     async def _write_batches_until_closed(self) -> None:
         limit = self._batches.max_rows
         stopping = False
+        previous = 0
         while not stopping:
             batch: list[_PendingSave] = []
             item = await self._queue.get()
+            if previous > 1:
+                await self._gather(limit)
             while True:
                 if item is None:
                     stopping = True
@@ -196,8 +211,17 @@ class SnapshotStore:
                 if len(batch) >= limit or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
+            previous = len(batch)
             if batch:
                 await self._commit(batch)
+
+    async def _gather(self, limit: int) -> None:
+        """Let up to ``GATHER_TURNS`` turns of the event loop pass, so that saves made in them
+        join the batch; stop early once a full batch is waiting."""
+        for _ in range(GATHER_TURNS):
+            if self._queue.qsize() + 1 >= limit:
+                return
+            await asyncio.sleep(0)
 
     async def _commit(self, batch: list[_PendingSave]) -> None:
         try:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codexlb.db import MIGRATIONS_DIR, alembic_config, create_engine, upgrade, upgrade_url
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import snapshots
-from codexlb.store import Snapshot, SnapshotStore, _SqliteBatchWriter
+from codexlb.store import GATHER_TURNS, Snapshot, SnapshotStore, _SqliteBatchWriter
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
@@ -197,6 +197,24 @@ async def test_concurrent_saves_are_group_committed(
         assert await conn.scalar(select(func.count()).select_from(snapshots)) == 200
     loaded = await asyncio.gather(*(store.get("alice", s.response_id) for s in items))
     assert loaded == items
+
+
+async def test_saves_arriving_over_a_few_loop_turns_share_a_batch(
+    store: SnapshotStore, engine: AsyncEngine
+) -> None:
+    await asyncio.gather(*(store.save(snap(f"resp_burst_{i}")) for i in range(5)))
+
+    async def save_after(turns: int) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await store.save(snap(f"resp_late_{turns}"))
+
+    batches_before = store.batches_committed
+    await asyncio.gather(*(save_after(turns) for turns in range(GATHER_TURNS)))
+
+    assert store.batches_committed - batches_before == 1
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(snapshots)) == 5 + GATHER_TURNS
 
 
 async def test_two_writers_and_readers_share_the_database(
