@@ -4,7 +4,10 @@ Upstream bytes are forwarded unchanged, event by event, while a parsed copy feed
 ``ResponseRecorder``. ``response.created``/``in_progress`` are held back until the first
 visible event, and the client's response is only started then: any failure before that point
 fails over to another account invisibly, or ends as a clean S1.4 error. ``response.completed``
-goes out only after its snapshot is committed, in one write with the events that arrived with it.
+goes out only after its snapshot is committed. Output that arrived with it goes out first when
+the store is idle, so the client need not wait for a trip to the database to see it; while the
+store is busy (responses completing together) it waits and goes out with ``response.completed``
+in one write, since one write per response counts for more under load.
 """
 
 from __future__ import annotations
@@ -256,8 +259,8 @@ class HttpProxy:
                         self._failed_before_output(exchange, account, recorder, upstream)
                         return None
                     if step is COMPLETED:
-                        # The events that arrived with response.completed wait for the commit
-                        # and go out with it, in one write.
+                        if sink.pending and not self.services.store.busy:
+                            await sink.flush()  # the output, while the commit takes its trip
                         try:
                             await exchange.commit(account, recorder)
                         except SnapshotNotStored as exc:

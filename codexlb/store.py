@@ -105,6 +105,10 @@ class SnapshotStore:
         self._queue: asyncio.Queue[_PendingSave | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._previous_batch = 0
+        """Saves in the last batch committed: more than one while saves arrive together."""
+        self._in_flight = False
+        """Whether the writer holds saves it has not committed yet."""
         self.batches_committed = 0
         """Transactions the writer has committed; a burst of saves shares a few of them."""
 
@@ -134,6 +138,12 @@ class SnapshotStore:
         pending = _PendingSave(row, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         await pending.committed
+
+    @property
+    def busy(self) -> bool:
+        """Whether saves are arriving together (another is queued or being committed, or the
+        last batch held more than one): a save made now shares its trip to the database."""
+        return self._previous_batch > 1 or self._in_flight or not self._queue.empty()
 
     async def chain(self, scope: str, response_id: str) -> list[Snapshot]:
         """The ancestry of ``response_id``, oldest first, ending with ``response_id`` itself.
@@ -197,11 +207,11 @@ class SnapshotStore:
     async def _write_batches_until_closed(self) -> None:
         limit = self._batches.max_rows
         stopping = False
-        previous = 0
         while not stopping:
             batch: list[_PendingSave] = []
             item = await self._queue.get()
-            if previous > 1:
+            self._in_flight = True
+            if self._previous_batch > 1:
                 await self._gather(limit)
             while True:
                 if item is None:
@@ -211,9 +221,12 @@ class SnapshotStore:
                 if len(batch) >= limit or self._queue.empty():
                     break
                 item = self._queue.get_nowait()
-            previous = len(batch)
-            if batch:
-                await self._commit(batch)
+            self._previous_batch = len(batch)
+            try:
+                if batch:
+                    await self._commit(batch)
+            finally:
+                self._in_flight = False
 
     async def _gather(self, limit: int) -> None:
         """Let up to ``GATHER_TURNS`` turns of the event loop pass, so that saves made in them

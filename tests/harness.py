@@ -134,6 +134,21 @@ async def refuse_snapshots(database: Path, refuse: bool = True) -> None:
     await asyncio.to_thread(refusing_snapshots, database, refuse)
 
 
+@contextlib.asynccontextmanager
+async def locked_database(database: Path) -> AsyncIterator[None]:
+    """Hold a SQLite database's write lock, as another process's long write would: codexlb's
+    snapshot commits wait (on their busy timeout) until the block ends."""
+    connection = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    try:
+        await asyncio.to_thread(connection.execute, "BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(connection.execute, "ROLLBACK")
+    finally:
+        connection.close()
+
+
 def make_config(data: Mapping[str, Any], tmp_path: Path) -> Config:
     return parse_config(data, source=tmp_path / "codexlb.toml")
 

@@ -19,6 +19,7 @@ from tests.harness import (
     Balancer,
     Fake,
     auth,
+    locked_database,
     refuse_snapshots,
     stream_turn,
     user_message,
@@ -298,12 +299,11 @@ async def test_output_streams_to_the_client_before_the_response_completes(
     assert arrivals[-1][0] - output_done >= 0.4
 
 
-@pytest.mark.parametrize("stream", [True, False])
 async def test_a_response_the_database_refuses_is_a_500_before_any_output(
-    stream: bool, lb: Balancer, http: aiohttp.ClientSession, tmp_path: Path
+    lb: Balancer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     await refuse_snapshots(tmp_path / "codexlb.db")
-    payload = {"model": "gpt-5-codex", "stream": stream, "input": [user_message("hi")]}
+    payload = {"model": "gpt-5-codex", "stream": False, "input": [user_message("hi")]}
 
     async with http.post(lb.url + CODEX_PATH, json=payload, headers=auth()) as response:
         status, body = response.status, await response.json()
@@ -312,6 +312,50 @@ async def test_a_response_the_database_refuses_is_a_500_before_any_output(
     assert body["error"]["type"] == "server_error"
     assert body["error"]["code"] == "server_error"
     assert "could not store the response" in body["error"]["message"]
+
+
+async def next_events(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> list[str]:
+    """The types of the events in the next piece of a stream ([] at its end)."""
+    return [str(kind) for _, kind, _ in decoder.feed(await response.content.readany())]
+
+
+@pytest.mark.parametrize("refused", [False, True])
+async def test_output_goes_out_before_its_commit_unless_the_store_is_busy(
+    refused: bool, lb: Balancer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Each response arrives from the upstream in one piece, and commits wait on a locked
+    database. The first finds the store idle: its output goes out while its commit waits.
+    The second completes while the first's commit is under way: its output waits for its own
+    commit and goes out with it, so a refused commit is still a plain 500."""
+    database = tmp_path / "codexlb.db"
+    if refused:
+        await refuse_snapshots(database)
+    payload = {"model": "gpt-5-codex", "stream": True, "input": [user_message("hi")]}
+    first_decoder = SSEDecoder()
+    async with locked_database(database):
+        first = await http.post(lb.url + CODEX_PATH, json=payload, headers=auth())
+        assert first.status == 200
+        kinds: list[str] = []
+        while "response.output_item.done" not in kinds:
+            kinds += await asyncio.wait_for(next_events(first, first_decoder), 5)
+        second = asyncio.create_task(http.post(lb.url + CODEX_PATH, json=payload, headers=auth()))
+        with pytest.raises(TimeoutError):  # the first's terminal event waits for the commit
+            await asyncio.wait_for(next_events(first, first_decoder), 0.5)
+        assert not second.done()  # and nothing of the second, not even its status line
+    while piece := await asyncio.wait_for(next_events(first, first_decoder), 5):
+        kinds += piece
+    first.release()
+    async with await asyncio.wait_for(second, 5) as response:
+        second_status, second_body = response.status, await response.read()
+
+    if refused:
+        assert kinds[-1] == "response.failed"
+        assert second_status == 500
+        assert b"could not store the response" in second_body
+    else:
+        assert kinds[-1] == "response.completed"
+        assert second_status == 200
+        assert [kind for _, kind, _ in SSEDecoder().feed(second_body)] == kinds
 
 
 async def test_a_response_the_database_refuses_after_output_ends_failed(

@@ -217,6 +217,21 @@ async def test_saves_arriving_over_a_few_loop_turns_share_a_batch(
         assert await conn.scalar(select(func.count()).select_from(snapshots)) == 5 + GATHER_TURNS
 
 
+async def test_the_store_is_busy_while_saves_arrive_together(store: SnapshotStore) -> None:
+    assert not store.busy
+    await store.save(snap("resp_lone"))
+    assert not store.busy
+
+    burst = asyncio.gather(*(store.save(snap(f"resp_burst_{i}")) for i in range(3)))
+    await asyncio.sleep(0)
+    assert store.busy  # saves are queued
+    await burst
+    assert store.busy  # the last batch held three: more are likely to come together
+
+    await store.save(snap("resp_lone_again"))
+    assert not store.busy
+
+
 async def test_two_writers_and_readers_share_the_database(
     engine: AsyncEngine, database_url: str
 ) -> None:
