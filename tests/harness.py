@@ -11,7 +11,7 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +132,14 @@ def refusing_snapshots(database: Path, refuse: bool = True) -> None:
 async def refuse_snapshots(database: Path, refuse: bool = True) -> None:
     """`refusing_snapshots`, off the event loop."""
     await asyncio.to_thread(refusing_snapshots, database, refuse)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+    """Poll ``check`` until it holds: state in another process (or behind a server) has no
+    event to await."""
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110 (nothing to await: the state is elsewhere)
+            await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager

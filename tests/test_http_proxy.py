@@ -19,6 +19,7 @@ from tests.harness import (
     Balancer,
     Fake,
     auth,
+    eventually,
     locked_database,
     refuse_snapshots,
     stream_turn,
@@ -321,7 +322,7 @@ async def next_events(response: aiohttp.ClientResponse, decoder: SSEDecoder) -> 
 
 @pytest.mark.parametrize("refused", [False, True])
 async def test_output_goes_out_before_its_commit_unless_the_store_is_busy(
-    refused: bool, lb: Balancer, http: aiohttp.ClientSession, tmp_path: Path
+    refused: bool, lb: Balancer, fake: Fake, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """Each response arrives from the upstream in one piece, and commits wait on a locked
     database. The first finds the store idle: its output goes out while its commit waits.
@@ -339,6 +340,7 @@ async def test_output_goes_out_before_its_commit_unless_the_store_is_busy(
         while "response.output_item.done" not in kinds:
             kinds += await asyncio.wait_for(next_events(first, first_decoder), 5)
         second = asyncio.create_task(http.post(lb.url + CODEX_PATH, json=payload, headers=auth()))
+        await eventually(lambda: len(fake.received) == 2)  # the upstream answered the second
         with pytest.raises(TimeoutError):  # the first's terminal event waits for the commit
             await asyncio.wait_for(next_events(first, first_decoder), 0.5)
         assert not second.done()  # and nothing of the second, not even its status line

@@ -28,6 +28,7 @@ from tests.harness import (
     Fake,
     auth,
     config_data,
+    eventually,
     start_child,
     stream_turn,
     user_message,
@@ -286,10 +287,3 @@ async def test_sighup_reloads_a_child_server_at_once(fake: Fake, tmp_path: Path)
     finally:
         assert await server.stop() == 0
     assert not any("rejected" in line for line in server.log)
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
-    """Poll ``check`` until it holds: a child process's state has no event to await."""
-    async with asyncio.timeout(timeout):
-        while not check():  # noqa: ASYNC110 (nothing to await: the state is in another process)
-            await asyncio.sleep(0.02)
