@@ -18,7 +18,7 @@ import collections
 import functools
 import ssl
 from collections.abc import Mapping
-from typing import cast
+from typing import TypeVar, cast
 
 import httptools
 from yarl import URL
@@ -29,11 +29,14 @@ MAX_IDLE_CONNECTIONS = 256
 """Idle keep-alive connections kept per origin."""
 
 Origin = tuple[str, str, int]
+K = TypeVar("K")
+V = TypeVar("V")
 _BREAKS = frozenset("\r\n\x00")
 
 KNOWN_NAMES_LIMIT = 1024
-"""Response header names whose decoded, lower-cased form is remembered."""
+"""Entries in each table of header names remembered (see ``remember``)."""
 _HEADER_NAMES: dict[bytes, str] = {}
+"""Raw response header names, decoded and lower-cased."""
 
 
 class Http1Error(Exception):
@@ -239,13 +242,18 @@ class Http1Response:
             transport.resume_reading()
 
 
+def remember(known: dict[K, V], name: K, value: V) -> V:
+    """Record what was worked out about a header name, while ``known`` holds fewer than
+    ``KNOWN_NAMES_LIMIT`` names: the same few dozen come with every request and response, and
+    a dictionary hit costs less than decoding, lower-casing or matching a name again."""
+    if len(known) < KNOWN_NAMES_LIMIT:
+        known[name] = value
+    return value
+
+
 def _header_name(raw: bytes) -> str:
-    """A header name as ``Http1Response.headers`` keys it. The same dozen names come with
-    every response: a dictionary hit costs less than decoding and lower-casing each again."""
-    name = raw.decode("latin-1").lower()
-    if len(_HEADER_NAMES) < KNOWN_NAMES_LIMIT:
-        _HEADER_NAMES[raw] = name
-    return name
+    """A header name as ``Http1Response.headers`` keys it."""
+    return remember(_HEADER_NAMES, raw, raw.decode("latin-1").lower())
 
 
 class _NoHeadersInTime(Exception):

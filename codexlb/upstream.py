@@ -17,7 +17,7 @@ from aiohttp import web
 from yarl import URL
 
 from codexlb.config import TimeoutsConfig
-from codexlb.http1 import ConnectFailed, Http1Client, Http1Response
+from codexlb.http1 import ConnectFailed, Http1Client, Http1Response, remember
 from codexlb.pool import Account
 
 HOP_BY_HOP = frozenset(
@@ -75,18 +75,9 @@ RELAYED_PREFIXES = ("x-codex-", "x-ratelimit-")
 models ETag, request id and rate limits."""
 
 
-KNOWN_NAMES_LIMIT = 1024
-"""Header names whose verdict (relayed, forwarded) is remembered, per direction."""
+# Header names' verdicts, remembered per direction (``http1.remember``).
 _relayed_names: dict[str, bool] = {}
 _forwarded_names: dict[str, bool] = {}
-
-
-def _remember(known: dict[str, bool], name: str, verdict: bool) -> bool:
-    """Record a header name's verdict: the same few dozen names come with every request,
-    and a dictionary hit costs less than lowercasing and matching the name again."""
-    if len(known) < KNOWN_NAMES_LIMIT:
-        known[name] = verdict
-    return verdict
 
 
 def relayed_headers(headers: Mapping[str, str], model: str | None) -> dict[str, str]:
@@ -98,7 +89,7 @@ def relayed_headers(headers: Mapping[str, str], model: str | None) -> dict[str, 
         if relay is None:
             lower = name.lower()
             relay = lower in RELAYED_HEADERS or lower.startswith(RELAYED_PREFIXES)
-            _remember(_relayed_names, name, relay)
+            remember(_relayed_names, name, relay)
         if relay:
             relayed[name] = value
     upstream_model = headers.get("openai-model")
@@ -154,7 +145,7 @@ def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
             forward = not (
                 lower in HOP_BY_HOP or lower.startswith(("x-forwarded-", "sec-websocket-"))
             )
-            _remember(_forwarded_names, name, forward)
+            remember(_forwarded_names, name, forward)
         if forward:
             forwarded[name] = value
     return forwarded
