@@ -141,9 +141,13 @@ class SnapshotStore:
 
     @property
     def busy(self) -> bool:
-        """Whether saves are arriving together (another is queued or being committed, or the
-        last batch held more than one): a save made now shares its trip to the database."""
-        return self._previous_batch > 1 or self._in_flight or not self._queue.empty()
+        """Whether a save made now would share its trip to the database: saves are arriving
+        together, or another is queued or being committed."""
+        return self._arriving_together or self._in_flight or not self._queue.empty()
+
+    @property
+    def _arriving_together(self) -> bool:
+        return self._previous_batch > 1
 
     async def chain(self, scope: str, response_id: str) -> list[Snapshot]:
         """The ancestry of ``response_id``, oldest first, ending with ``response_id`` itself.
@@ -208,25 +212,28 @@ class SnapshotStore:
         limit = self._batches.max_rows
         stopping = False
         while not stopping:
-            batch: list[_PendingSave] = []
             item = await self._queue.get()
             self._in_flight = True
-            if self._previous_batch > 1:
-                await self._gather(limit)
-            while True:
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-                if len(batch) >= limit or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            self._previous_batch = len(batch)
             try:
+                if self._arriving_together:
+                    await self._gather(limit)
+                batch, stopping = self._drain(item, limit)
+                self._previous_batch = len(batch)
                 if batch:
                     await self._commit(batch)
             finally:
                 self._in_flight = False
+
+    def _drain(self, item: _PendingSave | None, limit: int) -> tuple[list[_PendingSave], bool]:
+        """``item`` and the saves queued after it, up to ``limit``; and whether ``close`` came
+        among them."""
+        batch: list[_PendingSave] = []
+        while item is not None:
+            batch.append(item)
+            if len(batch) >= limit or self._queue.empty():
+                return batch, False
+            item = self._queue.get_nowait()
+        return batch, True
 
     async def _gather(self, limit: int) -> None:
         """Let up to ``GATHER_TURNS`` turns of the event loop pass, so that saves made in them
