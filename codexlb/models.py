@@ -1,7 +1,7 @@
-"""The snapshot table as SQLAlchemy Core metadata.
+"""The snapshot tables as SQLAlchemy Core metadata.
 
 The alembic migrations in ``migrations/`` are the only source of the schema; this module
-describes the same table for queries (and for ``alembic revision --autogenerate``).
+describes the same tables for queries (and for ``alembic revision --autogenerate``).
 
 JSON payloads live in ``Text`` columns serialized by the store itself: cheap, and identical on
 SQLite and PostgreSQL. ``created_at`` is stored in UTC; :class:`UtcDateTime` makes every value
@@ -60,3 +60,16 @@ snapshots = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Index("ix_snapshots_created_at", "created_at"),
 )
+
+
+item_owners = Table(
+    "item_owners",
+    metadata,
+    Column("scope", String(), primary_key=True),
+    Column("item_key", String(), primary_key=True),
+    Column("account", String(), nullable=False),
+    Column("response_id", String(), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_item_owners_created_at", "created_at"),
+)
+"""Which account produced each output item of the stored responses, per client-key scope."""

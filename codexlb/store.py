@@ -55,16 +55,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import RowMapping, Select, delete, select, text
+from sqlalchemy import Delete, RowMapping, Select, delete, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codexlb.errors import PreviousResponseNotFound
-from codexlb.models import snapshots
+from codexlb.models import item_owners, snapshots
+from codexlb.provenance import keys_of
 
 logger = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
 """A snapshot's values in ``_COLUMNS`` order, as the drivers take them."""
+
+OWNER_KEYS_PER_QUERY = 500
+"""Keys looked up in one query: within SQLite's smallest limit on parameters (999)."""
 
 GATHER_TURNS = 8
 """Event loop turns a batch waits for more saves while saves are arriving together."""
@@ -93,6 +97,8 @@ class Snapshot:
 @dataclass(slots=True)
 class _PendingSave:
     row: Row
+    owners: list[Row]
+    """``item_owners`` rows: one per output item with a key (``provenance.item_key``)."""
     committed: asyncio.Future[None]
 
 
@@ -135,7 +141,8 @@ class SnapshotStore:
         if snapshot.created_at.tzinfo is None:
             raise ValueError("Snapshot.created_at must be timezone-aware")
         row = _to_row(snapshot, self._batches.timestamp)
-        pending = _PendingSave(row, asyncio.get_running_loop().create_future())
+        owners = _owner_rows(snapshot, row[-1])
+        pending = _PendingSave(row, owners, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         await pending.committed
 
@@ -169,6 +176,22 @@ class SnapshotStore:
         newest_first.reverse()
         return newest_first
 
+    async def owners(self, scope: str, keys: list[str]) -> dict[str, str]:
+        """The accounts that produced the items of ``keys`` (``provenance.item_key``), for the
+        keys known in ``scope``: one indexed query (a very long input takes one per
+        ``OWNER_KEYS_PER_QUERY`` keys)."""
+        found: dict[str, str] = {}
+        if not keys:
+            return found
+        async with self._engine.connect() as conn:
+            for start in range(0, len(keys), OWNER_KEYS_PER_QUERY):
+                query = select(item_owners.c.item_key, item_owners.c.account).where(
+                    item_owners.c.scope == scope,
+                    item_owners.c.item_key.in_(keys[start : start + OWNER_KEYS_PER_QUERY]),
+                )
+                found.update((key, account) for key, account in await conn.execute(query))
+        return found
+
     async def get(self, scope: str, response_id: str) -> Snapshot | None:
         query = select(snapshots).where(
             snapshots.c.response_id == response_id, snapshots.c.scope == scope
@@ -178,7 +201,8 @@ class SnapshotStore:
         return None if row is None else _from_row(row)
 
     async def prune(self, older_than: datetime, batch_size: int) -> int:
-        """Delete rows created before ``older_than``, ``batch_size`` rows per transaction."""
+        """Delete snapshots (and what is known of their items' owners) created before
+        ``older_than``, ``batch_size`` rows per transaction; returns the snapshots deleted."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if older_than.tzinfo is None:
@@ -188,7 +212,22 @@ class SnapshotStore:
             .where(snapshots.c.created_at < older_than)
             .limit(batch_size)
         )
-        statement = delete(snapshots).where(snapshots.c.response_id.in_(old_ids))
+        old_owners = (
+            select(item_owners.c.scope, item_owners.c.item_key)
+            .where(item_owners.c.created_at < older_than)
+            .limit(batch_size)
+        )
+        await self._delete_in_batches(
+            delete(item_owners).where(
+                tuple_(item_owners.c.scope, item_owners.c.item_key).in_(old_owners)
+            ),
+            batch_size,
+        )
+        return await self._delete_in_batches(
+            delete(snapshots).where(snapshots.c.response_id.in_(old_ids)), batch_size
+        )
+
+    async def _delete_in_batches(self, statement: Delete, batch_size: int) -> int:
         deleted = 0
         while True:
             async with self._engine.begin() as conn:
@@ -245,7 +284,7 @@ class SnapshotStore:
 
     async def _commit(self, batch: list[_PendingSave]) -> None:
         try:
-            await self._batches.insert([pending.row for pending in batch])
+            await self._batches.insert([pending.row for pending in batch], _latest_owners(batch))
         except Exception as exc:
             logger.error("failed to store a batch of %d snapshots: %s", len(batch), exc)
             await self._batches.close()  # a fresh connection for the next batch
@@ -283,8 +322,10 @@ class _BatchWriter(ABC):
     def timestamp(moment: datetime) -> Any:
         """``created_at`` as the driver takes it: what ``models.snapshots`` would bind."""
 
-    async def insert(self, rows: list[Row]) -> None:
-        """Commit ``rows``, skipping ids already stored; all or nothing."""
+    async def insert(self, rows: list[Row], owners: list[Row]) -> None:
+        """Commit the snapshot ``rows``, skipping ids already stored, and the ``item_owners``
+        rows, replacing what was known of their keys. The owners go first: should the
+        snapshots then fail, the save fails, and what stays known is still true."""
         if self._connection is None:
             self._connection = await self._engine.connect()
             try:
@@ -292,7 +333,7 @@ class _BatchWriter(ABC):
             except BaseException:
                 await self.close()
                 raise
-        await self._insert(self._connection, rows)
+        await self._insert(self._connection, rows, owners)
 
     async def close(self) -> None:
         """Give the connection back (quietly: it may be the one that failed)."""
@@ -306,7 +347,9 @@ class _BatchWriter(ABC):
         """Set a new connection up."""
 
     @abstractmethod
-    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None: ...
+    async def _insert(
+        self, connection: AsyncConnection, rows: list[Row], owners: list[Row]
+    ) -> None: ...
 
 
 class _SqliteBatchWriter(_BatchWriter):
@@ -332,9 +375,13 @@ class _SqliteBatchWriter(_BatchWriter):
         await connection.execution_options(isolation_level="AUTOCOMMIT")
         self._driver = (await connection.get_raw_connection()).driver_connection
 
-    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
-        parameters = [value for row in rows for value in row]
-        await self._driver.execute(_sqlite_insert(len(rows)), parameters)
+    async def _insert(
+        self, connection: AsyncConnection, rows: list[Row], owners: list[Row]
+    ) -> None:
+        for start in range(0, len(owners), _SQLITE_OWNER_ROWS):
+            chunk = owners[start : start + _SQLITE_OWNER_ROWS]
+            await self._driver.execute(_sqlite_upsert_owners(len(chunk)), _flat(chunk))
+        await self._driver.execute(_sqlite_insert(len(rows)), _flat(rows))
 
 
 class _PostgresBatchWriter(_BatchWriter):
@@ -349,8 +396,12 @@ class _PostgresBatchWriter(_BatchWriter):
     async def _prepare(self, connection: AsyncConnection) -> None:
         """Nothing to set: each batch is its own transaction."""
 
-    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
+    async def _insert(
+        self, connection: AsyncConnection, rows: list[Row], owners: list[Row]
+    ) -> None:
         async with connection.begin():
+            if owners:
+                await connection.exec_driver_sql(_POSTGRES_UPSERT_OWNERS, owners)
             await connection.exec_driver_sql(_POSTGRES_INSERT, rows)
 
 
@@ -373,10 +424,39 @@ _POSTGRES_INSERT = (
 )
 
 
+_OWNER_COLUMNS = tuple(item_owners.columns.keys())
+_UPSERT_OWNERS = (
+    f"INSERT INTO item_owners ({', '.join(_OWNER_COLUMNS)}) VALUES ",
+    " ON CONFLICT (scope, item_key) DO UPDATE SET account = excluded.account,"
+    " response_id = excluded.response_id, created_at = excluded.created_at",
+)
+_POSTGRES_UPSERT_OWNERS = (
+    _UPSERT_OWNERS[0]
+    + "("
+    + ", ".join(f"${number}" for number in range(1, len(_OWNER_COLUMNS) + 1))
+    + ")"
+    + _UPSERT_OWNERS[1]
+)
+_SQLITE_OWNER_ROWS = 999 // len(_OWNER_COLUMNS)
+
+
 @functools.lru_cache(maxsize=_SqliteBatchWriter.max_rows)
 def _sqlite_insert(rows: int) -> str:
-    values = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
-    return _INSERT_INTO + ", ".join([values] * rows) + _IGNORING_DUPLICATES
+    return _INSERT_INTO + _sqlite_values(rows, len(_COLUMNS)) + _IGNORING_DUPLICATES
+
+
+@functools.lru_cache(maxsize=64)
+def _sqlite_upsert_owners(rows: int) -> str:
+    return _UPSERT_OWNERS[0] + _sqlite_values(rows, len(_OWNER_COLUMNS)) + _UPSERT_OWNERS[1]
+
+
+def _sqlite_values(rows: int, columns: int) -> str:
+    values = "(" + ", ".join("?" * columns) + ")"
+    return ", ".join([values] * rows)
+
+
+def _flat(rows: list[Row]) -> list[Any]:
+    return [value for row in rows for value in row]
 
 
 def _chain_statement(scope: str, response_id: str) -> Select[Any]:
@@ -417,6 +497,21 @@ def _to_row(snapshot: Snapshot, timestamp: Callable[[datetime], Any]) -> Row:
         None if snapshot.usage is None else _dump(snapshot.usage),
         timestamp(snapshot.created_at),
     )
+
+
+def _owner_rows(snapshot: Snapshot, created_at: Any) -> list[Row]:
+    """The ``item_owners`` rows of a snapshot's output items, ``created_at`` as bound."""
+    return [
+        (snapshot.scope, key, snapshot.account, snapshot.response_id, created_at)
+        for key in keys_of(snapshot.output_items)
+    ]
+
+
+def _latest_owners(batch: list[_PendingSave]) -> list[Row]:
+    """The owner rows of a batch, one per key: the latest save's (PostgreSQL refuses to
+    update one row twice in a statement)."""
+    rows = {(row[0], row[1]): row for pending in batch for row in pending.owners}
+    return list(rows.values())
 
 
 def _unstorable(value: str) -> bool:

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codexlb.db import MIGRATIONS_DIR, alembic_config, create_engine, upgrade, upgrade_url
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import snapshots
+from codexlb.provenance import keys_of
 from codexlb.store import GATHER_TURNS, Snapshot, SnapshotStore, _SqliteBatchWriter
 
 HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -357,9 +358,8 @@ async def test_prune_deletes_old_rows_in_batches(store: SnapshotStore, engine: A
         deleted = await store.prune(cutoff, batch_size=3)
 
     assert deleted == 7
-    assert len([s for s in statements if s.lstrip().upper().startswith("DELETE")]) == math.ceil(
-        7 / 3
-    )
+    deletes = [s for s in statements if s.lstrip().upper().startswith("DELETE FROM SNAPSHOTS")]
+    assert len(deletes) == math.ceil(7 / 3)
     for s in old:
         assert await store.get("alice", s.response_id) is None
     for s in new:
@@ -472,3 +472,68 @@ def test_the_writer_stores_created_at_on_sqlite_as_the_table_type_would(moment: 
     assert bind is not None
 
     assert _SqliteBatchWriter.timestamp(moment) == bind(moment)
+
+
+def produced(response_id: str, account: str, output: list[dict[str, Any]], **kw: Any) -> Snapshot:
+    snapshot = snap(response_id, **kw)
+    snapshot.account = account
+    snapshot.output_items = output
+    return snapshot
+
+
+REASONING = {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "enc:x:00"}
+CALL = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{}"}
+ANSWER = {
+    "type": "message",
+    "role": "assistant",
+    "content": [{"type": "output_text", "text": "done", "annotations": []}],
+}
+
+
+async def test_owners_of_output_items_as_a_client_resends_them(store: SnapshotStore) -> None:
+    await store.save(produced("resp_1", "work-1", [REASONING, CALL]))
+    await store.save(produced("resp_2", "work-2", [ANSWER]))
+    # Codex resends items without their server ids, and messages with their text alone.
+    resent = [
+        {k: v for k, v in REASONING.items() if k != "id"},
+        {k: v for k, v in CALL.items() if k != "id"},
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "done"}],
+        },
+        {"type": "reasoning", "summary": [], "encrypted_content": "enc:never-seen:00"},
+    ]
+    keys = keys_of(resent)
+    assert len(keys) == 4
+
+    owners = await store.owners("alice", keys)
+
+    assert owners == {keys[0]: "work-1", keys[1]: "work-1", keys[2]: "work-2"}
+    assert await store.owners("bob", keys) == {}  # scoped like the snapshots
+    assert await store.owners("alice", []) == {}
+
+
+async def test_the_latest_producer_of_a_key_owns_it(store: SnapshotStore) -> None:
+    await store.save(produced("resp_1", "work-1", [ANSWER]))
+    await store.save(produced("resp_2", "work-2", [ANSWER]))
+    assert await store.owners("alice", keys_of([ANSWER])) == {keys_of([ANSWER])[0]: "work-2"}
+
+
+async def test_a_long_input_is_looked_up_whole(store: SnapshotStore) -> None:
+    calls = [{**CALL, "call_id": f"call_{i}"} for i in range(1200)]
+    await store.save(produced("resp_1", "work-1", calls))
+    owners = await store.owners("alice", keys_of(calls))
+    assert len(owners) == 1200
+    assert set(owners.values()) == {"work-1"}
+
+
+async def test_prune_forgets_old_owners(store: SnapshotStore) -> None:
+    cutoff = NOW - timedelta(days=30)
+    await store.save(produced("resp_old", "work-1", [CALL], created_at=cutoff - timedelta(hours=1)))
+    await store.save(produced("resp_new", "work-1", [REASONING], created_at=cutoff))
+
+    await store.prune(cutoff, batch_size=1)
+
+    keys = keys_of([CALL, REASONING])
+    assert await store.owners("alice", keys) == {keys[1]: "work-1"}

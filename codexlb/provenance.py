@@ -1,0 +1,114 @@
+"""Which account produced an item of a conversation: pure keys and decisions.
+
+Codex CLI resends its whole history on every new socket and over HTTP on every request, with
+no ``previous_response_id`` and without the items' server ids (it never serializes them). To
+know which account produced an item codexlb relayed, each output item gets a *key* derived
+from what a client sends back unchanged:
+
+    reasoning                     its ``encrypted_content`` (bound to the minting account)
+    function / custom tool calls  their ``call_id``
+    assistant messages            their text
+
+The store records ``key → account`` for every output item of a completed response, in the
+client key's scope; a later request's input is looked up by the same keys. Two things follow:
+
+- **Reasoning only where it can be read.** A reasoning item minted by another account is refused
+  upstream (``invalid_encrypted_content``), so it is dropped before the request goes to an
+  account; reasoning the account minted itself is kept, and so is reasoning codexlb never saw.
+- **The conversation's account.** The account that produced the latest known item of the input
+  is the one the conversation was on: a resumed or reconnected Codex session goes back to it,
+  after a restart and on any replica.
+
+Keys are digests: they are short, fixed-size and reveal nothing of the item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+CALL_TYPES = frozenset(
+    {"function_call", "custom_tool_call", "local_shell_call", "tool_search_call", "mcp_call"}
+)
+"""Output items a client resends with their ``call_id``."""
+
+
+def item_key(item: Any) -> str | None:
+    """The key of an item codexlb may have relayed as output, or ``None`` if it has none."""
+    if not isinstance(item, dict):
+        return None
+    kind = item.get("type")
+    if kind == "reasoning":
+        content = item.get("encrypted_content")
+        if isinstance(content, str) and content:
+            return "r:" + _digest(content)
+        return None
+    if kind in CALL_TYPES:
+        call_id = item.get("call_id")
+        return "c:" + _digest(call_id) if isinstance(call_id, str) and call_id else None
+    if kind == "message" and item.get("role") == "assistant":
+        text = _message_text(item.get("content"))
+        return "m:" + _digest(text) if text else None
+    return None
+
+
+def keys_of(items: list[Any]) -> list[str]:
+    """The keys of ``items`` that have one: each once, in order."""
+    return _unique(item_key(item) for item in items)
+
+
+class InputOwners:
+    """The items of one request's input with their keys, and the owners found for them."""
+
+    __slots__ = ("_keys", "items", "owners")
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self._keys = [item_key(item) for item in items]
+        self.owners: Mapping[str, str] = {}
+        """Key → the account that produced the item, for the keys the store knows."""
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys to look up: each once, in input order."""
+        return _unique(self._keys)
+
+    def latest_owner(self) -> str | None:
+        """The account that produced the last input item whose owner is known."""
+        for key in reversed(self._keys):
+            if key is not None and key in self.owners:
+                return self.owners[key]
+        return None
+
+    def readable_by(self, account: str) -> list[Any] | None:
+        """The input without the reasoning another account minted, or ``None`` when there is
+        none (the input can go as it is)."""
+        owners = self.owners
+        kept = [
+            item
+            for item, key in zip(self.items, self._keys, strict=True)
+            if key is None or not key.startswith("r:") or owners.get(key, account) == account
+        ]
+        return kept if len(kept) != len(self.items) else None
+
+
+def _unique(keys: Iterable[str | None]) -> list[str]:
+    return [key for key in dict.fromkeys(keys) if key is not None]
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts = [
+        part["text"]
+        for part in content
+        if isinstance(part, dict) and isinstance(part.get("text"), str)
+    ]
+    return "\x1f".join(texts)
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(errors="surrogatepass"), digest_size=16).hexdigest()

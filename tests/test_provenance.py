@@ -1,0 +1,84 @@
+"""Item keys and the decisions made from them, without a database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from codexlb.provenance import InputOwners, item_key, keys_of
+
+
+def reasoning(content: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "reasoning", "summary": [], "encrypted_content": content, **extra}
+
+
+def call(call_id: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "function_call", "call_id": call_id, "name": "f", "arguments": "{}", **extra}
+
+
+def said(text: str, role: str = "assistant", **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "role": role,
+        "content": [{"type": "output_text", "text": text}],
+        **extra,
+    }
+
+
+def test_keys_ignore_what_a_client_leaves_out_when_it_resends() -> None:
+    assert item_key(reasoning("enc:a:01", id="rs_1")) == item_key(reasoning("enc:a:01"))
+    assert item_key(call("call_1", id="fc_1", status="completed")) == item_key(call("call_1"))
+    annotated = said("done")
+    annotated["content"][0]["annotations"] = []
+    assert item_key(annotated) == item_key(said("done", id="msg_1"))
+
+
+def test_items_a_client_writes_have_no_key() -> None:
+    for item in (
+        said("hello", role="user"),
+        said("be brief", role="developer"),
+        {"type": "function_call_output", "call_id": "call_1", "output": "ok"},
+        reasoning(""),
+        {"type": "reasoning", "summary": []},
+        call(""),
+        "not an item",
+        {"type": "additional_tools", "tools": []},
+    ):
+        assert item_key(item) is None, item
+
+
+def test_keys_tell_items_apart_and_reveal_nothing() -> None:
+    keys = keys_of([reasoning("enc:a:01"), reasoning("enc:a:02"), call("call_1"), said("done")])
+    assert len(set(keys)) == 4
+    assert not any("enc:" in key or "call_1" in key or "done" in key for key in keys)
+    assert keys_of([call("call_1"), call("call_1")]) == [item_key(call("call_1"))]
+
+
+def test_the_latest_known_item_names_the_account() -> None:
+    items = [
+        said("one", role="user"),
+        reasoning("enc:a:01"),
+        call("call_1"),
+        said("two", role="user"),
+    ]
+    found = InputOwners(items)
+    found.owners = {str(item_key(items[1])): "a", str(item_key(items[2])): "b"}
+    assert found.keys == [item_key(items[1]), item_key(items[2])]
+    assert found.latest_owner() == "b"
+    assert InputOwners(items).latest_owner() is None  # nothing known
+
+
+def test_only_reasoning_another_account_minted_is_dropped() -> None:
+    mine, theirs, unknown = reasoning("enc:a:01"), reasoning("enc:b:02"), reasoning("enc:z:03")
+    other_call = call("call_b")
+    items = [said("q", role="user"), mine, theirs, unknown, other_call]
+    found = InputOwners(items)
+    found.owners = {
+        str(item_key(mine)): "a",
+        str(item_key(theirs)): "b",
+        str(item_key(other_call)): "b",
+    }
+    assert found.readable_by("a") == [said("q", role="user"), mine, unknown, other_call]
+    assert found.readable_by("b") == [said("q", role="user"), theirs, unknown, other_call]
+    assert found.readable_by("c") == [said("q", role="user"), unknown, other_call]
+    found.owners = {str(item_key(mine)): "a"}
+    assert found.readable_by("a") is None  # nothing to drop: the input goes as it is
