@@ -29,6 +29,7 @@ from codexlb.errors import SnapshotNotStored
 from codexlb.metrics import Metrics
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account, Pool
+from codexlb.provenance import InputOwners
 from codexlb.refresh import CredentialManager
 from codexlb.replay import rebuild_input, strip_reasoning
 from codexlb.store import Snapshot, SnapshotStore
@@ -41,6 +42,21 @@ RATE_LIMIT_CODES = frozenset({"usage_limit_reached", "rate_limit_exceeded", "ins
 RETRYABLE_CODES = frozenset(
     {"server_error", "internal_error", "overloaded", "server_is_overloaded", "slow_down"}
 )
+PREVIOUS_NOT_FOUND = "previous_response_not_found"
+UNREADABLE_REASONING = "invalid_encrypted_content"
+"""The upstream's refusal of reasoning another account encrypted."""
+REQUEST_ERROR_CODES = frozenset(
+    {
+        PREVIOUS_NOT_FOUND,
+        UNREADABLE_REASONING,
+        "invalid_request",
+        "invalid_request_error",
+        "invalid_prompt",
+        "context_length_exceeded",
+    }
+)
+BROKEN_STREAM_STATUS = 502
+"""The status a response is logged with when its upstream broke after visible output."""
 HELD_BACK = frozenset(
     {"response.created", "response.in_progress", "codex.rate_limits", "response.metadata"}
 )
@@ -101,7 +117,15 @@ through ``EnumType.__getattr__``, about a thousand instructions."""
 class ResponseRecorder:
     """Watches one attempt's events; parses only the few it must."""
 
-    __slots__ = ("_created", "failure_code", "output_items", "response", "streaming", "visible")
+    __slots__ = (
+        "_created",
+        "failure_code",
+        "failure_status",
+        "output_items",
+        "response",
+        "streaming",
+        "visible",
+    )
 
     def __init__(self, *, streaming: bool = True) -> None:
         self.streaming = streaming
@@ -111,6 +135,9 @@ class ResponseRecorder:
         self.output_items: dict[int, Any] = {}
         self.response: dict[str, Any] | None = None
         self.failure_code: str | None = None
+        self.failure_status: int | None = None
+        """The HTTP status of a failure: an ``error`` event's own, else ``status_for`` its
+        code; ``None`` for ``response.incomplete``, an answer cut short by design."""
 
     def observe(self, kind: str | None, event: EventData) -> Step:
         if kind not in _NOTABLE:  # output of any kind (deltas mostly): visible, passed on
@@ -140,12 +167,16 @@ class ResponseRecorder:
             response = _json_object(event).get("response")
             self.response = response if isinstance(response, dict) else {}
             self.failure_code = _failure_code(self.response, kind)
+            if kind == "response.failed":
+                self.failure_status = status_for(self.failure_code)
             return FAILED
         # The one left: "error".
         payload = _json_object(event)
         error = payload.get("error")
         code = error.get("code") if isinstance(error, dict) else payload.get("code")
         self.failure_code = code if isinstance(code, str) else "error"
+        status = payload.get("status")
+        self.failure_status = status if type(status) is int else status_for(self.failure_code)
         return FAILED
 
     def started_response(self) -> dict[str, Any]:
@@ -216,6 +247,9 @@ class RequestRecord:
     status: int = 0
     first_byte: float | None = None
     usage: Mapping[str, Any] | None = None
+    failed_with: int | None = None
+    """The status of the failure a response ended in after its transport answered 200 (a
+    streamed ``response.failed`` or ``error``): what the log line and metrics show."""
 
     def mark_first_byte(self) -> None:
         if self.first_byte is None:
@@ -226,7 +260,8 @@ class RequestRecord:
         usage = self.usage or {}
         duration = time.perf_counter() - self.started
         first_byte = self.first_byte - self.started if self.first_byte else None
-        metrics.request(self.route, self.transport, self.status, first_byte, duration)
+        status = self.failed_with or self.status
+        metrics.request(self.route, self.transport, status, first_byte, duration)
         if not log.isEnabledFor(logging.INFO):
             return
         fields = {
@@ -236,7 +271,7 @@ class RequestRecord:
             "route": self.route,
             "transport": self.transport,
             "attempts": self.attempts,
-            "status": self.status,
+            "status": status,
             "ttfb_ms": round(first_byte * 1000, 1) if first_byte is not None else None,
             "duration_ms": round(duration * 1000, 1),
             "input_tokens": usage.get("input_tokens"),
@@ -267,6 +302,9 @@ class Exchange:
         self.affinity_key = affinity_key
         self.record = record
         self.chain: list[Snapshot] = []
+        self.owners: InputOwners | None = None
+        """Who produced the input's items, for a request without ``previous_response_id``."""
+        self._history_loaded = False
         self.tried: set[str] = set()
         self.rate_limited_only = True
         self.strip_reasoning = False
@@ -274,15 +312,31 @@ class Exchange:
         """Accounts whose 401 this exchange already answered with a refresh (once each)."""
         self._retry_on: Account | None = None
 
-    async def load_chain(self) -> None:
-        """Read the ancestry of ``previous_response_id`` (once); raises S1.4's not-found error."""
+    async def load_history(self) -> None:
+        """Read what the store knows of this request's conversation, once: the ancestry of
+        ``previous_response_id`` (raises S1.4's not-found error), or else which accounts
+        produced the items of the input (``provenance``)."""
+        if self._history_loaded:
+            return
+        store = self.services.store
         previous = self.request.previous_response_id
-        if previous is not None and not self.chain:
-            self.chain = await self.services.store.chain(self.scope, previous)
+        if previous is not None:
+            self.chain = await store.chain(self.scope, previous)
+        else:
+            owners = InputOwners(self.request.input_items)
+            keys = owners.keys
+            if keys:
+                owners.owners = await store.owners(self.scope, keys)
+                self.owners = owners
+        self._history_loaded = True
 
     @property
     def origin_account(self) -> str | None:
-        return self.chain[-1].account if self.chain else None
+        """The account the conversation was on: the parent's, else the one that produced the
+        latest input item codexlb relayed."""
+        if self.chain:
+            return self.chain[-1].account
+        return self.owners.latest_owner() if self.owners is not None else None
 
     def next_account(self, *, prefer: str | None = None) -> Account:
         """The account for the next attempt; raises when none is left (S1.4).
@@ -314,16 +368,39 @@ class Exchange:
         self.record.account = account.name
 
     def retry_same_account(self, account: Account) -> None:
-        """Allow one more attempt on ``account`` (after dropping unreadable reasoning)."""
+        """Allow one more attempt on ``account``."""
         self.tried.discard(account.name)
 
+    def retry_without_reasoning(self, account: Account, code: str | None) -> bool:
+        """After ``code`` from ``account`` before anything was visible: whether it is the
+        refusal of reasoning the account cannot read, answered (once per request) by sending
+        the same account the input without any reasoning."""
+        if code != UNREADABLE_REASONING or self.strip_reasoning:
+            return False
+        log.info("account %s refused reasoning it cannot read: retrying without", account.name)
+        self.services.metrics.attempt(account.name, "unreadable_reasoning")
+        self.strip_reasoning = True
+        self.tried.discard(account.name)
+        self._retry_on = account
+        return True
+
     def upstream_input(self, account: Account) -> list[Any] | None:
-        """The input to send to ``account``, or ``None`` when the client's is sent as-is."""
+        """The input to send to ``account``, or ``None`` when the client's is sent as-is.
+
+        Reasoning goes only where it can be read: a replay leaves out the reasoning of other
+        accounts (S3.2); a full input loses the reasoning codexlb knows another account
+        minted; after a refusal (``retry_without_reasoning``) no reasoning goes at all.
+        """
         if self.chain:
             items = rebuild_input(self.chain, self.request.input_items, account.name)
             self.services.metrics.replay(
                 len(items), same_account=self.chain[-1].account == account.name
             )
+        elif (
+            self.owners is not None
+            and (readable := self.owners.readable_by(account.name)) is not None
+        ):
+            items = readable
         elif self.strip_reasoning:
             items = self.request.input_items
         else:
@@ -358,24 +435,25 @@ class Exchange:
         for a transient reason cools the account down instead."""
         self.rate_limited_only = False
         self.services.metrics.attempt(account.name, "unauthorized")
-        if account.name not in self.reauthorized:
-            self.reauthorized.add(account.name)
-            try:
-                renewed = await self.services.credentials.refresh_after_401(
-                    account.name, sent.access_token
-                )
-            except RefreshUnavailable as exc:
-                self.services.pool.failed(account, f"token refresh failed: {exc}")
-                return
-            if renewed:
-                self.tried.discard(account.name)
-                self._retry_on = account
-                return
-        self.services.pool.unauthorized(account)
+        if account.name in self.reauthorized:
+            self.services.pool.unauthorized(account)
+            return
+        self.reauthorized.add(account.name)
+        if await reauthorize(self.services, account, sent):
+            self.tried.discard(account.name)
+            self._retry_on = account
 
-    def refused_by_upstream(self, account: Account) -> None:
-        """The upstream found fault with the request itself; its answer goes to the client."""
+    def refused_by_upstream(self, account: Account, status: int | None) -> None:
+        """The upstream found fault with the request itself; its answer, with ``status`` (none
+        for ``response.incomplete``), goes to the client."""
         self.services.metrics.attempt(account.name, "client_error")
+        self.record.failed_with = status
+
+    def broke(self, account: Account, reason: str) -> None:
+        """The upstream broke off after visible output: the response ends as
+        ``stream_incomplete``."""
+        self.failed(account, reason)
+        self.record.failed_with = BROKEN_STREAM_STATUS
 
     async def commit(self, account: Account, recorder: ResponseRecorder) -> dict[str, Any]:
         """Store the snapshot of a completed response; returns the response object.
@@ -421,6 +499,21 @@ class Exchange:
         self.services.metrics.attempt(account.name, "ok")
 
 
+async def reauthorize(services: Services, account: Account, sent: Credentials) -> bool:
+    """After the upstream answered 401 to ``sent``: refresh the account's token (S5); whether
+    it was renewed, so that the same account may be tried again. Nothing to refresh with makes
+    the account unusable until its credentials change; a refresh that failed for a transient
+    reason cools it down."""
+    try:
+        renewed = await services.credentials.refresh_after_401(account.name, sent.access_token)
+    except RefreshUnavailable as exc:
+        services.pool.failed(account, f"token refresh failed: {exc}")
+        return False
+    if not renewed:
+        services.pool.unauthorized(account)
+    return renewed
+
+
 def affinity_key(headers: Mapping[str, str], request: CreateRequest) -> str | None:
     return headers.get("session-id") or headers.get("thread-id") or request.prompt_cache_key
 
@@ -443,6 +536,15 @@ def error_code(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:
         return None, None
     code = error.get("code") or error.get("type")
     return (code if isinstance(code, str) else None), error
+
+
+def status_for(code: str | None) -> int:
+    """The HTTP status of an upstream failure that came with a ``code`` and no status."""
+    if code in RATE_LIMIT_CODES:
+        return 429
+    if code in REQUEST_ERROR_CODES:
+        return 400
+    return 500
 
 
 def _json_object(event: EventData) -> dict[str, Any]:

@@ -86,7 +86,7 @@ class HttpProxy:
                 affinity_key=affinity_key(request.headers, create),
                 record=record,
             )
-            await exchange.load_chain()
+            await exchange.load_history()
             headers = forward_headers(request.headers)
             while True:
                 account = exchange.next_account()
@@ -225,12 +225,9 @@ class HttpProxy:
         if status >= 500 or status in (403, 408):
             exchange.failed(account, f"HTTP {status}")
             return None
-        if code == "invalid_encrypted_content" and not exchange.strip_reasoning:
-            # The client resent reasoning another account encrypted: send it without.
-            exchange.strip_reasoning = True
-            exchange.retry_same_account(account)
+        if exchange.retry_without_reasoning(account, code):
             return None
-        exchange.refused_by_upstream(account)
+        exchange.refused_by_upstream(account, status)
         return web.Response(status=status, body=raw, content_type="application/json")
 
     async def _relay(
@@ -255,8 +252,9 @@ class HttpProxy:
                     if step is HOLD:
                         sink.hold(raw)
                         continue
-                    if step is FAILED and recorder.retryable_failure():
-                        self._failed_before_output(exchange, account, recorder, upstream)
+                    if step is FAILED and self._failed_before_output(
+                        exchange, account, recorder, upstream
+                    ):
                         return None
                     if step is COMPLETED:
                         if sink.pending and not self.services.store.busy:
@@ -268,7 +266,7 @@ class HttpProxy:
                                 raise  # nothing sent yet: a plain 500
                             raw = encode_event(recorder.failed_event(exc.code, exc.message))
                     else:
-                        exchange.refused_by_upstream(account)
+                        exchange.refused_by_upstream(account, recorder.failure_status)
                     sink.add(raw)
                     await sink.finish()
                     return sink.response
@@ -283,7 +281,7 @@ class HttpProxy:
             if sink.response is None:
                 raise UpstreamBroken(reason)
         # Visible output already reached the client: fail the response, keep the stream clean.
-        exchange.failed(account, reason)
+        exchange.broke(account, reason)
         sink.add(encode_event(recorder.incomplete_event()))
         await sink.finish()
         return sink.response
@@ -305,8 +303,7 @@ class HttpProxy:
                         response, headers=relayed_headers(upstream.headers, exchange.request.model)
                     )
                 if step is FAILED:
-                    if recorder.retryable_failure():
-                        self._failed_before_output(exchange, account, recorder, upstream)
+                    if self._failed_before_output(exchange, account, recorder, upstream):
                         return None
                     return web.json_response(
                         recorder.response or {"error": {"code": recorder.failure_code}},
@@ -320,7 +317,15 @@ class HttpProxy:
         account: Account,
         recorder: ResponseRecorder,
         upstream: Http1Response,
-    ) -> None:
+    ) -> bool:
+        """Whether a failure event is tried again (on another account, or without reasoning)
+        rather than passed on."""
+        if recorder.visible:
+            return False
+        if exchange.retry_without_reasoning(account, recorder.failure_code):
+            return True
+        if not recorder.retryable_failure():
+            return False
         if recorder.failure_code in RATE_LIMIT_CODES:
             error = (recorder.response or {}).get("error")
             exchange.rate_limited(
@@ -328,6 +333,7 @@ class HttpProxy:
             )
         else:
             exchange.failed(account, f"response failed: {recorder.failure_code}")
+        return True
 
 
 class _EventStreamResponse(web.StreamResponse):

@@ -38,6 +38,7 @@ from codexlb.exchange import (
     FAILED,
     HOLD,
     PASS,
+    PREVIOUS_NOT_FOUND,
     RATE_LIMIT_CODES,
     RETRYABLE_CODES,
     Exchange,
@@ -46,6 +47,7 @@ from codexlb.exchange import (
     Services,
     affinity_key,
     new_request_id,
+    reauthorize,
 )
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
@@ -63,7 +65,6 @@ from codexlb.upstream import (
 log = logging.getLogger(__name__)
 
 CLIENT_HEARTBEAT_SECONDS = 30.0
-PREVIOUS_NOT_FOUND = frozenset({"previous_response_not_found"})
 ENDED = frozenset(
     {
         aiohttp.WSMsgType.CLOSE,
@@ -180,7 +181,8 @@ class ClientSocket:
             async for message in self.client:
                 if message.type == TEXT:
                     text: str = message.data
-                    if len(text) > limit and len(text.encode()) > limit:
+                    # Up to 4 bytes a character: only a long text is worth encoding to count.
+                    if len(text) * 4 > limit and len(text.encode()) > limit:
                         await self._send_error(PayloadTooLarge(limit))
                         continue
                     await self._on_text(text)
@@ -200,15 +202,28 @@ class ClientSocket:
         if account is None:
             return {}
         await self.services.credentials.ensure_fresh(account.name)
-        try:
-            await self._connect(account)
-        except (UpstreamConnectError, UpstreamRefused) as exc:
-            log.info("early upstream socket on %s failed: %s", account.name, exc)
+        if not await self._connect_early_to(account):
             return {}
         assert self.upstream is not None
         headers = handshake_headers(self.upstream)
         pool.observe_headers(account, headers)
         return relayed_headers(headers, model=None)
+
+    async def _connect_early_to(self, account: Account) -> bool:
+        """Whether the early upstream socket opened; a 401 refreshes the token at once and
+        tries once more, so the first ``response.create`` finds a fresh token."""
+        for may_retry in (True, False):
+            try:
+                await self._connect(account)
+                return True
+            except (UpstreamConnectError, UpstreamRefused) as exc:
+                log.info("early upstream socket on %s failed: %s", account.name, exc)
+                refused = isinstance(exc, UpstreamRefused) and exc.status == 401
+                if not (
+                    may_retry and refused and await reauthorize(self.services, account, self.sent)
+                ):
+                    return False
+        return False
 
     async def close(self) -> None:
         await self._drop_upstream()
@@ -260,7 +275,7 @@ class ClientSocket:
             account = self._socket_account() if live else None
             if account is None:
                 live = False
-                await exchange.load_chain()
+                await exchange.load_history()
                 account = exchange.next_account(
                     prefer=self.account.name if self.account is not None else None
                 )
@@ -357,7 +372,7 @@ class ClientSocket:
                 if not recorder.visible:
                     exchange.failed(account, "upstream socket closed before output")
                     return Outcome.FAILOVER
-                exchange.failed(account, "upstream socket closed mid-response")
+                exchange.broke(account, "upstream socket closed mid-response")
                 await self._send_text(orjson.dumps(recorder.incomplete_event()).decode())
                 await self._drop_upstream()
                 return Outcome.DONE
@@ -379,7 +394,7 @@ class ClientSocket:
                 if outcome is not None:
                     return outcome
                 if kind == "error":
-                    text = _with_status(frame)
+                    text = _with_status(frame, recorder.failure_status)
             if step is COMPLETED:
                 await exchange.commit(account, recorder)
                 response_id = (recorder.response or {}).get("id")
@@ -394,7 +409,7 @@ class ClientSocket:
             if step is not PASS:
                 if step is FAILED:
                     self.last_response_id = None
-                    exchange.refused_by_upstream(account)
+                    exchange.refused_by_upstream(account, recorder.failure_status)
                 return Outcome.DONE
 
     def _failure_before_output(
@@ -412,13 +427,14 @@ class ClientSocket:
         status = _status_of(frame)
         if live and _is_previous_not_found(frame, code):
             return Outcome.REPLAY
+        if not live and exchange.retry_without_reasoning(account, code):
+            return Outcome.REPLAY
         if code == "websocket_connection_limit_reached":
             return Outcome.RECONNECT
         if status == 401:
             return Outcome.UNAUTHORIZED
         if code in RATE_LIMIT_CODES or status == 429:
-            error = _error_object(frame)
-            exchange.rate_limited(account, {}, error)
+            exchange.rate_limited(account, _headers_of(frame), _error_object(frame))
             return Outcome.FAILOVER
         if code in RETRYABLE_CODES or (status is not None and status >= 500):
             exchange.failed(account, f"upstream error {code}")
@@ -456,18 +472,25 @@ def _error_object(frame: Frame) -> dict[str, Any] | None:
     return error if isinstance(error, dict) else None
 
 
+def _headers_of(frame: Frame) -> dict[str, str]:
+    """The response headers an upstream ``error`` event carries (its reset times)."""
+    payload = frame.json()
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    if not isinstance(headers, dict):
+        return {}
+    return {str(name).lower(): str(value) for name, value in headers.items()}
+
+
 def _is_previous_not_found(frame: Frame, code: str | None) -> bool:
-    if code in PREVIOUS_NOT_FOUND:
+    if code == PREVIOUS_NOT_FOUND:
         return True
     message = (_error_object(frame) or {}).get("message")
     return isinstance(message, str) and "Invalid 'previous_response_id'" in message
 
 
-def _with_status(frame: Frame) -> str:
+def _with_status(frame: Frame, status: int | None) -> str:
     """An upstream ``error`` event, given a ``status`` when it has none (Codex ignores those)."""
     payload = frame.json()
     if not isinstance(payload, dict) or isinstance(payload.get("status"), int):
         return frame.text
-    code = (_error_object(frame) or {}).get("code")
-    status = 429 if code in RATE_LIMIT_CODES else 400 if code in PREVIOUS_NOT_FOUND else 500
-    return orjson.dumps({**payload, "status": status}).decode()
+    return orjson.dumps({**payload, "status": status or 500}).decode()

@@ -129,10 +129,31 @@ async def test_proactive_refresh_before_a_request(
     assert upstream.requests_for("b")[0].headers["authorization"] != f"Bearer {SOON}"
 
 
-async def test_websocket_handshake_401_refreshes_and_reconnects(
+async def test_websocket_handshake_401_refreshes_at_once(
     upstream: Fake, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    # The early socket (at the client's handshake) and the one for response.create.
+    # The early socket, opened at the client's handshake, is refused: the token is refreshed
+    # right then, and the socket opened again with the new one before the client's 101.
+    upstream.script(Fault.handshake(401), account="a")
+    async with (
+        serve(make_config(data(upstream, tmp_path), tmp_path)) as lb,
+        http.ws_connect(ws_url(lb.url), headers=auth()) as ws,
+    ):
+        assert upstream.oauth.calls("rt-a") == 1
+        assert len(upstream.handshakes) == 2
+        events = await ws_turn(ws, {"input": [user_message("hi")]})
+        assert completed_id(events)
+    assert upstream.oauth.calls("rt-a") == 1
+    assert [h.account for h in upstream.handshakes] == ["a", "a"]  # the turn used the early one
+    tokens = [h.headers["authorization"] for h in upstream.handshakes]
+    assert tokens[0] == "Bearer tok-a" != tokens[1]
+
+
+async def test_websocket_handshake_401_twice_leaves_the_first_turn_to_refresh(
+    upstream: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # Refused again with the new token: the early socket gives up; the turn's own handshake
+    # goes through with that token, and nothing is refreshed a second time.
     upstream.script(Fault.handshake(401), Fault.handshake(401), account="a")
     async with (
         serve(make_config(data(upstream, tmp_path), tmp_path)) as lb,
@@ -141,9 +162,9 @@ async def test_websocket_handshake_401_refreshes_and_reconnects(
         events = await ws_turn(ws, {"input": [user_message("hi")]})
         assert completed_id(events)
     assert upstream.oauth.calls("rt-a") == 1
-    assert [h.account for h in upstream.handshakes] == ["a", "a", "a"]
     tokens = [h.headers["authorization"] for h in upstream.handshakes]
-    assert tokens[0] == tokens[1] == "Bearer tok-a" != tokens[2]
+    assert len(tokens) == 3
+    assert tokens[0] == "Bearer tok-a" != tokens[1] == tokens[2]
 
 
 async def test_websocket_401_event_refreshes_and_reconnects(
