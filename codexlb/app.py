@@ -93,6 +93,7 @@ def create_app(
     keys = ClientKeys(config.api_keys)
     proxy = HttpProxy(services, keys)
     websockets = WsProxy(services, keys)
+    app.on_shutdown.append(websockets.shutdown)
     catalog = ModelCatalog(services, keys)
     for prefix in ("/backend-api/codex", "/v1"):
         app.router.add_post(f"{prefix}/responses", proxy.create_response)

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
@@ -261,7 +262,9 @@ async def _run(config: Config, config_path: Path) -> None:
         log.info("shutting down: draining requests in flight")
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        started = time.monotonic()
         await runner.cleanup()
+        log.info("codexlb stopped (shutdown took %.1f s)", time.monotonic() - started)
 
 
 def _redact_url(url: str) -> str:

@@ -16,6 +16,7 @@ new upstream socket. Every ``error`` event codexlb sends carries ``status``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -74,6 +75,7 @@ ENDED = frozenset(
     }
 )
 TEXT, BINARY = aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY
+GOING_AWAY = aiohttp.WSCloseCode.GOING_AWAY
 """For the per-message code: on Python 3.11 each ``WSMsgType.X`` goes through
 ``EnumType.__getattr__``."""
 
@@ -123,9 +125,20 @@ class Frame:
 
 
 class WsProxy:
+    """The WebSocket endpoint and the client sockets it holds open."""
+
     def __init__(self, services: Services, keys: ClientKeys) -> None:
         self.services = services
         self.keys = keys
+        self._sockets: set[ClientSocket] = set()
+        self._draining = False
+
+    async def shutdown(self, app: web.Application) -> None:
+        """At shutdown (``on_shutdown``): close the idle client sockets with 1001 (going away)
+        so that clients reconnect at once; a socket busy with a turn closes once the turn has
+        ended. Without this, an idle socket would hold the shutdown until its timeout."""
+        self._draining = True
+        await asyncio.gather(*(socket.drain() for socket in list(self._sockets)))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         scope = self.keys.scope_for(request.headers.get("Authorization"))
@@ -135,6 +148,7 @@ class WsProxy:
             compress=self.services.config.server.websocket_compression,
         )
         socket = ClientSocket(self.services, client, scope, request.headers)
+        self._sockets.add(socket)
         try:
             # The upstream's 101 carries headers Codex reads (turn state, models ETag, rate
             # limits): open it first when an account is at hand, and pass them on.
@@ -144,10 +158,13 @@ class WsProxy:
             gauge = self.services.metrics.websockets.labels("client")
             gauge.inc()
             try:
+                if self._draining:  # the server began shutting down during the handshake
+                    await socket.drain()
                 await socket.run()
             finally:
                 gauge.dec()
         finally:
+            self._sockets.discard(socket)
             await socket.close()
         return client
 
@@ -174,24 +191,53 @@ class ClientSocket:
         """The credentials the upstream socket was opened with."""
         self.last_response_id: str | None = None
         """The last response completed on the current upstream socket (a live anchor)."""
+        self.busy = False
+        """Whether a client message is being answered."""
+        self.draining = False
+        """The server is shutting down: the socket closes once it is not busy."""
 
     async def run(self) -> None:
         limit = self.services.config.limits.max_body_bytes
         try:
             async for message in self.client:
-                if message.type == TEXT:
-                    text: str = message.data
-                    # Up to 4 bytes a character: only a long text is worth encoding to count.
-                    if len(text) * 4 > limit and len(text.encode()) > limit:
-                        await self._send_error(PayloadTooLarge(limit))
-                        continue
-                    await self._on_text(text)
-                elif message.type == BINARY:
-                    await self._send_error(
-                        InvalidRequest("Binary frames are not supported; send JSON text frames.")
-                    )
+                if self.draining:  # read before the socket closed: the client will resend it
+                    break
+                self.busy = True
+                try:
+                    if message.type == TEXT:
+                        text: str = message.data
+                        # Up to 4 bytes a character: only a long text is worth counting.
+                        if len(text) * 4 > limit and len(text.encode()) > limit:
+                            await self._send_error(PayloadTooLarge(limit))
+                        else:
+                            await self._on_text(text)
+                    elif message.type == BINARY:
+                        await self._send_error(
+                            InvalidRequest(
+                                "Binary frames are not supported; send JSON text frames."
+                            )
+                        )
+                finally:
+                    self.busy = False
+                if self.draining:
+                    break
         except ClientGone:
             pass
+        await self._close_client()
+
+    async def drain(self) -> None:
+        """Close the client socket (1001) now if it is idle, else once its turn has ended."""
+        self.draining = True
+        if not self.busy:
+            await self._close_client()
+
+    async def _close_client(self) -> None:
+        if self.client.prepared and not self.client.closed:
+            with contextlib.suppress(ConnectionError):
+                if self.draining:
+                    await self.client.close(code=GOING_AWAY, message=b"codexlb is shutting down")
+                else:
+                    await self.client.close()
 
     async def connect_early(self) -> Mapping[str, str]:
         """Open the upstream socket before the client's handshake completes, if an account is
@@ -227,9 +273,7 @@ class ClientSocket:
 
     async def close(self) -> None:
         await self._drop_upstream()
-        if self.client.prepared and not self.client.closed:
-            with contextlib.suppress(ConnectionError):
-                await self.client.close()
+        await self._close_client()
 
     async def _on_text(self, text: str) -> None:
         try:
