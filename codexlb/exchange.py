@@ -29,7 +29,7 @@ from codexlb.errors import SnapshotNotStored
 from codexlb.metrics import Metrics
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account, Pool
-from codexlb.provenance import InputOwners
+from codexlb.provenance import keys_of, latest_owner, readable_by
 from codexlb.refresh import CredentialManager
 from codexlb.replay import rebuild_input, strip_reasoning
 from codexlb.store import Snapshot, SnapshotStore
@@ -302,8 +302,9 @@ class Exchange:
         self.affinity_key = affinity_key
         self.record = record
         self.chain: list[Snapshot] = []
-        self.owners: InputOwners | None = None
-        """Who produced the input's items, for a request without ``previous_response_id``."""
+        self.owners: Mapping[str, str] = {}
+        """Which account produced the items the client sent, as far as the store knows
+        (``provenance``): key → account."""
         self._history_loaded = False
         self.tried: set[str] = set()
         self.rate_limited_only = True
@@ -319,15 +320,14 @@ class Exchange:
         if self._history_loaded:
             return
         store = self.services.store
+        sent = self.request.input_items
         previous = self.request.previous_response_id
         if previous is not None:
             self.chain = await store.chain(self.scope, previous)
-        else:
-            owners = InputOwners(self.request.input_items)
-            keys = owners.keys
-            if keys:
-                owners.owners = await store.owners(self.scope, keys)
-                self.owners = owners
+            sent = [item for snapshot in self.chain for item in snapshot.input_items] + sent
+        keys = keys_of(sent)
+        if keys:
+            self.owners = await store.owners(self.scope, keys)
         self._history_loaded = True
 
     @property
@@ -336,7 +336,7 @@ class Exchange:
         latest input item codexlb relayed."""
         if self.chain:
             return self.chain[-1].account
-        return self.owners.latest_owner() if self.owners is not None else None
+        return latest_owner(self.request.input_items, self.owners) if self.owners else None
 
     def next_account(self, *, prefer: str | None = None) -> Account:
         """The account for the next attempt; raises when none is left (S1.4).
@@ -387,25 +387,24 @@ class Exchange:
     def upstream_input(self, account: Account) -> list[Any] | None:
         """The input to send to ``account``, or ``None`` when the client's is sent as-is.
 
-        Reasoning goes only where it can be read: a replay leaves out the reasoning of other
-        accounts (S3.2); a full input loses the reasoning codexlb knows another account
-        minted; after a refusal (``retry_without_reasoning``) no reasoning goes at all.
+        Reasoning goes only where it can be read: a replay leaves out the output reasoning of
+        other accounts (S3.2), and any input loses the reasoning the store knows another
+        account minted (a client resends whatever it was given); after a refusal
+        (``retry_without_reasoning``) no reasoning goes at all.
         """
         if self.chain:
             items = rebuild_input(self.chain, self.request.input_items, account.name)
             self.services.metrics.replay(
                 len(items), same_account=self.chain[-1].account == account.name
             )
-        elif (
-            self.owners is not None
-            and (readable := self.owners.readable_by(account.name)) is not None
-        ):
-            items = readable
-        elif self.strip_reasoning:
-            items = self.request.input_items
         else:
-            return None
-        return strip_reasoning(items) if self.strip_reasoning else items
+            items = self.request.input_items
+        if self.strip_reasoning:
+            return strip_reasoning(items)
+        readable = readable_by(items, self.owners, account.name) if self.owners else None
+        if readable is not None:
+            return readable
+        return items if self.chain else None
 
     # -- outcomes -------------------------------------------------------------------------
 

@@ -58,39 +58,27 @@ def keys_of(items: list[Any]) -> list[str]:
     return _unique(item_key(item) for item in items)
 
 
-class InputOwners:
-    """The items of one request's input with their keys, and the owners found for them."""
+def latest_owner(items: list[Any], owners: Mapping[str, str]) -> str | None:
+    """The account that produced the last item of ``items`` whose owner is known."""
+    for item in reversed(items):
+        key = item_key(item)
+        if key is not None and key in owners:
+            return owners[key]
+    return None
 
-    __slots__ = ("_keys", "items", "owners")
 
-    def __init__(self, items: list[Any]) -> None:
-        self.items = items
-        self._keys = [item_key(item) for item in items]
-        self.owners: Mapping[str, str] = {}
-        """Key → the account that produced the item, for the keys the store knows."""
+def readable_by(items: list[Any], owners: Mapping[str, str], account: str) -> list[Any] | None:
+    """``items`` without the reasoning ``owners`` says another account minted, or ``None``
+    when there is none (the items can go as they are)."""
+    kept = [item for item in items if not _minted_elsewhere(item, owners, account)]
+    return kept if len(kept) != len(items) else None
 
-    @property
-    def keys(self) -> list[str]:
-        """The keys to look up: each once, in input order."""
-        return _unique(self._keys)
 
-    def latest_owner(self) -> str | None:
-        """The account that produced the last input item whose owner is known."""
-        for key in reversed(self._keys):
-            if key is not None and key in self.owners:
-                return self.owners[key]
-        return None
-
-    def readable_by(self, account: str) -> list[Any] | None:
-        """The input without the reasoning another account minted, or ``None`` when there is
-        none (the input can go as it is)."""
-        owners = self.owners
-        kept = [
-            item
-            for item, key in zip(self.items, self._keys, strict=True)
-            if key is None or not key.startswith("r:") or owners.get(key, account) == account
-        ]
-        return kept if len(kept) != len(self.items) else None
+def _minted_elsewhere(item: Any, owners: Mapping[str, str], account: str) -> bool:
+    if not isinstance(item, dict) or item.get("type") != "reasoning":
+        return False
+    key = item_key(item)
+    return key is not None and owners.get(key, account) != account
 
 
 def _unique(keys: Iterable[str | None]) -> list[str]:

@@ -111,10 +111,12 @@ async def test_each_account_gets_its_own_reasoning_and_no_other(
 async def test_a_resumed_conversation_returns_to_its_account_after_a_restart(
     transport: Transport,
     fake: Fake,
-    config: dict[str, Any],
+    database_url: str,
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
+    # On PostgreSQL the second process may as well be another replica.
+    config = config_data(fake.url, database_url)
     history: list[Any] = [user_message("one")]
     async with serve(make_config(config, tmp_path)) as lb:
         history += output_of(await turn(http, lb, transport, history))
@@ -189,3 +191,37 @@ async def test_a_turn_that_fails_upstream_is_logged_and_counted_with_its_status(
         f'codexlb_requests_total{{route="responses",status="{status}",transport="{transport}"}} 1.0'
         in metrics
     )
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_replay_leaves_out_reasoning_its_stored_input_carried_from_another_account(
+    transport: Transport, fake: Fake, balancer: Balancer, http: aiohttp.ClientSession
+) -> None:
+    history: list[Any] = [user_message("one")]
+    history += output_of(await turn(http, balancer, transport, history))
+    first = turns(fake)[-1].account
+    fake.script(Fault.status(429, error_code="usage_limit_reached", resets_in=60), account=first)
+    history.append(user_message("two"))
+    second_events = await turn(http, balancer, transport, history)
+    second = turns(fake)[-1].account
+    assert second not in (None, first)
+
+    # Continued by id on a new socket (or over HTTP): the stored input of the parent, which
+    # holds the first account's reasoning as the client sent it, is replayed to its account.
+    anchor = second_events[-1]["response"]["id"]
+    if transport == "http":
+        await stream_turn(
+            http, balancer.url, {"input": [user_message("three")], "previous_response_id": anchor}
+        )
+    else:
+        async with http.ws_connect(ws_url(balancer.url), headers=auth()) as ws:
+            events = await ws_turn(
+                ws, {"input": [user_message("three")], "previous_response_id": anchor}
+            )
+            assert events[-1]["type"] == "response.completed", events
+
+    replayed = turns(fake)[-1]
+    assert replayed.account == second
+    assert reasoning_owners(replayed) == [second]
+    assert len(turns(fake)) == 4  # nothing refused
+    assert_no_foreign_reasoning(fake)

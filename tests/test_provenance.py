@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from codexlb.provenance import InputOwners, item_key, keys_of
+from codexlb.provenance import item_key, keys_of, latest_owner, readable_by
 
 
 def reasoning(content: str, **extra: Any) -> dict[str, Any]:
@@ -60,25 +60,22 @@ def test_the_latest_known_item_names_the_account() -> None:
         call("call_1"),
         said("two", role="user"),
     ]
-    found = InputOwners(items)
-    found.owners = {str(item_key(items[1])): "a", str(item_key(items[2])): "b"}
-    assert found.keys == [item_key(items[1]), item_key(items[2])]
-    assert found.latest_owner() == "b"
-    assert InputOwners(items).latest_owner() is None  # nothing known
+    owners = {str(item_key(items[1])): "a", str(item_key(items[2])): "b"}
+    assert latest_owner(items, owners) == "b"
+    assert latest_owner(items[:2], owners) == "a"
+    assert latest_owner(items, {}) is None  # nothing known
 
 
 def test_only_reasoning_another_account_minted_is_dropped() -> None:
     mine, theirs, unknown = reasoning("enc:a:01"), reasoning("enc:b:02"), reasoning("enc:z:03")
     other_call = call("call_b")
     items = [said("q", role="user"), mine, theirs, unknown, other_call]
-    found = InputOwners(items)
-    found.owners = {
+    owners = {
         str(item_key(mine)): "a",
         str(item_key(theirs)): "b",
         str(item_key(other_call)): "b",
     }
-    assert found.readable_by("a") == [said("q", role="user"), mine, unknown, other_call]
-    assert found.readable_by("b") == [said("q", role="user"), theirs, unknown, other_call]
-    assert found.readable_by("c") == [said("q", role="user"), unknown, other_call]
-    found.owners = {str(item_key(mine)): "a"}
-    assert found.readable_by("a") is None  # nothing to drop: the input goes as it is
+    assert readable_by(items, owners, "a") == [said("q", role="user"), mine, unknown, other_call]
+    assert readable_by(items, owners, "b") == [said("q", role="user"), theirs, unknown, other_call]
+    assert readable_by(items, owners, "c") == [said("q", role="user"), unknown, other_call]
+    assert readable_by(items, {str(item_key(mine)): "a"}, "a") is None  # the input goes as is
