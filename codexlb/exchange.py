@@ -15,17 +15,18 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum, auto
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
 from codexlb.config import Config
 from codexlb.credentials import Credentials
 from codexlb.errors import SnapshotNotStored
+from codexlb.failover import Action, Failure, Phase, verdict
 from codexlb.metrics import Metrics
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account, Pool
@@ -38,23 +39,9 @@ from codexlb.upstream import Upstream
 
 log = logging.getLogger("codexlb.requests")
 
-RATE_LIMIT_CODES = frozenset({"usage_limit_reached", "rate_limit_exceeded", "insufficient_quota"})
-RETRYABLE_CODES = frozenset(
-    {"server_error", "internal_error", "overloaded", "server_is_overloaded", "slow_down"}
-)
-PREVIOUS_NOT_FOUND = "previous_response_not_found"
-UNREADABLE_REASONING = "invalid_encrypted_content"
-"""The upstream's refusal of reasoning another account encrypted."""
-REQUEST_ERROR_CODES = frozenset(
-    {
-        PREVIOUS_NOT_FOUND,
-        UNREADABLE_REASONING,
-        "invalid_request",
-        "invalid_request_error",
-        "invalid_prompt",
-        "context_length_exceeded",
-    }
-)
+R = TypeVar("R")
+PASS_ON = Action.PASS_ON
+
 BROKEN_STREAM_STATUS = 502
 """The status a response is logged with when its upstream broke after visible output."""
 HELD_BACK = frozenset(
@@ -117,15 +104,7 @@ through ``EnumType.__getattr__``, about a thousand instructions."""
 class ResponseRecorder:
     """Watches one attempt's events; parses only the few it must."""
 
-    __slots__ = (
-        "_created",
-        "failure_code",
-        "failure_status",
-        "output_items",
-        "response",
-        "streaming",
-        "visible",
-    )
+    __slots__ = ("_created", "failure", "output_items", "response", "streaming", "visible")
 
     def __init__(self, *, streaming: bool = True) -> None:
         self.streaming = streaming
@@ -134,10 +113,8 @@ class ResponseRecorder:
         self._created: EventData | None = None
         self.output_items: dict[int, Any] = {}
         self.response: dict[str, Any] | None = None
-        self.failure_code: str | None = None
-        self.failure_status: int | None = None
-        """The HTTP status of a failure: an ``error`` event's own, else ``status_for`` its
-        code; ``None`` for ``response.incomplete``, an answer cut short by design."""
+        self.failure: Failure | None = None
+        """The failure event that ended the attempt, as a value for ``failover.verdict``."""
 
     def observe(self, kind: str | None, event: EventData) -> Step:
         if kind not in _NOTABLE:  # output of any kind (deltas mostly): visible, passed on
@@ -166,17 +143,31 @@ class ResponseRecorder:
         if kind in ("response.failed", "response.incomplete"):
             response = _json_object(event).get("response")
             self.response = response if isinstance(response, dict) else {}
-            self.failure_code = _failure_code(self.response, kind)
-            if kind == "response.failed":
-                self.failure_status = status_for(self.failure_code)
+            error = self.response.get("error")
+            self.failure = Failure(
+                Phase.EVENT,
+                code=_failure_code(self.response, kind),
+                message=_message(error),
+                error=error if isinstance(error, dict) else None,
+                visible=self.visible,
+                incomplete=kind == "response.incomplete",
+            )
             return FAILED
         # The one left: "error".
         payload = _json_object(event)
         error = payload.get("error")
         code = error.get("code") if isinstance(error, dict) else payload.get("code")
-        self.failure_code = code if isinstance(code, str) else "error"
         status = payload.get("status")
-        self.failure_status = status if type(status) is int else status_for(self.failure_code)
+        headers = payload.get("headers")
+        self.failure = Failure(
+            Phase.EVENT,
+            status=status if type(status) is int else None,
+            code=code if isinstance(code, str) else "error",
+            message=_message(error),
+            headers=_header_map(headers) if isinstance(headers, dict) else {},
+            error=error if isinstance(error, dict) else None,
+            visible=self.visible,
+        )
         return FAILED
 
     def started_response(self) -> dict[str, Any]:
@@ -208,11 +199,9 @@ class ResponseRecorder:
         output = (self.response or {}).get("output")
         return list(output) if isinstance(output, list) else []
 
-    def retryable_failure(self) -> bool:
-        """A failure before anything visible that another account may not share."""
-        return not self.visible and (
-            self.failure_code in RETRYABLE_CODES or self.failure_code in RATE_LIMIT_CODES
-        )
+    def broken(self, reason: str) -> Failure:
+        """The failure of a stream that ended, or went silent, before its terminal event."""
+        return Failure(Phase.BREAK, message=reason, visible=self.visible)
 
 
 _REQUEST_LINE = " ".join(
@@ -284,8 +273,20 @@ class RequestRecord:
         )
 
 
+Attempt = Callable[[Account], Awaitable[R | None]]
+"""One try on an account: what the client was answered with, or ``None`` after ``judge``
+chose to try again."""
+
+
 class Exchange:
-    """Account choice, upstream body and snapshot commit for one ``response.create``."""
+    """The life of one response across its attempts: account choice, upstream input, the
+    verdict on each failure, and the snapshot commit.
+
+    A transport calls ``run`` with its ``Attempt``; inside it, it takes the input from
+    ``upstream_input``, relays what comes back, hands every upstream failure to ``judge``,
+    and calls ``commit`` before the terminal event goes out. It touches neither the pool nor
+    the store.
+    """
 
     def __init__(
         self,
@@ -305,18 +306,56 @@ class Exchange:
         self.owners: Mapping[str, str] = {}
         """Which account produced the items the client sent, as far as the store knows
         (``provenance``): key → account."""
+        self.live = False
+        """This attempt forwards ``previous_response_id`` to the socket that made it (S3.1)."""
+        self.sent = Credentials()
+        """The credentials of the account as this attempt began: named again after a 401."""
         self._history_loaded = False
-        self.tried: set[str] = set()
-        self.rate_limited_only = True
-        self.strip_reasoning = False
-        self.reauthorized: set[str] = set()
+        self._tried: set[str] = set()
+        self._rate_limited: set[str] = set()
+        self._rate_limited_only = True
+        self._strip_reasoning = False
+        self._reconnected = False
+        self._refreshed: set[str] = set()
         """Accounts whose 401 this exchange already answered with a refresh (once each)."""
         self._retry_on: Account | None = None
 
+    async def run(
+        self,
+        attempt: Attempt[R],
+        *,
+        live_on: Account | None = None,
+        prefer: str | None = None,
+    ) -> R:
+        """Attempts until one answers the client; raises S1.4's errors when no account is left.
+
+        ``live_on`` is the account of a transport's socket that made the request's parent:
+        the first attempt forwards the anchor there while it is eligible. Later attempts go
+        to the account ``next_account`` picks (``prefer``: the transport's open socket).
+        """
+        pool = self.services.pool
+        account = live_on if live_on is not None and pool.eligible(live_on) else None
+        self.live = account is not None
+        while True:
+            if account is None:
+                self.live = False
+                await self.load_history()
+                account = self.next_account(prefer=prefer)
+            else:
+                self._attempt_on(account)
+            with pool.lease(account):
+                # Refresh a token that expires soon (S5); the pool's account follows it.
+                await self.services.credentials.ensure_fresh(account.name)
+                self.sent = account.credentials
+                result = await attempt(account)
+            if result is not None:
+                return result
+            account = None
+
     async def load_history(self) -> None:
         """Read what the store knows of this request's conversation, once: the ancestry of
-        ``previous_response_id`` (raises S1.4's not-found error), or else which accounts
-        produced the items of the input (``provenance``)."""
+        ``previous_response_id`` (raises S1.4's not-found error), and which accounts
+        produced the items the client sent (``provenance``)."""
         if self._history_loaded:
             return
         store = self.services.store
@@ -341,48 +380,28 @@ class Exchange:
     def next_account(self, *, prefer: str | None = None) -> Account:
         """The account for the next attempt; raises when none is left (S1.4).
 
-        The parent's account comes first, then ``prefer`` (a transport's open socket).
+        A retry on the same account comes first (see ``judge``), then the conversation's
+        account, then ``prefer``, then affinity and the strategy. Attempts on accounts that
+        answered with a rate limit do not count against ``max_attempts``: a 429 never reaches
+        a client while an eligible account is left untried (S4).
         """
         retry, self._retry_on = self._retry_on, None
-        if retry is not None:  # after a token refresh: the same account once more (S4)
-            self.attempt_on(retry)
+        if retry is not None:
+            self._attempt_on(retry)
             return retry
         pool = self.services.pool
         max_attempts = pool.routing.max_attempts  # live: the pool follows config reloads
         account = None
-        if len(self.tried) < max_attempts:
+        if len(self._tried - self._rate_limited) < max_attempts:
             account = pool.choose(
                 prefer=self.origin_account or prefer,
                 affinity_key=self.affinity_key,
-                exclude=self.tried,
+                exclude=self._tried,
             )
         if account is None:
-            raise pool.exhausted(rate_limited=bool(self.tried) and self.rate_limited_only)
-        self.attempt_on(account)
+            raise pool.exhausted(rate_limited=bool(self._tried) and self._rate_limited_only)
+        self._attempt_on(account)
         return account
-
-    def attempt_on(self, account: Account) -> None:
-        """Count an attempt on ``account`` (chosen here, or a transport's live socket)."""
-        self.tried.add(account.name)
-        self.record.attempts += 1
-        self.record.account = account.name
-
-    def retry_same_account(self, account: Account) -> None:
-        """Allow one more attempt on ``account``."""
-        self.tried.discard(account.name)
-
-    def retry_without_reasoning(self, account: Account, code: str | None) -> bool:
-        """After ``code`` from ``account`` before anything was visible: whether it is the
-        refusal of reasoning the account cannot read, answered (once per request) by sending
-        the same account the input without any reasoning."""
-        if code != UNREADABLE_REASONING or self.strip_reasoning:
-            return False
-        log.info("account %s refused reasoning it cannot read: retrying without", account.name)
-        self.services.metrics.attempt(account.name, "unreadable_reasoning")
-        self.strip_reasoning = True
-        self.tried.discard(account.name)
-        self._retry_on = account
-        return True
 
     def upstream_input(self, account: Account) -> list[Any] | None:
         """The input to send to ``account``, or ``None`` when the client's is sent as-is.
@@ -390,8 +409,10 @@ class Exchange:
         Reasoning goes only where it can be read: a replay leaves out the output reasoning of
         other accounts (S3.2), and any input loses the reasoning the store knows another
         account minted (a client resends whatever it was given); after a refusal
-        (``retry_without_reasoning``) no reasoning goes at all.
+        (``Action.WITHOUT_REASONING``) no reasoning goes at all.
         """
+        if self.live:
+            return None
         if self.chain:
             items = rebuild_input(self.chain, self.request.input_items, account.name)
             self.services.metrics.replay(
@@ -399,60 +420,63 @@ class Exchange:
             )
         else:
             items = self.request.input_items
-        if self.strip_reasoning:
+        if self._strip_reasoning:
             return strip_reasoning(items)
         readable = readable_by(items, self.owners, account.name) if self.owners else None
         if readable is not None:
             return readable
         return items if self.chain else None
 
-    # -- outcomes -------------------------------------------------------------------------
-
-    def failed(self, account: Account, reason: str) -> None:
-        self.rate_limited_only = False
-        self.services.pool.failed(account, reason)
-        self.services.metrics.attempt(account.name, "error")
-
-    def rate_limited(
-        self, account: Account, headers: Mapping[str, str], error: Mapping[str, Any] | None
-    ) -> None:
-        self.services.pool.rate_limited(account, headers=headers, error=error)
-        self.services.metrics.attempt(account.name, "rate_limited")
-
-    async def prepare(self, account: Account) -> None:
-        """Before an attempt on ``account``: refresh its token if it expires soon (S5).
-
-        The pool's ``account.credentials`` follow (``Pool.credentials_changed``); take the
-        credentials an attempt sends from there, right before sending.
-        """
-        await self.services.credentials.ensure_fresh(account.name)
-
-    async def unauthorized(self, account: Account, sent: Credentials) -> None:
-        """The upstream answered 401 to ``sent`` (S4): the first time per account, refresh
-        and let ``next_account`` retry the same account; a second 401, or nothing to refresh
-        with, makes the account unusable until its credentials change. A refresh that failed
-        for a transient reason cools the account down instead."""
-        self.rate_limited_only = False
-        self.services.metrics.attempt(account.name, "unauthorized")
-        if account.name in self.reauthorized:
-            self.services.pool.unauthorized(account)
-            return
-        self.reauthorized.add(account.name)
-        if await reauthorize(self.services, account, sent):
-            self.tried.discard(account.name)
-            self._retry_on = account
-
-    def refused_by_upstream(self, account: Account, status: int | None) -> None:
-        """The upstream found fault with the request itself; its answer, with ``status`` (none
-        for ``response.incomplete``), goes to the client."""
-        self.services.metrics.attempt(account.name, "client_error")
-        self.record.failed_with = status
-
-    def broke(self, account: Account, reason: str) -> None:
-        """The upstream broke off after visible output: the response ends as
-        ``stream_incomplete``."""
-        self.failed(account, reason)
-        self.record.failed_with = BROKEN_STREAM_STATUS
+    async def judge(
+        self, account: Account, failure: Failure, *, sent: Credentials | None = None
+    ) -> Action:
+        """Apply ``failover.verdict`` to a failure of the attempt on ``account`` and return
+        the action: ``PASS_ON`` and ``BREAK`` are the transport's to carry out (the client
+        gets the failure, or the response ends as ``stream_incomplete``); after any other
+        the attempt returns ``None`` and ``run`` tries again as decided here. ``sent``: the
+        credentials the failed connection was opened with, when not this attempt's."""
+        failure = replace(
+            failure,
+            live_anchor=self.live,
+            reasoning_stripped=self._strip_reasoning,
+            refreshed=account.name in self._refreshed,
+            reconnected=self._reconnected,
+        )
+        action = verdict(failure)
+        metrics = self.services.metrics
+        pool = self.services.pool
+        if action is PASS_ON:
+            metrics.attempt(account.name, "client_error")
+            self.record.failed_with = failure.reported_status
+        elif action is Action.BREAK:
+            self._failed(account, failure)
+            self.record.failed_with = BROKEN_STREAM_STATUS
+        elif action is Action.COOL_DOWN:
+            self._failed(account, failure)
+        elif action is Action.RATE_LIMITED:
+            self._rate_limited.add(account.name)
+            pool.rate_limited(account, headers=failure.headers, error=failure.error)
+            metrics.attempt(account.name, "rate_limited")
+        elif action is Action.REFRESH or action is Action.UNUSABLE:
+            self._rate_limited_only = False
+            metrics.attempt(account.name, "unauthorized")
+            if action is Action.UNUSABLE:
+                pool.unauthorized(account)
+            else:
+                self._refreshed.add(account.name)
+                if await reauthorize(self.services, account, sent or self.sent):
+                    self._again(account)
+        elif action is Action.WITHOUT_REASONING:
+            log.info("account %s refused reasoning it cannot read: retrying without", account.name)
+            metrics.attempt(account.name, "unreadable_reasoning")
+            self._strip_reasoning = True
+            self._again(account)
+        elif action is Action.RECONNECT:
+            self._reconnected = True
+            self._again(account)
+        elif action is Action.REPLAY:
+            self._again(account)
+        return action
 
     async def commit(self, account: Account, recorder: ResponseRecorder) -> dict[str, Any]:
         """Store the snapshot of a completed response; returns the response object.
@@ -484,6 +508,7 @@ class Exchange:
                 )
             except Exception as exc:
                 log.error("response %s was not stored: %s", response_id, exc)
+                self.record.failed_with = SnapshotNotStored.status
                 raise SnapshotNotStored from exc
             self.services.metrics.snapshot_write.observe(time.perf_counter() - queued)
         else:
@@ -492,10 +517,47 @@ class Exchange:
         return response
 
     def succeeded(self, account: Account) -> None:
-        """``account`` served this request: reset its error streak, remember the affinity."""
+        """``account`` served this request: its error streak ends, the affinity is kept."""
         self.services.pool.succeeded(account)
         self.services.pool.remember_affinity(self.affinity_key, account)
         self.services.metrics.attempt(account.name, "ok")
+
+    def observe_headers(self, account: Account, headers: Mapping[str, str]) -> None:
+        """Learn the account's usage from an upstream answer's headers."""
+        self.services.pool.observe_headers(account, headers)
+
+    def observe_rate_limits(self, account: Account, event: Any) -> None:
+        """Learn the account's usage from a ``codex.rate_limits`` event."""
+        if isinstance(event, dict):
+            self.services.pool.observe_rate_limits(account, event)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _attempt_on(self, account: Account) -> None:
+        self._tried.add(account.name)
+        self.record.attempts += 1
+        self.record.account = account.name
+
+    def _again(self, account: Account) -> None:
+        """The next attempt goes to ``account`` once more."""
+        self._tried.discard(account.name)
+        self._retry_on = account
+
+    def _failed(self, account: Account, failure: Failure) -> None:
+        self._rate_limited_only = False
+        self.services.pool.failed(account, failure.describe())
+        self.services.metrics.attempt(account.name, "error")
+
+
+def handshake_account(services: Services, affinity_key: str | None) -> Account | None:
+    """The account for an upstream socket opened at a client's WebSocket handshake, before
+    any request: the one a new conversation would get."""
+    return services.pool.choose(prefer=None, affinity_key=affinity_key, exclude=())
+
+
+def learn_headers(services: Services, account: Account, headers: Mapping[str, str]) -> None:
+    """Learn ``account``'s usage from the headers of an upstream answer outside a request."""
+    services.pool.observe_headers(account, headers)
 
 
 async def reauthorize(services: Services, account: Account, sent: Credentials) -> bool:
@@ -537,21 +599,21 @@ def error_code(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:
     return (code if isinstance(code, str) else None), error
 
 
-def status_for(code: str | None) -> int:
-    """The HTTP status of an upstream failure that came with a ``code`` and no status."""
-    if code in RATE_LIMIT_CODES:
-        return 429
-    if code in REQUEST_ERROR_CODES:
-        return 400
-    return 500
-
-
 def _json_object(event: EventData) -> dict[str, Any]:
     try:
         payload = orjson.loads(event) if isinstance(event, bytes) else event.json()
     except ValueError:
         return {}
     return payload if isinstance(payload, dict) else {}
+
+
+def _message(error: Any) -> str | None:
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
+
+
+def _header_map(headers: dict[Any, Any]) -> dict[str, str]:
+    return {str(name).lower(): str(value) for name, value in headers.items()}
 
 
 def _failure_code(response: dict[str, Any], kind: str) -> str:

@@ -20,14 +20,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
-from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, NotFound, PayloadTooLarge, SnapshotNotStored
 from codexlb.exchange import (
     COMPLETED,
     FAILED,
     HOLD,
     PASS,
-    RATE_LIMIT_CODES,
     Exchange,
     RequestRecord,
     ResponseRecorder,
@@ -36,6 +34,7 @@ from codexlb.exchange import (
     error_code,
     new_request_id,
 )
+from codexlb.failover import Action, Failure, Phase
 from codexlb.http1 import Http1Error, Http1Response
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
@@ -50,7 +49,7 @@ MAX_ERROR_BODY = 1024 * 1024
 Attempt = Callable[
     [web.Request, "Exchange", Account, Mapping[str, str]], Awaitable[web.StreamResponse | None]
 ]
-"""One try of a request on an account: the client's response, or ``None`` to try another."""
+"""One try of a request on an account: the client's response, or ``None`` to try again."""
 
 
 class UpstreamBroken(Exception):
@@ -86,15 +85,12 @@ class HttpProxy:
                 affinity_key=affinity_key(request.headers, create),
                 record=record,
             )
-            await exchange.load_history()
             headers = forward_headers(request.headers)
-            while True:
-                account = exchange.next_account()
-                with self.services.pool.lease(account):
-                    response = await attempt(request, exchange, account, headers)
-                if response is not None:
-                    record.status = response.status
-                    return response
+            response = await exchange.run(
+                lambda account: attempt(request, exchange, account, headers)
+            )
+            record.status = response.status
+            return response
         except CodexLBError as exc:
             record.status = exc.status
             raise
@@ -187,26 +183,27 @@ class HttpProxy:
         sse: bool,
     ) -> web.StreamResponse | None:
         """POST to ``account``; an error status, a connect failure or a broken answer before
-        anything reached the client ends as ``None`` (try another) or a passed-through error."""
-        await exchange.prepare(account)
-        sent = account.credentials  # exactly what the request carries: named again on a 401
+        anything reached the client ends as ``None`` (try again) or a passed-through error."""
         try:
             upstream = await self.services.upstream.post(account, path, body, headers, sse=sse)
-            try:
-                if upstream.status != 200:
-                    return await self._refused(exchange, account, upstream, sent)
-                self.services.pool.observe_headers(account, upstream.headers)
-                return await respond(upstream)
-            finally:
-                upstream.release()
-        except (UpstreamConnectError, UpstreamBroken) as exc:
-            exchange.failed(account, str(exc))
+        except UpstreamConnectError as exc:
+            await exchange.judge(account, Failure(Phase.CONNECT, message=str(exc)))
             return None
+        try:
+            if upstream.status != 200:
+                return await self._refused(exchange, account, upstream)
+            exchange.observe_headers(account, upstream.headers)
+            return await respond(upstream)
+        except UpstreamBroken as exc:
+            await exchange.judge(account, Failure(Phase.BREAK, message=str(exc)))
+            return None
+        finally:
+            upstream.release()
 
     async def _refused(
-        self, exchange: Exchange, account: Account, upstream: Http1Response, sent: Credentials
+        self, exchange: Exchange, account: Account, upstream: Http1Response
     ) -> web.Response | None:
-        """An upstream error status: fail over, or pass the client's own mistake through."""
+        """An upstream error status: tried again, or the client's own mistake passed on."""
         status = upstream.status
         try:
             raw = await upstream.read(MAX_ERROR_BODY, self.services.config.timeouts.idle_seconds)
@@ -216,18 +213,16 @@ class HttpProxy:
             code, error = error_code(json.loads(raw))
         except ValueError:
             code, error = None, None
-        if status == 429 or code in RATE_LIMIT_CODES:
-            exchange.rate_limited(account, upstream.headers, error)
+        failure = Failure(
+            Phase.STATUS,
+            status=status,
+            code=code,
+            message=error.get("message") if error is not None else None,
+            headers=upstream.headers,
+            error=error,
+        )
+        if await exchange.judge(account, failure) is not Action.PASS_ON:
             return None
-        if status == 401:
-            await exchange.unauthorized(account, sent)
-            return None
-        if status >= 500 or status in (403, 408):
-            exchange.failed(account, f"HTTP {status}")
-            return None
-        if exchange.retry_without_reasoning(account, code):
-            return None
-        exchange.refused_by_upstream(account, status)
         return web.Response(status=status, body=raw, content_type="application/json")
 
     async def _relay(
@@ -252,36 +247,31 @@ class HttpProxy:
                     if step is HOLD:
                         sink.hold(raw)
                         continue
-                    if step is FAILED and self._failed_before_output(
-                        exchange, account, recorder, upstream
-                    ):
-                        return None
+                    if step is FAILED:
+                        assert recorder.failure is not None
+                        if await exchange.judge(account, recorder.failure) is not Action.PASS_ON:
+                            return None
+                    elif sink.pending and not self.services.store.busy:
+                        await sink.flush()  # the output, while the commit takes its trip
                     if step is COMPLETED:
-                        if sink.pending and not self.services.store.busy:
-                            await sink.flush()  # the output, while the commit takes its trip
                         try:
                             await exchange.commit(account, recorder)
                         except SnapshotNotStored as exc:
                             if sink.response is None:
                                 raise  # nothing sent yet: a plain 500
                             raw = encode_event(recorder.failed_event(exc.code, exc.message))
-                    else:
-                        exchange.refused_by_upstream(account, recorder.failure_status)
                     sink.add(raw)
                     await sink.finish()
                     return sink.response
                 if sink.pending and not await sink.flush():
                     return sink.response  # the client has gone
         except UpstreamBroken as exc:
-            if sink.response is None:
-                raise
             reason = str(exc)
         else:
             reason = "stream ended before its terminal event"
-            if sink.response is None:
-                raise UpstreamBroken(reason)
+        if await exchange.judge(account, recorder.broken(reason)) is not Action.BREAK:
+            return None
         # Visible output already reached the client: fail the response, keep the stream clean.
-        exchange.broke(account, reason)
         sink.add(encode_event(recorder.incomplete_event()))
         await sink.finish()
         return sink.response
@@ -303,37 +293,15 @@ class HttpProxy:
                         response, headers=relayed_headers(upstream.headers, exchange.request.model)
                     )
                 if step is FAILED:
-                    if self._failed_before_output(exchange, account, recorder, upstream):
+                    failure = recorder.failure
+                    assert failure is not None
+                    if await exchange.judge(account, failure) is not Action.PASS_ON:
                         return None
                     return web.json_response(
-                        recorder.response or {"error": {"code": recorder.failure_code}},
+                        recorder.response or {"error": {"code": failure.code}},
                         status=200 if recorder.response else 500,
                     )
         raise UpstreamBroken("stream ended before its terminal event")
-
-    def _failed_before_output(
-        self,
-        exchange: Exchange,
-        account: Account,
-        recorder: ResponseRecorder,
-        upstream: Http1Response,
-    ) -> bool:
-        """Whether a failure event is tried again (on another account, or without reasoning)
-        rather than passed on."""
-        if recorder.visible:
-            return False
-        if exchange.retry_without_reasoning(account, recorder.failure_code):
-            return True
-        if not recorder.retryable_failure():
-            return False
-        if recorder.failure_code in RATE_LIMIT_CODES:
-            error = (recorder.response or {}).get("error")
-            exchange.rate_limited(
-                account, upstream.headers, error if isinstance(error, dict) else None
-            )
-        else:
-            exchange.failed(account, f"response failed: {recorder.failure_code}")
-        return True
 
 
 class _EventStreamResponse(web.StreamResponse):

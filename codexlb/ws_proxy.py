@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from enum import Enum, auto
 from typing import Any
 
 import aiohttp
@@ -33,23 +32,24 @@ from codexlb.errors import (
     CodexLBError,
     InvalidRequest,
     PayloadTooLarge,
+    SnapshotNotStored,
 )
 from codexlb.exchange import (
     COMPLETED,
     FAILED,
     HOLD,
     PASS,
-    PREVIOUS_NOT_FOUND,
-    RATE_LIMIT_CODES,
-    RETRYABLE_CODES,
     Exchange,
     RequestRecord,
     ResponseRecorder,
     Services,
     affinity_key,
+    handshake_account,
+    learn_headers,
     new_request_id,
     reauthorize,
 )
+from codexlb.failover import KEEPS_SOCKET, Action, Failure, Phase
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
 from codexlb.sse import type_member
@@ -82,19 +82,6 @@ GOING_AWAY = aiohttp.WSCloseCode.GOING_AWAY
 
 class ClientGone(Exception):
     """The client socket closed; its upstream work stops."""
-
-
-class Outcome(Enum):
-    DONE = auto()
-    """The client got its terminal event."""
-    FAILOVER = auto()
-    """Nothing visible reached the client: try another account on a new socket."""
-    REPLAY = auto()
-    """The upstream did not know the forwarded anchor: replay on the same account."""
-    RECONNECT = auto()
-    """The socket reached its lifetime limit: a new one on the same account, with replay."""
-    UNAUTHORIZED = auto()
-    """The upstream refused the socket's token (401) before output: refresh, then retry."""
 
 
 class Frame:
@@ -243,8 +230,7 @@ class ClientSocket:
         """Open the upstream socket before the client's handshake completes, if an account is
         eligible; returns the upstream handshake headers to relay. Failures are left to the
         first ``response.create``."""
-        pool = self.services.pool
-        account = pool.choose(prefer=None, affinity_key=self.affinity_key, exclude=())
+        account = handshake_account(self.services, self.affinity_key)
         if account is None:
             return {}
         await self.services.credentials.ensure_fresh(account.name)
@@ -252,7 +238,7 @@ class ClientSocket:
             return {}
         assert self.upstream is not None
         headers = handshake_headers(self.upstream)
-        pool.observe_headers(account, headers)
+        learn_headers(self.services, account, headers)
         return relayed_headers(headers, model=None)
 
     async def _connect_early_to(self, account: Account) -> bool:
@@ -314,52 +300,28 @@ class ClientSocket:
         """Serve one ``response.create``; returns the status for the log line."""
         anchor = exchange.request.previous_response_id
         live = anchor is not None and anchor == self.last_response_id
-        reconnected = False
-        while True:
-            account = self._socket_account() if live else None
-            if account is None:
-                live = False
-                await exchange.load_history()
-                account = exchange.next_account(
-                    prefer=self.account.name if self.account is not None else None
-                )
-            else:
-                exchange.attempt_on(account)
-            if account is not self.account or self.upstream is None:
-                await self._drop_upstream()
-                await exchange.prepare(account)
-                try:
-                    await self._connect(account)
-                except (UpstreamConnectError, UpstreamRefused) as exc:
-                    await self._connect_failed(exchange, account, exc)
-                    continue
-            message = text
-            if not live:
-                replayed = exchange.upstream_input(account)
-                message = exchange.request.upstream_message(input_items=replayed) or text
-            with self.services.pool.lease(account):
-                outcome = await self._relay(exchange, account, message, live=live)
-            if outcome is Outcome.DONE:
-                return 200
-            if outcome is Outcome.REPLAY:
-                live = False
-                exchange.retry_same_account(account)
-                continue
-            sent = self.sent
-            await self._drop_upstream()
-            if outcome is Outcome.UNAUTHORIZED:
-                live = False
-                await exchange.unauthorized(account, sent)
-                continue
-            if outcome is Outcome.RECONNECT and not reconnected:
-                reconnected = True
-                exchange.retry_same_account(account)
+        return await exchange.run(
+            lambda account: self._attempt(exchange, account, text),
+            live_on=self.account if live and self.upstream is not None else None,
+            prefer=self.account.name if self.account is not None else None,
+        )
 
-    def _socket_account(self) -> Account | None:
-        """The open upstream socket's account, when it may still take this request."""
-        if self.upstream is None or self.account is None:
-            return None
-        return self.account if self.services.pool.eligible(self.account) else None
+    async def _attempt(self, exchange: Exchange, account: Account, text: str) -> int | None:
+        """One try on ``account``, on the open upstream socket if it is that account's."""
+        if account is not self.account or self.upstream is None:
+            await self._drop_upstream()
+            try:
+                await self._connect(account)
+            except UpstreamConnectError as exc:
+                await exchange.judge(account, Failure(Phase.CONNECT, message=str(exc)))
+                return None
+            except UpstreamRefused as exc:
+                failure = Failure(Phase.HANDSHAKE, status=exc.status, headers=exc.headers)
+                await exchange.judge(account, failure)
+                return None
+        replayed = exchange.upstream_input(account)
+        message = exchange.request.upstream_message(input_items=replayed) or text
+        return await self._relay(exchange, account, message)
 
     async def _connect(self, account: Account) -> None:
         self.sent = account.credentials  # what the handshake sends: named again on a 401
@@ -373,18 +335,6 @@ class ClientSocket:
         self.account = account
         self.last_response_id = None
 
-    async def _connect_failed(
-        self, exchange: Exchange, account: Account, exc: UpstreamConnectError | UpstreamRefused
-    ) -> None:
-        if isinstance(exc, UpstreamRefused):
-            if exc.status == 429:
-                exchange.rate_limited(account, exc.headers, None)
-                return
-            if exc.status == 401:
-                await exchange.unauthorized(account, self.sent)
-                return
-        exchange.failed(account, str(exc))
-
     async def _drop_upstream(self) -> None:
         upstream, self.upstream = self.upstream, None
         self.last_response_id = None
@@ -393,10 +343,9 @@ class ClientSocket:
             if not upstream.closed:
                 await upstream.close()
 
-    async def _relay(
-        self, exchange: Exchange, account: Account, message: str, *, live: bool
-    ) -> Outcome:
-        """Send one request on the upstream socket and relay its events to the client."""
+    async def _relay(self, exchange: Exchange, account: Account, message: str) -> int | None:
+        """Send one request on the upstream socket and relay its events to the client: the
+        status for the log line, or ``None`` to try again."""
         upstream = self.upstream
         assert upstream is not None
         recorder = ResponseRecorder()
@@ -405,42 +354,44 @@ class ClientSocket:
         try:
             await upstream.send_str(message, compress=compress_for(upstream, message))
         except ConnectionError:
-            exchange.failed(account, "upstream socket closed")
-            return Outcome.FAILOVER
+            return await self._broken(exchange, account, recorder, "upstream socket closed")
         while True:
             try:
                 received = await upstream.receive(timeout=idle)
             except TimeoutError:
                 received = None
             if received is None or received.type in ENDED:
-                if not recorder.visible:
-                    exchange.failed(account, "upstream socket closed before output")
-                    return Outcome.FAILOVER
-                exchange.broke(account, "upstream socket closed mid-response")
-                await self._send_text(orjson.dumps(recorder.incomplete_event()).decode())
-                await self._drop_upstream()
-                return Outcome.DONE
+                reason = "upstream socket closed before the terminal event"
+                return await self._broken(exchange, account, recorder, reason)
             if received.type != TEXT:
                 continue  # binary frames carry nothing for the client
             frame = Frame(received.data)
             kind = frame.type
             if kind == "codex.rate_limits":
-                payload = frame.json()
-                if isinstance(payload, dict):
-                    self.services.pool.observe_rate_limits(account, payload)
+                exchange.observe_rate_limits(account, frame.json())
             step = recorder.observe(kind, frame)
             if step is HOLD:
                 held.append(frame.text)
                 continue
             text = frame.text
             if step is FAILED:
-                outcome = self._failure_before_output(exchange, account, recorder, frame, live)
-                if outcome is not None:
-                    return outcome
+                failure = recorder.failure
+                assert failure is not None
+                action = await exchange.judge(account, failure, sent=self.sent)
+                if action is not Action.PASS_ON:
+                    if action not in KEEPS_SOCKET:
+                        await self._drop_upstream()
+                    return None
+                self.last_response_id = None
                 if kind == "error":
-                    text = _with_status(frame, recorder.failure_status)
-            if step is COMPLETED:
-                await exchange.commit(account, recorder)
+                    text = _with_status(frame, failure.reported_status)
+            elif step is COMPLETED:
+                try:
+                    await exchange.commit(account, recorder)
+                except SnapshotNotStored as exc:
+                    if not recorder.visible:
+                        raise  # nothing sent yet: an error event
+                    text = orjson.dumps(recorder.failed_event(exc.code, exc.message)).decode()
                 response_id = (recorder.response or {}).get("id")
                 self.last_response_id = response_id if isinstance(response_id, str) else None
             if held:
@@ -451,39 +402,19 @@ class ClientSocket:
             exchange.record.mark_first_byte()
             await self._send_text(text)
             if step is not PASS:
-                if step is FAILED:
-                    self.last_response_id = None
-                    exchange.refused_by_upstream(account, recorder.failure_status)
-                return Outcome.DONE
+                return 200
 
-    def _failure_before_output(
-        self,
-        exchange: Exchange,
-        account: Account,
-        recorder: ResponseRecorder,
-        frame: Frame,
-        live: bool,
-    ) -> Outcome | None:
-        """How to go on after an upstream failure event, or ``None`` to pass it on."""
-        if recorder.visible:
+    async def _broken(
+        self, exchange: Exchange, account: Account, recorder: ResponseRecorder, reason: str
+    ) -> int | None:
+        """The upstream socket ended before the terminal event: try again, or, after visible
+        output, end the response as ``stream_incomplete`` (the next request opens a new
+        socket)."""
+        await self._drop_upstream()
+        if await exchange.judge(account, recorder.broken(reason)) is not Action.BREAK:
             return None
-        code = recorder.failure_code
-        status = _status_of(frame)
-        if live and _is_previous_not_found(frame, code):
-            return Outcome.REPLAY
-        if not live and exchange.retry_without_reasoning(account, code):
-            return Outcome.REPLAY
-        if code == "websocket_connection_limit_reached":
-            return Outcome.RECONNECT
-        if status == 401:
-            return Outcome.UNAUTHORIZED
-        if code in RATE_LIMIT_CODES or status == 429:
-            exchange.rate_limited(account, _headers_of(frame), _error_object(frame))
-            return Outcome.FAILOVER
-        if code in RETRYABLE_CODES or (status is not None and status >= 500):
-            exchange.failed(account, f"upstream error {code}")
-            return Outcome.FAILOVER
-        return None
+        await self._send_text(orjson.dumps(recorder.incomplete_event()).decode())
+        return 200
 
     async def _send_text(self, text: str) -> None:
         try:
@@ -502,34 +433,6 @@ class ClientSocket:
         if headers:
             event["headers"] = headers
         await self._send_text(orjson.dumps(event).decode())
-
-
-def _status_of(frame: Frame) -> int | None:
-    payload = frame.json()
-    status = payload.get("status") if isinstance(payload, dict) else None
-    return status if isinstance(status, int) else None
-
-
-def _error_object(frame: Frame) -> dict[str, Any] | None:
-    payload = frame.json()
-    error = payload.get("error") if isinstance(payload, dict) else None
-    return error if isinstance(error, dict) else None
-
-
-def _headers_of(frame: Frame) -> dict[str, str]:
-    """The response headers an upstream ``error`` event carries (its reset times)."""
-    payload = frame.json()
-    headers = payload.get("headers") if isinstance(payload, dict) else None
-    if not isinstance(headers, dict):
-        return {}
-    return {str(name).lower(): str(value) for name, value in headers.items()}
-
-
-def _is_previous_not_found(frame: Frame, code: str | None) -> bool:
-    if code == PREVIOUS_NOT_FOUND:
-        return True
-    message = (_error_object(frame) or {}).get("message")
-    return isinstance(message, str) and "Invalid 'previous_response_id'" in message
 
 
 def _with_status(frame: Frame, status: int | None) -> str:

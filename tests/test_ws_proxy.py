@@ -231,16 +231,22 @@ async def test_drop_after_output_fails_the_response_and_the_socket_goes_on(
     assert len(fake.handshakes) == 2
 
 
-async def test_a_response_the_database_refuses_is_an_error_event_and_the_socket_goes_on(
+async def test_a_response_the_database_refuses_fails_and_the_socket_goes_on(
     lb: Balancer, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
         await refuse_snapshots(tmp_path / "codexlb.db")
+        # After visible output: response.failed, as over HTTP.
         refused = await ws_turn(ws, {"input": [user_message("one")]})
         assert "response.completed" not in [event["type"] for event in refused]
-        assert refused[-1]["type"] == "error"
-        assert refused[-1]["status"] == 500
-        assert refused[-1]["error"]["code"] == "server_error"
+        assert "response.output_text.delta" in [event["type"] for event in refused]
+        assert refused[-1]["type"] == "response.failed"
+        assert refused[-1]["response"]["error"]["code"] == "server_error"
+        # With nothing visible yet (a prewarm makes no output): an error event.
+        prewarm = await ws_turn(ws, {"input": [user_message("one")], "generate": False})
+        assert [event["type"] for event in prewarm] == ["error"]
+        assert prewarm[-1]["status"] == 500
+        assert prewarm[-1]["error"]["code"] == "server_error"
 
         await refuse_snapshots(tmp_path / "codexlb.db", refuse=False)
         after = await ws_turn(ws, {"input": [user_message("two")]})
