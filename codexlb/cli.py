@@ -27,7 +27,7 @@ from aiohttp import web
 
 from codexlb import db
 from codexlb.auth import hash_key
-from codexlb.config import Config, ConfigError, load_config
+from codexlb.config import Config, ConfigError, ServerConfig, load_config, load_server_config
 from codexlb.credentials import CredentialsError, import_auth_snippet, load_credentials
 from codexlb.logs import setup_logging
 from codexlb.status import render_table
@@ -58,21 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(hash_key(key))
         return 0
     config_path = args.config or os.environ.get("CODEXLB_CONFIG")
-    if args.command == "status" and args.url and not config_path:
+    if args.command == "status" and args.url:
         return _status(args.url, args.key, as_json=args.json)
     if not config_path:
         parser.error("--config is required (or set CODEXLB_CONFIG)")
+    if args.command == "status":
+        return _status_of_configured_server(config_path, args.key, as_json=args.json)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         print(f"codexlb: invalid configuration:\n{exc}", file=sys.stderr)
         return 1
-    if args.command == "status":
-        url = args.url or _server_url(config)
-        if url is None:
-            print("codexlb: [server].port is 0 (chosen at start): give --url", file=sys.stderr)
-            return 1
-        return _status(url, args.key, as_json=args.json)
     setup_logging(config)
     if args.command == "check-config":
         return _check_config(config)
@@ -164,6 +160,25 @@ def _open_access_problem(config: Config) -> str | None:
     )
 
 
+def _status_of_configured_server(config_path: str, key: str | None, *, as_json: bool) -> int:
+    """``codexlb status --config``: asks the server the file's ``[server]`` section names.
+
+    Only that section is read. The rest of the file is the server's business: an
+    ``env:NAME`` secret the operator's shell does not hold, or an ``auth_file`` it cannot
+    read, must not stop the question.
+    """
+    try:
+        server = load_server_config(config_path)
+    except ConfigError as exc:
+        print(f"codexlb: invalid configuration:\n{exc}", file=sys.stderr)
+        return 1
+    url = _server_url(server)
+    if url is None:
+        print("codexlb: [server].port is 0 (chosen at start): give --url", file=sys.stderr)
+        return 1
+    return _status(url, key, as_json=as_json)
+
+
 def _status(url: str, key: str | None, *, as_json: bool) -> int:
     """Fetch ``GET /status`` and print it; exit 1 when the server cannot be asked."""
     key = key or os.environ.get("CODEXLB_KEY")
@@ -192,16 +207,14 @@ def _error_message(error: urllib.error.HTTPError) -> str:
         return error.reason or "error"
 
 
-def _server_url(config: Config) -> str | None:
-    """Where a server started with ``config`` listens (a wildcard bind: on loopback)."""
-    if config.server.port == 0:
+def _server_url(server: ServerConfig) -> str | None:
+    """Where a server started with ``server`` listens (a wildcard bind: on loopback)."""
+    if server.port == 0:
         return None
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
-        config.server.host, config.server.host
-    )
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.server.port}"
+    return f"http://{host}:{server.port}"
 
 
 def _serve(config: Config, config_path: Path) -> int:

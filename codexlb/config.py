@@ -214,26 +214,50 @@ def parse_config(data: Mapping[str, Any], *, source: Path) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"{source}: {_key_path(err['loc'])}: {err['msg']}"
-            for err in exc.errors(include_url=False)
-        ]
-        raise ConfigError("\n".join(lines)) from None
+        raise _config_error(exc, source) from None
     return _anchor_paths(config, source.parent)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     source = Path(path)
+    return parse_config(_read_toml(source), source=source)
+
+
+def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """Only the ``[server]`` section of the file, validated as ``load_config`` would.
+
+    For commands that talk to a running server (``codexlb status``): the rest of the file
+    (accounts, ``env:NAME`` secrets, the database) is not looked at, so an operator's shell
+    need not hold the server's environment variables.
+    """
+    source = Path(path)
+    section = _read_toml(source).get("server", {})
+    try:
+        return ServerConfig.model_validate(section)
+    except ValidationError as exc:
+        raise _config_error(exc, source, prefix=("server",)) from None
+
+
+def _read_toml(source: Path) -> dict[str, Any]:
     try:
         with source.open("rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
-    return parse_config(data, source=source)
+
+
+def _config_error(
+    exc: ValidationError, source: Path, prefix: tuple[int | str, ...] = ()
+) -> ConfigError:
+    lines = [
+        f"{source}: {_key_path((*prefix, *err['loc']))}: {err['msg']}"
+        for err in exc.errors(include_url=False)
+    ]
+    return ConfigError("\n".join(lines))
 
 
 def _anchor_paths(config: Config, base: Path) -> Config:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from codexlb.config import Config
+from codexlb.config import Config, ConfigError, load_config
 from codexlb.pool import Pool
 from codexlb.status import pool_status, render_table
 from codexlb.testing.fake_upstream import Fault
@@ -308,3 +308,38 @@ async def test_status_command_prints_the_table_of_a_running_server(
     code, _, err = await codexlb("status", "--url", server.url, "--key", "x")
     assert code == 1
     assert "cannot get the status" in err
+
+
+async def test_status_command_reads_only_the_server_section(lb: Balancer, tmp_path: Path) -> None:
+    """The operator's shell lacks the server's secrets: ``status`` needs only host and port."""
+    unset = "CODEXLB_TEST_NEVER_SET_0123"
+    assert unset not in os.environ
+    host, port = lb.url.removeprefix("http://").rsplit(":", 1)
+    path = tmp_path / "server.toml"
+    path.write_text(
+        f'[server]\nhost = "{host}"\nport = {port}\n\n'
+        f'[[accounts]]\nname = "env"\naccess_token = "env:{unset}"\n\n'
+        f'[[accounts]]\nname = "file"\nauth_file = "{tmp_path / "unreadable"}"\n\n'
+        '[database]\nurl = "env:CODEXLB_TEST_NEVER_SET_0123"\n'
+    )
+    with pytest.raises(ConfigError, match=unset):
+        load_config(path)  # what the server itself would say about this file
+
+    env = {"CODEXLB_KEY": CLIENT_KEYS["alice"]}
+    code, out, err = await codexlb("status", "--config", str(path), "--json", env=env)
+
+    assert code == 0, err
+    assert [e["name"] for e in json.loads(out)["accounts"]] == ["a", "b", "c"]
+
+
+async def test_status_command_names_the_file_and_key_of_a_bad_server_section(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[server]\nport = "high"\nhots = "127.0.0.1"\n')
+
+    code, out, err = await codexlb("status", "--config", str(path))
+
+    assert (code, out) == (1, "")
+    assert f"{path}: server.port: " in err
+    assert f"{path}: server.hots: " in err
