@@ -195,6 +195,9 @@ def import_auth_snippet(auth_file: str | os.PathLike[str], *, name: str | None =
     relative to the configuration file), so refreshed tokens keep being written back to it. A
     platform key file gets ``base_url = "https://api.openai.com/v1"``. ``name`` defaults to
     the local part of the login's e-mail, else ``codex-`` and the start of its account id.
+
+    The entry starts with a blank line: appended (``>> codexlb.toml``) to a file whose last
+    line has no newline, it still begins a line of its own.
     """
     path = Path(auth_file).expanduser().resolve()
     credentials = read_auth_file(path)
@@ -205,7 +208,7 @@ def import_auth_snippet(auth_file: str | os.PathLike[str], *, name: str | None =
     lines = ["[[accounts]]", f"name = {toml_string(name)}", f"auth_file = {toml_string(str(path))}"]
     if credentials.api_key is not None:
         lines.append(f"base_url = {toml_string(PLATFORM_BASE_URL)}")
-    return "\n".join(lines) + "\n"
+    return "\n" + "\n".join(lines) + "\n"
 
 
 def toml_string(value: str) -> str:

@@ -8,10 +8,12 @@ import json
 import sqlite3
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import aiohttp
 
+from codexlb.config import load_config
 from tests.harness import start_child
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +55,25 @@ def test_check_config_reports_an_unreadable_auth_file(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "UNUSABLE" in result.stdout
     assert "file not found" in result.stdout
+
+
+def test_import_auth_appends_valid_toml_to_a_file_without_a_final_newline(
+    tmp_path: Path,
+) -> None:
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps({"OPENAI_API_KEY": "sk-platform-0123456789"}))
+    config = tmp_path / "codexlb.toml"
+    config.write_text('[[accounts]]\nname = "first"\napi_key = "sk-first"')  # no final newline
+
+    result = codexlb("import-auth", str(auth_file), "--name", "second")
+    assert result.returncode == 0, result.stderr
+    with config.open("a") as target:  # what `>> codexlb.toml` does
+        target.write(result.stdout)
+
+    entries = tomllib.loads(config.read_text())["accounts"]
+    assert [entry["name"] for entry in entries] == ["first", "second"]
+    accounts = load_config(config).accounts
+    assert [(a.name, a.auth_file) for a in accounts] == [("first", None), ("second", auth_file)]
 
 
 def test_db_upgrade_creates_the_schema_next_to_the_config(tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ def test_import_auth_snippet_points_at_the_file(tmp_path: Path) -> None:
 
     snippet = import_auth_snippet(path)
 
-    assert snippet == f'[[accounts]]\nname = "dev.one"\nauth_file = "{path}"\n'
+    assert snippet == f'\n[[accounts]]\nname = "dev.one"\nauth_file = "{path}"\n'
     for secret in ("old-access", "old-refresh"):
         assert secret not in snippet
     config = parse_config(tomllib.loads(snippet), source=tmp_path / "elsewhere" / "c.toml")
