@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 AFFINITY_CAPACITY = 100_000
 
-AccountState = Literal["ok", "busy", "cooling_down", "rate_limited", "unusable", "disabled"]
-"""One word for an account, in the order it is decided: ``disabled`` (by the operator),
+AccountState = Literal[
+    "draining", "disabled", "unusable", "rate_limited", "cooling_down", "busy", "ok"
+]
+"""One word for an account, in the order it is decided: ``draining`` (removed from the
+configuration, still finishing the requests it carries), ``disabled`` (by the operator),
 ``unusable`` (credentials refused or unreadable), ``rate_limited`` (a 429 cooldown, or a usage
 window at 100% until its reset), ``cooling_down`` (backing off after errors), ``busy`` (at its
 ``max_inflight``), else ``ok``."""
@@ -70,6 +73,8 @@ class Account:
     last_error: str | None = None
     primary: UsageWindow = field(default_factory=UsageWindow)
     secondary: UsageWindow = field(default_factory=UsageWindow)
+    removed: bool = False
+    """Taken out of the configuration; the pool keeps it only while requests hold it."""
 
     # -- read by the balancer (``balancer.Contender``) ----------------------------------------
 
@@ -106,7 +111,9 @@ class Account:
         return "platform" if platform else "chatgpt"
 
     def state(self, now: float) -> AccountState:
-        """See ``AccountState``; a removed account keeps the state it had."""
+        """See ``AccountState``: the one rule ``/status`` and ``/metrics`` both show."""
+        if self.removed:
+            return "draining"
         if not self.config.enabled:
             return "disabled"
         if not self.usable:
@@ -269,7 +276,8 @@ class Pool:
                 added.append(name)
                 continue
             if name not in self._accounts:
-                added.append(name)
+                added.append(name)  # named again while it was draining
+                account.removed = False
             settings, credentials = _update(account, config, account_config)
             if settings:
                 changed.append(name)
@@ -277,6 +285,8 @@ class Pool:
                 reloaded.append(name)
             accounts[name] = account
         removed = [name for name in self._accounts if name not in accounts]
+        for account in known.values():
+            account.removed = True
         self._draining = {name: a for name, a in known.items() if a.inflight > 0}
         self._accounts = accounts
         routing = config.routing != self._routing

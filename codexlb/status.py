@@ -8,8 +8,8 @@ Both ends of the document live here, so its shape has one owner::
                                                "secondary": {...}},
                    "inflight", "weight", "max_inflight", "last_error"}, ...]}
 
-Times are ISO 8601 UTC strings or null. ``state`` is ``pool.AccountState``, or ``draining``
-for an account removed from the configuration that still carries requests (``removed``).
+Times are ISO 8601 UTC strings or null. ``state`` is ``pool.AccountState``: ``draining`` for
+an account removed from the configuration that still carries requests (``removed``).
 The document is built from names, numbers and states only: it has no field a credential could
 reach.
 """
@@ -52,19 +52,18 @@ class StatusView:
 
 def pool_status(pool: Pool) -> dict[str, Any]:
     now = pool.now()
-    accounts = [account_status(a, now, removed=False) for a in pool.accounts]
-    accounts += [account_status(a, now, removed=True) for a in pool.draining]
+    accounts = [account_status(a, now) for a in [*pool.accounts, *pool.draining]]
     return {"time": _iso(now), "strategy": pool.routing.strategy, "accounts": accounts}
 
 
-def account_status(account: Account, now: float, *, removed: bool) -> dict[str, Any]:
+def account_status(account: Account, now: float) -> dict[str, Any]:
     return {
         "name": account.name,
         "kind": account.kind,
         "enabled": account.config.enabled,
         "usable": account.usable,
-        "state": "draining" if removed else account.state(now),
-        "removed": removed,
+        "state": account.state(now),
+        "removed": account.removed,
         "cooldown_until": _iso(account.cooldown_until) if account.cooldown_until > now else None,
         "usage": {"primary": _window(account.primary), "secondary": _window(account.secondary)},
         "inflight": account.inflight,

@@ -496,6 +496,7 @@ def test_removed_account_drains_its_leases_and_takes_no_new_work() -> None:
         with pool.lease(a):
             pool.reconfigure(config_of(inline("b")))
             assert pool.draining == [a]
+            assert a.state(pool.now()) == "draining"
             assert not pool.eligible(a)
             assert {choose(pool, prefer="a") for _ in range(4)} == {"b"}
             pool.failed(a, "HTTP 500")  # an outcome reported after removal is harmless
@@ -518,6 +519,7 @@ def test_account_named_again_while_draining_comes_back_with_its_state() -> None:
         assert changes.added == ("a",)
         assert account(pool, "a") is a
         assert pool.draining == []
+        assert a.state(pool.now()) == "cooling_down"
         assert a.inflight == 1
     assert a.inflight == 0
     assert a.error_streak == 1

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from codexlb.app import RELOADER, make_runner
 from codexlb.config import load_config
@@ -111,6 +112,24 @@ async def served_by(fake: Fake, http: aiohttp.ClientSession, url: str, text: str
     return fake.received[-1].account
 
 
+async def account_metrics(http: aiohttp.ClientSession, url: str, account: str) -> tuple[str, float]:
+    """The state ``/metrics`` shows for ``account`` (the one state at 1), and its in-flight."""
+    async with http.get(url + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    samples = [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("account") == account
+    ]
+    [state] = [
+        s.labels["state"] for s in samples if s.name == "codexlb_account_state" and s.value == 1
+    ]
+    [inflight] = [s.value for s in samples if s.name == "codexlb_account_inflight"]
+    return state, inflight
+
+
 async def test_appended_account_takes_new_requests_within_seconds(
     fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -168,6 +187,7 @@ async def test_account_taken_out_finishes_its_request_and_takes_no_new_work(
                 [shown] = [e for e in (await response.json())["accounts"] if e["name"] == "a"]
             expected = ("draining", True) if how == "removed" else ("disabled", False)
             assert (shown["state"], shown["removed"], shown["inflight"]) == (*expected, 1)
+            assert await account_metrics(http, live.url, "a") == (expected[0], 1.0)
             served = [await served_by(fake, http, live.url, f"new {n}") for n in range(3)]
             assert served == ["b"] * 3
             assert len(fake.requests_for("a")) == 1
