@@ -9,7 +9,10 @@ keeps no state, so every routing rule is tested without sockets. Order of prefer
 3. the strategy: ``least_used`` (usage bucket, then in-flight per weight, then weight) or
    ``round_robin``.
 
-A preferred account that is not eligible is skipped, never waited for.
+A preferred account that is not eligible is skipped, never waited for. When no account is
+eligible but some are only backing off after errors, the one whose back-off ends first is
+tried rather than failing the request with nothing tried: a few transient faults must not
+take the whole pool out (outlier detection's "panic mode" in production proxies).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class Contender(Protocol):
     def usable(self) -> bool: ...
     @property
     def cooldown_until(self) -> float: ...
+    @property
+    def rate_limited_until(self) -> float:
+        """The part of ``cooldown_until`` owed to a rate limit; the rest is error back-off."""
+
     @property
     def inflight(self) -> int: ...
     @property
@@ -78,6 +85,7 @@ class Candidate(NamedTuple):
     usage_resets_at: float = 0.0
     """When the window that is at 100% resets (0 when unknown)."""
     weight: float = 1.0
+    rate_limited_until: float = 0.0
 
     def eligible(self, now: float) -> bool:
         return eligible(self, now)
@@ -100,7 +108,8 @@ def choose(
     """
     ready = [c for c in candidates if c.name not in exclude and eligible(c, now)]
     if not ready:
-        return None
+        probes = [c for c in candidates if c.name not in exclude and backing_off(c, now)]
+        return min(probes, key=_cooldown).name if probes else None
     for wanted in (prefer, affinity):
         if wanted is not None:
             for candidate in ready:
@@ -111,6 +120,17 @@ def choose(
     if strategy == "round_robin":
         return rotated[0].name
     return min(rotated, key=_load).name
+
+
+def backing_off(candidate: Contender, now: float) -> bool:
+    """Whether ``candidate`` is out only for an error back-off, and eligible once it ends."""
+    return candidate.cooldown_until > now >= candidate.rate_limited_until and eligible(
+        candidate, candidate.cooldown_until
+    )
+
+
+def _cooldown(candidate: Contender) -> float:
+    return candidate.cooldown_until
 
 
 def _load(candidate: Contender) -> tuple[int, float, float]:

@@ -140,6 +140,7 @@ class Account:
             self.used_percent,
             self.usage_resets_at,
             self.weight,
+            self.rate_limited_until,
         )
 
 
@@ -313,7 +314,10 @@ class Pool:
     # -- outcomes -------------------------------------------------------------------------
 
     def succeeded(self, account: Account) -> None:
+        """The account served a request: its error streak and back-off end (a rate limit's
+        cooldown stays)."""
         account.error_streak = 0
+        account.cooldown_until = min(account.cooldown_until, account.rate_limited_until)
 
     def rate_limited(
         self, account: Account, *, headers: Mapping[str, str], error: Mapping[str, Any] | None
@@ -404,7 +408,7 @@ class Pool:
         return entry[0]
 
     def _any_error_cooldown(self, now: float) -> bool:
-        return any(a.error_streak and a.cooldown_until > now for a in self.accounts)
+        return any(balancer.backing_off(a, now) for a in self.accounts)
 
 
 def _new_account(config: Config, account_config: AccountConfig) -> Account:

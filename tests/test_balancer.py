@@ -17,7 +17,7 @@ NOW = 1_750_000_000.0
         (Candidate("a"), True),
         (Candidate("a", enabled=False), False),
         (Candidate("a", usable=False), False),
-        (Candidate("a", cooldown_until=NOW + 1), False),
+        (Candidate("a", cooldown_until=NOW + 1, rate_limited_until=NOW + 1), False),
         (Candidate("a", cooldown_until=NOW), True),
         (Candidate("a", inflight=2, max_inflight=2), False),
         (Candidate("a", inflight=1, max_inflight=2), True),
@@ -30,7 +30,7 @@ NOW = 1_750_000_000.0
         "plain",
         "disabled",
         "unusable",
-        "cooling-down",
+        "rate-limited",
         "cooldown-ends-now",
         "max-inflight-reached",
         "under-max-inflight",
@@ -43,6 +43,25 @@ NOW = 1_750_000_000.0
 def test_eligibility(candidate: Candidate, eligible: bool) -> None:
     assert candidate.eligible(NOW) is eligible
     assert choose([candidate], NOW) == ("a" if eligible else None)
+
+
+def test_when_every_account_is_out_the_first_back_off_to_end_is_tried() -> None:
+    backing_off = [
+        Candidate("later", cooldown_until=NOW + 9),
+        Candidate("sooner", cooldown_until=NOW + 2),
+        Candidate("rate-limited", cooldown_until=NOW + 1, rate_limited_until=NOW + 1),
+        Candidate("full", cooldown_until=NOW + 1, used_percent=100.0, usage_resets_at=NOW + 60),
+        Candidate("busy", cooldown_until=NOW + 1, inflight=1, max_inflight=1),
+        Candidate("disabled", cooldown_until=NOW + 1, enabled=False),
+    ]
+    assert not any(c.eligible(NOW) for c in backing_off)
+    assert choose(backing_off, NOW) == "sooner"
+    assert choose(backing_off, NOW, exclude={"sooner"}) == "later"
+    assert choose(backing_off, NOW, exclude={"sooner", "later"}) is None
+    # A rate limit that ended leaves the error back-off that outlasts it.
+    assert choose([Candidate("a", cooldown_until=NOW + 5, rate_limited_until=NOW - 1)], NOW) == "a"
+    # An eligible account always goes first.
+    assert choose([*backing_off, Candidate("ready", inflight=50)], NOW) == "ready"
 
 
 def test_full_account_is_eligible_again_after_its_reset() -> None:

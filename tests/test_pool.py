@@ -279,6 +279,38 @@ def test_exhausted_after_errors_is_upstream_unavailable() -> None:
     assert "Retry-After" not in error.headers()
 
 
+def test_a_success_ends_the_error_back_off_but_not_a_rate_limit() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b")
+    a, b = account(pool, "a"), account(pool, "b")
+    pool.failed(a, "HTTP 500")
+    pool.failed(b, "HTTP 500")
+    pool.rate_limited(b, headers=headers(retry_after="100"), error=None)
+
+    pool.succeeded(a)  # a request that began before the back-off completed on it
+    pool.succeeded(b)
+
+    assert a.state(clock.now) == "ok"
+    assert b.state(clock.now) == "rate_limited"
+    assert a.error_streak == b.error_streak == 0
+
+
+def test_a_pool_out_only_for_errors_is_never_usage_limit_reached() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b", routing={"error_cooldown_seconds": 10})
+    a, b = account(pool, "a"), account(pool, "b")
+    pool.rate_limited(a, headers=headers(retry_after="5"), error=None)
+    pool.failed(a, "HTTP 500")  # backs off for longer than its rate limit lasts
+    pool.failed(b, "HTTP 500")
+    pool.succeeded(b)  # an earlier request completed on b
+    pool.failed(b, "HTTP 500")
+    clock.now += 6  # the rate limit is over; both accounts only back off after errors
+    assert {a.state(clock.now), b.state(clock.now)} == {"cooling_down"}
+
+    assert choose(pool) == "a"  # the first back-off to end is tried
+    assert isinstance(pool.exhausted(rate_limited=False), UpstreamUnavailable)
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_exhausted_without_usable_accounts_is_upstream_unavailable(enabled: bool) -> None:
     pool = make_pool(FakeClock(), "a", enabled=enabled)
