@@ -584,8 +584,15 @@ _PROCESS_TAG = secrets.token_hex(4)
 
 
 def new_request_id(headers: Mapping[str, str]) -> str:
-    """The client's ``x-client-request-id``, else an id unique to this process's run."""
-    return headers.get("x-client-request-id") or f"lb-{_PROCESS_TAG}-{next(_REQUEST_IDS)}"
+    """The id of one request's log line, unique to this process's run.
+
+    With the client's ``x-client-request-id`` it is that id, a dot and a sequence number:
+    Codex sends one id for every turn on a WebSocket and for each retry of a turn, so its id
+    alone would not tell those lines apart (and as a prefix it still finds them all).
+    """
+    number = next(_REQUEST_IDS)
+    client_id = headers.get("x-client-request-id")
+    return f"{client_id}.{number}" if client_id else f"lb-{_PROCESS_TAG}-{number}"
 
 
 def error_code(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from codexlb.testing.fake_upstream import Fault
@@ -121,3 +125,27 @@ async def test_compact_follows_the_conversation_and_fails_over(
     async with http.post(lb.url + "/v1/responses/compact", json=body, headers=auth()) as response:
         assert response.status == 200
     assert fake.received[-1].account != origin
+
+
+async def test_requests_with_one_client_request_id_get_log_lines_told_apart(
+    lb: Balancer, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Codex sends one ``x-client-request-id`` for every turn on a WebSocket (and retries)."""
+    caplog.set_level(logging.INFO, logger="codexlb.requests")
+    headers = {**auth(), "x-client-request-id": "codex-session-1"}
+    for text in ("one", "two"):
+        turn = await stream_turn(http, lb.url, {"input": [user_message(text)]}, headers=headers)
+        assert turn.status == 200
+    async with http.ws_connect(ws_url(lb.url), headers=headers) as ws:
+        for text in ("three", "four"):
+            assert (await ws_turn(ws, {"input": text}))[-1]["type"] == "response.completed"
+    await stream_turn(http, lb.url, {"input": [user_message("no id")]})
+
+    records = [r for r in caplog.records if r.name == "codexlb.requests"]
+    lines: list[dict[str, Any]] = [getattr(r, "fields", {}) for r in records]
+    ids = [str(line.get("request_id")) for line in lines]
+    assert [line.get("transport") for line in lines] == ["http", "http", "ws", "ws", "http"]
+    assert len(set(ids)) == 5
+    assert all(i.startswith("codex-session-1.") for i in ids[:4])
+    assert ids[4].startswith("lb-")
+    assert [r.getMessage().split()[0] for r in records] == [f"request_id={i}" for i in ids]
