@@ -35,11 +35,18 @@ from codexlb.exchange import (
     new_request_id,
 )
 from codexlb.failover import Action, Failure, Phase
-from codexlb.http1 import Http1Error, Http1Response
+from codexlb.http1 import Http1Response
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
-from codexlb.sse import Event, SSEDecoder, encode_event
-from codexlb.upstream import UpstreamConnectError, forward_headers, relayed_headers
+from codexlb.sse import encode_event
+from codexlb.upstream import (
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamEvents,
+    forward_headers,
+    read_answer,
+    relayed_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +57,6 @@ Attempt = Callable[
     [web.Request, "Exchange", Account, Mapping[str, str]], Awaitable[web.StreamResponse | None]
 ]
 """One try of a request on an account: the client's response, or ``None`` to try again."""
-
-
-class UpstreamBroken(Exception):
-    """The upstream stream ended or failed before its terminal event."""
 
 
 class HttpProxy:
@@ -154,12 +157,7 @@ class HttpProxy:
         limit = self.services.config.limits.max_body_bytes
 
         async def respond(upstream: Http1Response) -> web.StreamResponse:
-            try:
-                raw = await upstream.read(limit, self._idle)
-            except Http1Error as exc:
-                raise UpstreamBroken(f"compact answer broken: {exc}") from exc
-            if not upstream.complete:
-                raise UpstreamBroken("compact answer incomplete")
+            raw = await read_answer(upstream, limit, self._idle)
             exchange.succeeded(account)
             exchange.record.mark_first_byte()
             return web.Response(
@@ -206,8 +204,8 @@ class HttpProxy:
         """An upstream error status: tried again, or the client's own mistake passed on."""
         status = upstream.status
         try:
-            raw = await upstream.read(MAX_ERROR_BODY, self.services.config.timeouts.idle_seconds)
-        except Http1Error:
+            raw = await read_answer(upstream, MAX_ERROR_BODY, self._idle)
+        except UpstreamBroken:
             raw = b""
         try:
             code, error = error_code(json.loads(raw))
@@ -236,7 +234,7 @@ class HttpProxy:
         sink = _ClientStream(
             request, exchange, relayed_headers(upstream.headers, exchange.request.model)
         )
-        batches = _UpstreamEvents(upstream, self._idle)
+        batches = UpstreamEvents(upstream, self._idle)
         try:
             while (events := await batches.next_batch()) is not None:
                 for raw, kind, data in events:
@@ -280,7 +278,7 @@ class HttpProxy:
         self, exchange: Exchange, account: Account, upstream: Http1Response
     ) -> web.Response | None:
         recorder = ResponseRecorder(streaming=False)
-        batches = _UpstreamEvents(upstream, self._idle)
+        batches = UpstreamEvents(upstream, self._idle)
         while (events := await batches.next_batch()) is not None:
             for _, kind, data in events:
                 step = recorder.observe(kind, data)
@@ -375,30 +373,3 @@ class _ClientStream:
             self.pending[:0] = self.held
             self.held.clear()
         return self.response
-
-
-class _UpstreamEvents:
-    """The upstream's events, one list per arrival, then ``None``; ``UpstreamBroken`` on
-    failure. (A plain object, not an async generator: one is made for every response.)"""
-
-    __slots__ = ("_decoder", "_ended", "_idle", "_upstream")
-
-    def __init__(self, upstream: Http1Response, idle_timeout: float) -> None:
-        self._upstream = upstream
-        self._idle = idle_timeout
-        self._decoder = SSEDecoder()
-        self._ended = False
-
-    async def next_batch(self) -> list[Event] | None:
-        while not self._ended:
-            try:
-                chunk = await self._upstream.next_chunk(self._idle)
-            except Http1Error as exc:
-                raise UpstreamBroken(f"stream failed: {exc}") from exc
-            if chunk is None:
-                self._ended = True
-                return self._decoder.flush() or None
-            events = self._decoder.feed(chunk)
-            if events:
-                return events
-        return None

@@ -1,8 +1,17 @@
-"""The connections towards the upstream accounts.
+"""The connections towards the upstream accounts, and the one boundary of their errors.
 
 Streamed POSTs go through the lean ``http1`` client (the relay's hot path); WebSockets through
-one ``aiohttp.ClientSession``. Opening either is the boundary where connection errors and
-time-outs become an ``UpstreamConnectError``; past the response headers the caller reads.
+one ``aiohttp.ClientSession``. Whatever the two clients raise becomes, here and only here, one
+of::
+
+    UpstreamError
+     ├── UpstreamConnectError   no answer: connect failure, time-out before a response head
+     ├── UpstreamRefused        a WebSocket upgrade answered with an HTTP status (and headers)
+     └── UpstreamBroken         an answer that broke off, failed or went silent mid-way
+
+An HTTP answer with an error status is not an error here: its status and body are read like
+any answer (``read_answer``). A WebSocket's frames are read by its owner, which sees a close
+or a time-out as the end of the socket.
 """
 
 from __future__ import annotations
@@ -17,8 +26,9 @@ from aiohttp import web
 from yarl import URL
 
 from codexlb.config import TimeoutsConfig
-from codexlb.http1 import ConnectFailed, Http1Client, Http1Response, remember
+from codexlb.http1 import ConnectFailed, Http1Client, Http1Error, Http1Response, remember
 from codexlb.pool import Account
+from codexlb.sse import Event, SSEDecoder
 
 HOP_BY_HOP = frozenset(
     {
@@ -56,11 +66,19 @@ WEBSOCKET_BETA = "responses_websockets=2026-02-06"
 WEBSOCKET_HEARTBEAT_SECONDS = 30.0
 
 
-class UpstreamConnectError(Exception):
+class UpstreamError(Exception):
+    """Something went wrong towards the upstream."""
+
+
+class UpstreamConnectError(UpstreamError):
     """The upstream could not be reached or did not answer in time."""
 
 
-class UpstreamRefused(Exception):
+class UpstreamBroken(UpstreamError):
+    """An upstream answer ended, failed or went silent before it was whole."""
+
+
+class UpstreamRefused(UpstreamError):
     """The upstream answered a WebSocket handshake with an HTTP error status."""
 
     def __init__(self, status: int, headers: Mapping[str, str]) -> None:
@@ -98,8 +116,16 @@ def relayed_headers(headers: Mapping[str, str], model: str | None) -> dict[str, 
     return relayed
 
 
+# -- aiohttp shim ---------------------------------------------------------------------------
+# The two places that reach into aiohttp's private attributes (pyproject.toml keeps aiohttp
+# below its next major version). tests/test_ws_proxy.py checks both through real sockets:
+# test_upstream_handshake_headers_reach_the_client and
+# test_deflate_when_enabled_is_negotiated_but_events_go_out_uncompressed.
+
+
 def handshake_headers(upstream: aiohttp.ClientWebSocketResponse) -> Mapping[str, str]:
-    """The headers of an upstream WebSocket's 101 answer."""
+    """The headers of an upstream WebSocket's 101 answer: aiohttp keeps the handshake's
+    response privately (a public ``response``, should a version add one, is taken first)."""
     response = getattr(upstream, "response", None) or upstream._response
     return response.headers
 
@@ -122,6 +148,9 @@ def send_uncompressed_by_default(
     writer = ws._writer
     if writer is not None:
         writer.compress = 0
+
+
+# -- end of the aiohttp shim -------------------------------------------------------------------
 
 
 def compress_for(
@@ -247,3 +276,42 @@ def _url(base_url: str, path: str) -> URL:
 
 def _payload(body: bytes) -> bytes | io.BytesIO:
     return io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body
+
+
+async def read_answer(response: Http1Response, limit: int, idle_timeout: float) -> bytes:
+    """The whole body of a non-streamed answer (an error status's, a compaction's), at most
+    ``limit`` bytes; ``UpstreamBroken`` when it does not arrive whole."""
+    try:
+        body = await response.read(limit, idle_timeout)
+    except Http1Error as exc:
+        raise UpstreamBroken(f"answer broke off: {exc}") from exc
+    if not response.complete:
+        raise UpstreamBroken("answer incomplete")
+    return body
+
+
+class UpstreamEvents:
+    """The upstream's events, one list per arrival, then ``None``; ``UpstreamBroken`` on
+    failure. (A plain object, not an async generator: one is made for every response.)"""
+
+    __slots__ = ("_decoder", "_ended", "_idle", "_upstream")
+
+    def __init__(self, upstream: Http1Response, idle_timeout: float) -> None:
+        self._upstream = upstream
+        self._idle = idle_timeout
+        self._decoder = SSEDecoder()
+        self._ended = False
+
+    async def next_batch(self) -> list[Event] | None:
+        while not self._ended:
+            try:
+                chunk = await self._upstream.next_chunk(self._idle)
+            except Http1Error as exc:
+                raise UpstreamBroken(f"stream failed: {exc}") from exc
+            if chunk is None:
+                self._ended = True
+                return self._decoder.flush() or None
+            events = self._decoder.feed(chunk)
+            if events:
+                return events
+        return None
