@@ -1,7 +1,8 @@
-"""The ``codexlb`` command: serve, check-config, db upgrade, status, hash-key (SPEC S1.1).
+"""The ``codexlb`` command: argument parsing, logging set-up, and the commands themselves.
 
-``serve`` reloads its configuration file on SIGHUP and when the file changes (S6, see
-``reload``); ``status`` prints the pool as a running server sees it (``GET /status``).
+``serve`` runs the app (``app.make_runner``) until SIGTERM/SIGINT and reloads its configuration
+file on SIGHUP and when the file changes (see ``reload``); ``status`` prints the pool as a
+running server sees it (``GET /status``) and reads only ``[server]`` of the file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ SHUTDOWN_TIMEOUT_SECONDS = 30.0
 GC_YOUNG_THRESHOLD = 10_000
 """Container allocations (net of frees) between two collections of the youngest generation."""
 STATUS_TIMEOUT_SECONDS = 10.0
+
+DESCRIPTION = """\
+One endpoint for several ChatGPT/Codex accounts or OpenAI API keys.
+
+Point Codex CLI or an OpenAI SDK at codexlb as if it were the upstream: each
+request goes to an account that can take it, preferring the one that served
+the conversation so far, and every completed response is stored, so that a
+conversation goes on after an account switch, an upstream disconnect or a
+restart."""
+EPILOG = """\
+Commands that need the configuration file take --config FILE or read
+$CODEXLB_CONFIG; start from config.example.toml. `codexlb COMMAND --help`
+describes each command."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,36 +92,114 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codexlb", description=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    for name, help_text in (
-        ("serve", "run the server in the foreground"),
-        ("check-config", "validate the configuration and print the effective pool"),
-    ):
-        command = sub.add_parser(name, help=help_text)
-        command.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
-    db_parser = sub.add_parser("db", help="database maintenance")
-    db_actions = db_parser.add_subparsers(dest="action", required=True)
-    upgrade_parser = db_actions.add_parser("upgrade", help="apply the migrations")
-    upgrade_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
-    backup_parser = db_actions.add_parser("backup", help="copy a live SQLite database")
-    backup_parser.add_argument("destination", help="the file to write (must not exist)")
-    backup_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
-    status_parser = sub.add_parser("status", help="print the pool of a running server")
-    status_parser.add_argument("--config", help="TOML file (default: $CODEXLB_CONFIG)")
+    parser = argparse.ArgumentParser(
+        prog="codexlb",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the paragraphs
+    )
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    serve = _command(
+        sub,
+        "serve",
+        "run the server in the foreground",
+        "Run the server in the foreground. It applies the database migrations at start, "
+        "reloads the configuration file when it changes and on SIGHUP, and on SIGTERM or "
+        "SIGINT lets the requests in flight finish before it exits.",
+    )
+    _config_option(serve)
+    check = _command(
+        sub,
+        "check-config",
+        "validate the configuration and print the pool it describes",
+        "Validate the configuration file and print the pool it describes: the listen "
+        "address, the database, the client keys' names and each account, with whether its "
+        "credentials can be read. Secrets are never printed. Exits with status 1 when "
+        "something is wrong.",
+    )
+    _config_option(check)
+    db_parser = _command(sub, "db", "database maintenance", "Database maintenance.")
+    db_actions = db_parser.add_subparsers(
+        dest="action", required=True, title="actions", metavar="ACTION"
+    )
+    upgrade_parser = _command(
+        db_actions,
+        "upgrade",
+        "bring the database schema up to date",
+        "Bring the database schema up to date. serve does this at start too.",
+    )
+    _config_option(upgrade_parser)
+    backup_parser = _command(
+        db_actions,
+        "backup",
+        "copy the SQLite database, even while the server runs",
+        "Copy the configured SQLite database to a new file, consistently, even while the "
+        "server is writing to it. For PostgreSQL, use pg_dump.",
+    )
+    backup_parser.add_argument("destination", help="the file to write (must not exist yet)")
+    _config_option(backup_parser)
+    status_parser = _command(
+        sub,
+        "status",
+        "show the accounts of a running server",
+        "Ask a running server for its pool and print one row per account: its state, "
+        "requests in flight, weight, the usage the upstream last reported, cooldown and "
+        "last error. Only the [server] section of the configuration file is read, to find "
+        "the server.",
+    )
+    _config_option(status_parser)
     status_parser.add_argument(
-        "--url", help="the server's base URL (default: from [server] host and port)"
+        "--url", help="the server's base URL, instead of the [server] address of the file"
     )
-    status_parser.add_argument("--key", help="a client key (default: $CODEXLB_KEY)")
-    status_parser.add_argument("--json", action="store_true", help="print the JSON document")
-    import_parser = sub.add_parser(
-        "import-auth", help="print an [[accounts]] entry that serves a Codex auth.json"
+    status_parser.add_argument(
+        "--key", help="a client key, when the server has some (default: $CODEXLB_KEY)"
     )
-    import_parser.add_argument("auth_file", nargs="?", default="~/.codex/auth.json")
-    import_parser.add_argument("--name", help="the account name (default: from the login)")
-    hash_parser = sub.add_parser("hash-key", help="print the key_sha256 of a client key")
-    hash_parser.add_argument("key", nargs="?", help="the key (prompted for when omitted)")
+    status_parser.add_argument(
+        "--json", action="store_true", help="print the server's JSON document instead of a table"
+    )
+    import_parser = _command(
+        sub,
+        "import-auth",
+        "print an [[accounts]] entry that serves a Codex auth.json",
+        "Check a Codex auth.json (as written by `codex login`) and print an [[accounts]] "
+        "entry that uses it, ready to append to the configuration file, e.g. "
+        "`codexlb import-auth --name laptop >> codexlb.toml`. No token is copied: the "
+        "entry points at the file, and refreshed tokens are written back to it.",
+    )
+    import_parser.add_argument(
+        "auth_file",
+        nargs="?",
+        default="~/.codex/auth.json",
+        metavar="AUTH_JSON",
+        help="the Codex login to serve (default: ~/.codex/auth.json)",
+    )
+    import_parser.add_argument(
+        "--name", help="the account's name (default: taken from the login's e-mail address)"
+    )
+    hash_parser = _command(
+        sub,
+        "hash-key",
+        "print the key_sha256 of a client key",
+        "Print the SHA-256 of a client key, to put in [[api_keys]] as key_sha256 so the "
+        "configuration file does not hold the key itself.",
+    )
+    hash_parser.add_argument("key", nargs="?", help="the client key (asked for when omitted)")
     return parser
+
+
+def _command(
+    parent: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    return parent.add_parser(name, help=summary, description=description)
+
+
+def _config_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--config", metavar="FILE", help="the TOML configuration file (default: $CODEXLB_CONFIG)"
+    )
 
 
 def _db(args: argparse.Namespace, config: Config) -> int:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
+import re
 import sqlite3
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 
+from codexlb.cli import _parser
 from codexlb.config import load_config
 from tests.harness import start_child
 
@@ -29,6 +33,34 @@ def codexlb(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         cwd=cwd,
         check=False,
     )
+
+
+def help_texts(parser: argparse.ArgumentParser) -> Iterator[tuple[str, str]]:
+    """The ``--help`` text of ``parser`` and of each of its subcommands, by command line."""
+    yield parser.prog, parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                yield from help_texts(command)
+
+
+def test_help_speaks_to_users_not_to_the_specification() -> None:
+    texts = dict(help_texts(_parser()))
+
+    assert set(texts) == {
+        "codexlb",
+        *(f"codexlb {c}" for c in ("serve", "check-config", "db", "status", "import-auth")),
+        *("codexlb hash-key", "codexlb db upgrade", "codexlb db backup"),
+    }
+    for command, text in texts.items():
+        assert not re.search(r"SPEC|\bS\d", text), f"{command} --help:\n{text}"
+        assert "``" not in text, f"{command} --help shows docstring markup:\n{text}"
+        if command != "codexlb":
+            assert text.count("\n\n") >= 2, f"{command} --help has no description:\n{text}"
+    result = codexlb("--help")  # the module docstring is not the description either
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: codexlb")
+    assert not re.search(r"SPEC|\bS\d|``", result.stdout), result.stdout
 
 
 def test_check_config_prints_the_example_pool_without_secrets() -> None:
