@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,8 @@ from codexlb.catalog import ModelCatalog
 from codexlb.config import Config
 from codexlb.credential_store import CredentialStore
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
-from codexlb.exchange import Services
 from codexlb.http_proxy import HttpProxy
-from codexlb.metrics import CONTENT_TYPE
+from codexlb.metrics import CONTENT_TYPE, Metrics
 from codexlb.pool import Pool
 from codexlb.refresh import CredentialManager
 from codexlb.reload import WATCH_INTERVAL_SECONDS, Reloader
@@ -38,6 +38,25 @@ from codexlb.upstream import Upstream
 from codexlb.ws_proxy import WsProxy
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    """The app's shared resources, built once by ``create_app``: what an exchange, a
+    transport or a view may use."""
+
+    config: Config
+    pool: Pool
+    store: SnapshotStore
+    upstream: Upstream
+    credentials: CredentialManager
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "metrics", Metrics(lambda: [*self.pool.accounts, *self.pool.draining])
+        )
+
 
 SERVICES = web.AppKey("services", Services)
 ENGINE = web.AppKey("engine", AsyncEngine)

@@ -12,14 +12,17 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
 from codexlb.errors import UpstreamUnavailable
-from codexlb.exchange import Services
 from codexlb.pool import Account
+
+if TYPE_CHECKING:
+    from codexlb.app import Services
 
 log = logging.getLogger(__name__)
 

@@ -1,41 +1,40 @@
-"""One response's life, shared by both transports.
+"""One response's life, shared by every transport (SPEC S2-S4).
 
-An ``Exchange`` picks the account for each attempt (the parent's account first, then soft
-affinity, then the strategy), builds the upstream body (the client's bytes as-is, or the
-conversation replayed from snapshots, S3), learns from each failure (cooldowns, S4), and
-commits the snapshot before the terminal event goes out (S2). A ``ResponseRecorder`` watches
-the events of one attempt: what is visible yet, the output items, the terminal event.
+An ``Exchange`` runs the attempts of one request (``run``): it picks the account for each
+(a retry on the same account, the conversation's account, the transport's open socket, soft
+affinity, then the strategy), gives the input to send (the client's as-is, the conversation
+replayed from snapshots, and only reasoning the account can read), applies the verdict on every
+upstream failure (``judge``: cooldowns, refresh, replay, failover; see ``failover``), and
+commits the snapshot before the terminal event goes out (``commit``). ``relay`` watches the
+events of one attempt.
 
-The transports (``http_proxy``, ``ws_proxy``) only frame bytes around it.
+The transports (``http_proxy``, ``ws_proxy``) read the client's request, connect, relay and
+frame bytes; they touch neither the pool nor the store.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
-from enum import Enum, auto
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import orjson
-
-from codexlb.config import Config
 from codexlb.credentials import Credentials
 from codexlb.errors import SnapshotNotStored
-from codexlb.failover import Action, Failure, Phase, verdict
-from codexlb.metrics import Metrics
+from codexlb.failover import Action, Failure, verdict
 from codexlb.payload import CreateRequest
-from codexlb.pool import Account, Pool
+from codexlb.pool import Account
 from codexlb.provenance import keys_of, latest_owner, readable_by
-from codexlb.refresh import CredentialManager
+from codexlb.relay import ResponseRecorder
 from codexlb.replay import rebuild_input, strip_reasoning
-from codexlb.store import Snapshot, SnapshotStore
+from codexlb.store import Snapshot
 from codexlb.token_endpoint import RefreshUnavailable
-from codexlb.upstream import Upstream
+
+if TYPE_CHECKING:
+    from codexlb.app import Services
+    from codexlb.logs import RequestRecord
 
 log = logging.getLogger("codexlb.requests")
 
@@ -44,234 +43,6 @@ PASS_ON = Action.PASS_ON
 
 BROKEN_STREAM_STATUS = 502
 """The status a response is logged with when its upstream broke after visible output."""
-HELD_BACK = frozenset(
-    {"response.created", "response.in_progress", "codex.rate_limits", "response.metadata"}
-)
-"""Events that show no output: held back until the first one that does."""
-_NOTABLE = frozenset(
-    {
-        None,
-        *HELD_BACK,
-        "response.output_item.done",
-        "response.completed",
-        "response.failed",
-        "response.incomplete",
-        "error",
-    }
-)
-"""Event types ``ResponseRecorder.observe`` looks at more closely than "visible output"."""
-
-
-@dataclass(frozen=True)
-class Services:
-    """Everything an exchange needs, built once by the app factory."""
-
-    config: Config
-    pool: Pool
-    store: SnapshotStore
-    upstream: Upstream
-    credentials: CredentialManager
-    metrics: Metrics = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "metrics", Metrics(lambda: [*self.pool.accounts, *self.pool.draining])
-        )
-
-
-class HasJson(Protocol):
-    def json(self) -> Any: ...
-
-
-EventData = bytes | HasJson
-"""An event's data: its JSON text as received (SSE), or an object that parses it once (WS)."""
-
-
-class Step(Enum):
-    HOLD = auto()
-    """Not visible yet (created / in_progress): keep it until something visible comes."""
-    PASS = auto()
-    COMPLETED = auto()
-    FAILED = auto()
-    """``response.failed`` / ``response.incomplete`` / ``error``: see ``failure_code``."""
-
-
-HOLD, PASS, COMPLETED, FAILED = Step.HOLD, Step.PASS, Step.COMPLETED, Step.FAILED
-"""The steps by plain name, for the per-event code: on Python 3.11 each ``Step.X`` goes
-through ``EnumType.__getattr__``, about a thousand instructions."""
-
-
-class ResponseRecorder:
-    """Watches one attempt's events; parses only the few it must."""
-
-    __slots__ = ("_created", "failure", "output_items", "response", "streaming", "visible")
-
-    def __init__(self, *, streaming: bool = True) -> None:
-        self.streaming = streaming
-        """When false (an assembled response) nothing reaches the client before the end."""
-        self.visible = False
-        self._created: EventData | None = None
-        self.output_items: dict[int, Any] = {}
-        self.response: dict[str, Any] | None = None
-        self.failure: Failure | None = None
-        """The failure event that ended the attempt, as a value for ``failover.verdict``."""
-
-    def observe(self, kind: str | None, event: EventData) -> Step:
-        if kind not in _NOTABLE:  # output of any kind (deltas mostly): visible, passed on
-            self.visible = self.streaming
-            return PASS
-        if kind is None:  # a keep-alive comment: harmless, but not output either
-            return PASS if self.visible else HOLD
-        if kind in HELD_BACK:
-            if kind == "response.created":
-                self._created = event  # parsed only if the stream breaks (see started_response)
-            return PASS if self.visible else HOLD
-        if kind == "response.output_item.done":
-            self.visible = self.streaming
-            payload = _json_object(event)
-            index = payload.get("output_index")
-            item = payload.get("item")
-            if item is not None:
-                self.output_items[index if isinstance(index, int) else len(self.output_items)] = (
-                    item
-                )
-            return PASS
-        if kind == "response.completed":
-            response = _json_object(event).get("response")
-            self.response = response if isinstance(response, dict) else {}
-            return COMPLETED
-        if kind in ("response.failed", "response.incomplete"):
-            response = _json_object(event).get("response")
-            self.response = response if isinstance(response, dict) else {}
-            error = self.response.get("error")
-            self.failure = Failure(
-                Phase.EVENT,
-                code=_failure_code(self.response, kind),
-                message=_message(error),
-                error=error if isinstance(error, dict) else None,
-                visible=self.visible,
-                incomplete=kind == "response.incomplete",
-            )
-            return FAILED
-        # The one left: "error".
-        payload = _json_object(event)
-        error = payload.get("error")
-        code = error.get("code") if isinstance(error, dict) else payload.get("code")
-        status = payload.get("status")
-        headers = payload.get("headers")
-        self.failure = Failure(
-            Phase.EVENT,
-            status=status if type(status) is int else None,
-            code=code if isinstance(code, str) else "error",
-            message=_message(error),
-            headers=_header_map(headers) if isinstance(headers, dict) else {},
-            error=error if isinstance(error, dict) else None,
-            visible=self.visible,
-        )
-        return FAILED
-
-    def started_response(self) -> dict[str, Any]:
-        """The response object as far as known: the terminal one, else the created one."""
-        if self.response is not None:
-            return self.response
-        if self._created is not None:
-            response = _json_object(self._created).get("response")
-            if isinstance(response, dict):
-                return response
-        return {}
-
-    def incomplete_event(self) -> dict[str, Any]:
-        """The ``response.failed`` (``stream_incomplete``) that ends a response whose upstream
-        broke after visible output: the client keeps its connection and may retry."""
-        return self.failed_event(
-            "stream_incomplete", "The upstream connection ended before the response completed."
-        )
-
-    def failed_event(self, code: str, message: str) -> dict[str, Any]:
-        """A ``response.failed`` that ends this response after visible output."""
-        response = dict(self.started_response())
-        response.update(status="failed", error={"code": code, "message": message})
-        return {"type": "response.failed", "response": response}
-
-    def ordered_output(self) -> list[Any]:
-        if self.output_items:
-            return [self.output_items[i] for i in sorted(self.output_items)]
-        output = (self.response or {}).get("output")
-        return list(output) if isinstance(output, list) else []
-
-    def broken(self, reason: str) -> Failure:
-        """The failure of a stream that ended, or went silent, before its terminal event."""
-        return Failure(Phase.BREAK, message=reason, visible=self.visible)
-
-
-_REQUEST_LINE = " ".join(
-    f"{name}=%s"
-    for name in (
-        "request_id",
-        "key",
-        "account",
-        "route",
-        "transport",
-        "attempts",
-        "status",
-        "ttfb_ms",
-        "duration_ms",
-        "input_tokens",
-        "output_tokens",
-    )
-)
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """The facts of one request's log line (SPEC S6)."""
-
-    transport: str
-    client_key: str
-    request_id: str
-    route: str = "responses"
-    started: float = field(default_factory=time.perf_counter)
-    account: str | None = None
-    attempts: int = 0
-    status: int = 0
-    first_byte: float | None = None
-    usage: Mapping[str, Any] | None = None
-    failed_with: int | None = None
-    """The status of the failure a response ended in after its transport answered 200 (a
-    streamed ``response.failed`` or ``error``): what the log line and metrics show."""
-
-    def mark_first_byte(self) -> None:
-        if self.first_byte is None:
-            self.first_byte = time.perf_counter()
-
-    def emit(self, metrics: Metrics) -> None:
-        """The request's log line and metrics."""
-        usage = self.usage or {}
-        duration = time.perf_counter() - self.started
-        first_byte = self.first_byte - self.started if self.first_byte else None
-        status = self.failed_with or self.status
-        metrics.request(self.route, self.transport, status, first_byte, duration)
-        if not log.isEnabledFor(logging.INFO):
-            return
-        fields = {
-            "request_id": self.request_id,
-            "key": self.client_key or None,
-            "account": self.account,
-            "route": self.route,
-            "transport": self.transport,
-            "attempts": self.attempts,
-            "status": status,
-            "ttfb_ms": round(first_byte * 1000, 1) if first_byte is not None else None,
-            "duration_ms": round(duration * 1000, 1),
-            "input_tokens": usage.get("input_tokens"),
-            "output_tokens": usage.get("output_tokens"),
-        }
-        log.info(
-            _REQUEST_LINE,
-            *["-" if value is None else value for value in fields.values()],
-            extra={"fields": fields},
-        )
-
 
 Attempt = Callable[[Account], Awaitable[R | None]]
 """One try on an account: what the client was answered with, or ``None`` after ``judge``
@@ -577,57 +348,3 @@ async def reauthorize(services: Services, account: Account, sent: Credentials) -
 
 def affinity_key(headers: Mapping[str, str], request: CreateRequest) -> str | None:
     return headers.get("session-id") or headers.get("thread-id") or request.prompt_cache_key
-
-
-_REQUEST_IDS = itertools.count(1)
-_PROCESS_TAG = secrets.token_hex(4)
-
-
-def new_request_id(headers: Mapping[str, str]) -> str:
-    """The id of one request's log line, unique to this process's run.
-
-    With the client's ``x-client-request-id`` it is that id, a dot and a sequence number:
-    Codex sends one id for every turn on a WebSocket and for each retry of a turn, so its id
-    alone would not tell those lines apart (and as a prefix it still finds them all).
-    """
-    number = next(_REQUEST_IDS)
-    client_id = headers.get("x-client-request-id")
-    return f"{client_id}.{number}" if client_id else f"lb-{_PROCESS_TAG}-{number}"
-
-
-def error_code(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:
-    """The ``code`` (or ``type``) of an OpenAI-shaped error body, and the error object."""
-    if not isinstance(body, dict):
-        return None, None
-    error = body.get("error")
-    if not isinstance(error, dict):
-        return None, None
-    code = error.get("code") or error.get("type")
-    return (code if isinstance(code, str) else None), error
-
-
-def _json_object(event: EventData) -> dict[str, Any]:
-    try:
-        payload = orjson.loads(event) if isinstance(event, bytes) else event.json()
-    except ValueError:
-        return {}
-    return payload if isinstance(payload, dict) else {}
-
-
-def _message(error: Any) -> str | None:
-    message = error.get("message") if isinstance(error, dict) else None
-    return message if isinstance(message, str) else None
-
-
-def _header_map(headers: dict[Any, Any]) -> dict[str, str]:
-    return {str(name).lower(): str(value) for name, value in headers.items()}
-
-
-def _failure_code(response: dict[str, Any], kind: str) -> str:
-    error = response.get("error")
-    if isinstance(error, dict) and isinstance(error.get("code"), str):
-        return str(error["code"])
-    details = response.get("incomplete_details")
-    if kind == "response.incomplete" and isinstance(details, dict):
-        return str(details.get("reason") or "incomplete")
-    return "failed"

@@ -173,6 +173,17 @@ def status_for(code: str | None) -> int:
     return 500
 
 
+def error_code(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:
+    """The ``code`` (or ``type``) of an OpenAI-shaped error body, and the error object."""
+    if not isinstance(body, dict):
+        return None, None
+    error = body.get("error")
+    if not isinstance(error, dict):
+        return None, None
+    code = error.get("code") or error.get("type")
+    return (code if isinstance(code, str) else None), error
+
+
 def _previous_not_found(failure: Failure) -> bool:
     if failure.code == PREVIOUS_NOT_FOUND:
         return True

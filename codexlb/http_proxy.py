@@ -16,28 +16,19 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
 from codexlb.errors import CodexLBError, NotFound, PayloadTooLarge, SnapshotNotStored
-from codexlb.exchange import (
-    COMPLETED,
-    FAILED,
-    HOLD,
-    PASS,
-    Exchange,
-    RequestRecord,
-    ResponseRecorder,
-    Services,
-    affinity_key,
-    error_code,
-    new_request_id,
-)
-from codexlb.failover import Action, Failure, Phase
+from codexlb.exchange import Exchange, affinity_key
+from codexlb.failover import Action, Failure, Phase, error_code
 from codexlb.http1 import Http1Response
+from codexlb.logs import RequestRecord, new_request_id
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
+from codexlb.relay import COMPLETED, FAILED, HOLD, PASS, ResponseRecorder
 from codexlb.sse import encode_event
 from codexlb.upstream import (
     UpstreamBroken,
@@ -47,6 +38,9 @@ from codexlb.upstream import (
     read_answer,
     relayed_headers,
 )
+
+if TYPE_CHECKING:
+    from codexlb.app import Services
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,22 @@ Warnings and errors, and lines logged where no event loop runs, are flushed at o
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import secrets
 import sys
 import time
-from typing import Any, TextIO
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TextIO
 
 from codexlb.config import Config
+
+if TYPE_CHECKING:
+    from codexlb.metrics import Metrics
+
+requests_log = logging.getLogger("codexlb.requests")
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FLUSH_SECONDS = 0.1
@@ -149,3 +158,88 @@ def setup_logging(config: Config) -> None:
     # These log statement parameters at DEBUG: conversation content and stored tokens.
     for noisy in ("aiosqlite", "sqlalchemy.engine", "asyncpg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_REQUEST_LINE = " ".join(
+    f"{name}=%s"
+    for name in (
+        "request_id",
+        "key",
+        "account",
+        "route",
+        "transport",
+        "attempts",
+        "status",
+        "ttfb_ms",
+        "duration_ms",
+        "input_tokens",
+        "output_tokens",
+    )
+)
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """The facts of one request's log line (SPEC S6)."""
+
+    transport: str
+    client_key: str
+    request_id: str
+    route: str = "responses"
+    started: float = field(default_factory=time.perf_counter)
+    account: str | None = None
+    attempts: int = 0
+    status: int = 0
+    first_byte: float | None = None
+    usage: Mapping[str, Any] | None = None
+    failed_with: int | None = None
+    """The status of the failure a response ended in after its transport answered 200 (a
+    streamed ``response.failed`` or ``error``): what the log line and metrics show."""
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+
+    def emit(self, metrics: Metrics) -> None:
+        """The request's log line and metrics."""
+        usage = self.usage or {}
+        duration = time.perf_counter() - self.started
+        first_byte = self.first_byte - self.started if self.first_byte else None
+        status = self.failed_with or self.status
+        metrics.request(self.route, self.transport, status, first_byte, duration)
+        if not requests_log.isEnabledFor(logging.INFO):
+            return
+        fields = {
+            "request_id": self.request_id,
+            "key": self.client_key or None,
+            "account": self.account,
+            "route": self.route,
+            "transport": self.transport,
+            "attempts": self.attempts,
+            "status": status,
+            "ttfb_ms": round(first_byte * 1000, 1) if first_byte is not None else None,
+            "duration_ms": round(duration * 1000, 1),
+            "input_tokens": usage.get("input_tokens"),
+            "output_tokens": usage.get("output_tokens"),
+        }
+        requests_log.info(
+            _REQUEST_LINE,
+            *["-" if value is None else value for value in fields.values()],
+            extra={"fields": fields},
+        )
+
+
+_REQUEST_IDS = itertools.count(1)
+_PROCESS_TAG = secrets.token_hex(4)
+
+
+def new_request_id(headers: Mapping[str, str]) -> str:
+    """The id of one request's log line, unique to this process's run.
+
+    With the client's ``x-client-request-id`` it is that id, a dot and a sequence number:
+    Codex sends one id for every turn on a WebSocket and for each retry of a turn, so its id
+    alone would not tell those lines apart (and as a prefix it still finds them all).
+    """
+    number = next(_REQUEST_IDS)
+    client_id = headers.get("x-client-request-id")
+    return f"{client_id}.{number}" if client_id else f"lb-{_PROCESS_TAG}-{number}"

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -35,23 +35,17 @@ from codexlb.errors import (
     SnapshotNotStored,
 )
 from codexlb.exchange import (
-    COMPLETED,
-    FAILED,
-    HOLD,
-    PASS,
     Exchange,
-    RequestRecord,
-    ResponseRecorder,
-    Services,
     affinity_key,
     handshake_account,
     learn_headers,
-    new_request_id,
     reauthorize,
 )
 from codexlb.failover import KEEPS_SOCKET, Action, Failure, Phase
+from codexlb.logs import RequestRecord, new_request_id
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
+from codexlb.relay import COMPLETED, FAILED, HOLD, PASS, ResponseRecorder
 from codexlb.sse import type_member
 from codexlb.upstream import (
     UpstreamConnectError,
@@ -62,6 +56,9 @@ from codexlb.upstream import (
     relayed_headers,
     send_uncompressed_by_default,
 )
+
+if TYPE_CHECKING:
+    from codexlb.app import Services
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,195 @@
+"""The relay of one attempt, sans I/O: upstream events in, steps out.
+
+Both transports read upstream events their own way (HTTP in batches of what arrived
+together, WebSocket frame by frame) and feed each to one ``ResponseRecorder``, which answers
+with a ``Step``::
+
+    HOLD       not visible yet (created, in_progress, rate limits, metadata): keep it back
+    PASS       send it (with what was held, the first time)
+    COMPLETED  commit the snapshot, then send it
+    FAILED     a failure event: ``recorder.failure`` says what it was, for the verdict
+
+and keeps what the exchange needs: whether output is visible yet, the output items in
+``output_index`` order, the terminal response. It also writes the two endings codexlb adds
+itself: ``response.failed`` with ``stream_incomplete`` for a stream that broke off after
+visible output, and with the code of a refused snapshot. Nothing else is parsed: most events
+(the deltas) are passed on by their type alone.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from typing import Any, Protocol
+
+import orjson
+
+from codexlb.failover import Failure, Phase
+
+HELD_BACK = frozenset(
+    {"response.created", "response.in_progress", "codex.rate_limits", "response.metadata"}
+)
+"""Events that show no output: held back until the first one that does."""
+_NOTABLE = frozenset(
+    {
+        None,
+        *HELD_BACK,
+        "response.output_item.done",
+        "response.completed",
+        "response.failed",
+        "response.incomplete",
+        "error",
+    }
+)
+"""Event types ``ResponseRecorder.observe`` looks at more closely than "visible output"."""
+
+
+class HasJson(Protocol):
+    def json(self) -> Any: ...
+
+
+EventData = bytes | HasJson
+"""An event's data: its JSON text as received (SSE), or an object that parses it once (WS)."""
+
+
+class Step(Enum):
+    HOLD = auto()
+    """Not visible yet (created / in_progress): keep it until something visible comes."""
+    PASS = auto()
+    COMPLETED = auto()
+    FAILED = auto()
+    """``response.failed`` / ``response.incomplete`` / ``error``: see ``failure``."""
+
+
+HOLD, PASS, COMPLETED, FAILED = Step.HOLD, Step.PASS, Step.COMPLETED, Step.FAILED
+"""The steps by plain name, for the per-event code: on Python 3.11 each ``Step.X`` goes
+through ``EnumType.__getattr__``, about a thousand instructions."""
+
+
+class ResponseRecorder:
+    """Watches one attempt's events; parses only the few it must."""
+
+    __slots__ = ("_created", "failure", "output_items", "response", "streaming", "visible")
+
+    def __init__(self, *, streaming: bool = True) -> None:
+        self.streaming = streaming
+        """When false (an assembled response) nothing reaches the client before the end."""
+        self.visible = False
+        self._created: EventData | None = None
+        self.output_items: dict[int, Any] = {}
+        self.response: dict[str, Any] | None = None
+        self.failure: Failure | None = None
+        """The failure event that ended the attempt, as a value for ``failover.verdict``."""
+
+    def observe(self, kind: str | None, event: EventData) -> Step:
+        if kind not in _NOTABLE:  # output of any kind (deltas mostly): visible, passed on
+            self.visible = self.streaming
+            return PASS
+        if kind is None:  # a keep-alive comment: harmless, but not output either
+            return PASS if self.visible else HOLD
+        if kind in HELD_BACK:
+            if kind == "response.created":
+                self._created = event  # parsed only if the stream breaks (see started_response)
+            return PASS if self.visible else HOLD
+        if kind == "response.output_item.done":
+            self.visible = self.streaming
+            payload = _json_object(event)
+            index = payload.get("output_index")
+            item = payload.get("item")
+            if item is not None:
+                self.output_items[index if isinstance(index, int) else len(self.output_items)] = (
+                    item
+                )
+            return PASS
+        if kind == "response.completed":
+            response = _json_object(event).get("response")
+            self.response = response if isinstance(response, dict) else {}
+            return COMPLETED
+        if kind in ("response.failed", "response.incomplete"):
+            response = _json_object(event).get("response")
+            self.response = response if isinstance(response, dict) else {}
+            error = self.response.get("error")
+            self.failure = Failure(
+                Phase.EVENT,
+                code=_failure_code(self.response, kind),
+                message=_message(error),
+                error=error if isinstance(error, dict) else None,
+                visible=self.visible,
+                incomplete=kind == "response.incomplete",
+            )
+            return FAILED
+        # The one left: "error".
+        payload = _json_object(event)
+        error = payload.get("error")
+        code = error.get("code") if isinstance(error, dict) else payload.get("code")
+        status = payload.get("status")
+        headers = payload.get("headers")
+        self.failure = Failure(
+            Phase.EVENT,
+            status=status if type(status) is int else None,
+            code=code if isinstance(code, str) else "error",
+            message=_message(error),
+            headers=_header_map(headers) if isinstance(headers, dict) else {},
+            error=error if isinstance(error, dict) else None,
+            visible=self.visible,
+        )
+        return FAILED
+
+    def started_response(self) -> dict[str, Any]:
+        """The response object as far as known: the terminal one, else the created one."""
+        if self.response is not None:
+            return self.response
+        if self._created is not None:
+            response = _json_object(self._created).get("response")
+            if isinstance(response, dict):
+                return response
+        return {}
+
+    def incomplete_event(self) -> dict[str, Any]:
+        """The ``response.failed`` (``stream_incomplete``) that ends a response whose upstream
+        broke after visible output: the client keeps its connection and may retry."""
+        return self.failed_event(
+            "stream_incomplete", "The upstream connection ended before the response completed."
+        )
+
+    def failed_event(self, code: str, message: str) -> dict[str, Any]:
+        """A ``response.failed`` that ends this response after visible output."""
+        response = dict(self.started_response())
+        response.update(status="failed", error={"code": code, "message": message})
+        return {"type": "response.failed", "response": response}
+
+    def ordered_output(self) -> list[Any]:
+        if self.output_items:
+            return [self.output_items[i] for i in sorted(self.output_items)]
+        output = (self.response or {}).get("output")
+        return list(output) if isinstance(output, list) else []
+
+    def broken(self, reason: str) -> Failure:
+        """The failure of a stream that ended, or went silent, before its terminal event."""
+        return Failure(Phase.BREAK, message=reason, visible=self.visible)
+
+
+def _json_object(event: EventData) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(event) if isinstance(event, bytes) else event.json()
+    except ValueError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _message(error: Any) -> str | None:
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
+
+
+def _header_map(headers: dict[Any, Any]) -> dict[str, str]:
+    return {str(name).lower(): str(value) for name, value in headers.items()}
+
+
+def _failure_code(response: dict[str, Any], kind: str) -> str:
+    error = response.get("error")
+    if isinstance(error, dict) and isinstance(error.get("code"), str):
+        return str(error["code"])
+    details = response.get("incomplete_details")
+    if kind == "response.incomplete" and isinstance(details, dict):
+        return str(details.get("reason") or "incomplete")
+    return "failed"
