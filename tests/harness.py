@@ -20,9 +20,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from codexlb.app import SERVICES, make_runner
+from codexlb.app import SERVICES, Services, make_runner
 from codexlb.config import Config, parse_config
-from codexlb.exchange import Services
 from codexlb.sse import SSEDecoder
 from codexlb.testing.fake_upstream import FakeAccount, FakeUpstream
 
