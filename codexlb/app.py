@@ -34,6 +34,7 @@ from codexlb.refresh import CredentialManager
 from codexlb.reload import WATCH_INTERVAL_SECONDS, Reloader
 from codexlb.status import StatusView
 from codexlb.store import SnapshotStore
+from codexlb.stored import StoredResponses
 from codexlb.upstream import Upstream
 from codexlb.ws_proxy import WsProxy
 
@@ -119,7 +120,7 @@ def create_app(
         app.router.add_get(f"{prefix}/responses", websockets.handle)
         app.router.add_post(f"{prefix}/responses/compact", proxy.compact)
         app.router.add_get(f"{prefix}/models", catalog.handle)
-    app.router.add_get("/v1/responses/{response_id}", proxy.get_response)
+    app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
     app.router.add_get("/status", StatusView(services.pool, keys).handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

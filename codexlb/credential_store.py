@@ -37,24 +37,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, Insert, RowMapping, String, Table, Text, select, text
+from sqlalchemy import Insert, RowMapping, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb.credentials import Credentials
-from codexlb.models import UtcDateTime, metadata
-
-account_credentials = Table(
-    "account_credentials",
-    metadata,
-    Column("account", String(), primary_key=True),
-    Column("access_token", Text, nullable=True),
-    Column("refresh_token", Text, nullable=True),
-    Column("id_token", Text, nullable=True),
-    Column("account_id", String(), nullable=True),
-    Column("source_fingerprint", String(), nullable=False),
-    Column("updated_at", UtcDateTime, nullable=False),
-)
+from codexlb.models import account_credentials
 
 _FINGERPRINT_PREFIX = b"codexlb-toml-refresh-token\x00"
 _LOCK_PREFIX = b"codexlb-credentials-lock\x00"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
-from codexlb.errors import CodexLBError, NotFound, PayloadTooLarge, SnapshotNotStored
+from codexlb.errors import CodexLBError, PayloadTooLarge, SnapshotNotStored
 from codexlb.exchange import Exchange, affinity_key
 from codexlb.failover import Action, Failure, Phase, error_code
 from codexlb.http1 import Http1Response
@@ -93,25 +93,6 @@ class HttpProxy:
             raise
         finally:
             record.emit(self.services.metrics)
-
-    async def get_response(self, request: web.Request) -> web.Response:
-        scope = self.keys.scope_for(request.headers.get("Authorization"))
-        response_id = request.match_info["response_id"]
-        snapshot = await self.services.store.get(scope, response_id)
-        if snapshot is None:
-            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
-        return web.json_response(
-            {
-                "id": snapshot.response_id,
-                "object": "response",
-                "created_at": int(snapshot.created_at.timestamp()),
-                "status": "completed",
-                "model": snapshot.model,
-                "previous_response_id": snapshot.previous_response_id,
-                "output": snapshot.output_items,
-                "usage": snapshot.usage,
-            }
-        )
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.services.config.limits.max_body_bytes

@@ -1,4 +1,4 @@
-"""The snapshot tables as SQLAlchemy Core metadata.
+"""Every table of codexlb as SQLAlchemy Core metadata.
 
 The alembic migrations in ``migrations/`` are the only source of the schema; this module
 describes the same tables for queries (and for ``alembic revision --autogenerate``).
@@ -73,3 +73,17 @@ item_owners = Table(
     Index("ix_item_owners_created_at", "created_at"),
 )
 """Which account produced each output item of the stored responses, per client-key scope."""
+
+
+account_credentials = Table(
+    "account_credentials",
+    metadata,
+    Column("account", String(), primary_key=True),
+    Column("access_token", Text, nullable=True),
+    Column("refresh_token", Text, nullable=True),
+    Column("id_token", Text, nullable=True),
+    Column("account_id", String(), nullable=True),
+    Column("source_fingerprint", String(), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+"""Rotated tokens of inline accounts (``credential_store``)."""

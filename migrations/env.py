@@ -14,7 +14,6 @@ from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
-import codexlb.credential_store  # noqa: F401  (registers its table on the metadata)
 from codexlb.models import metadata
 
 config = context.config
