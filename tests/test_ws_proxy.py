@@ -302,6 +302,17 @@ async def test_oversize_message_is_an_error_event_not_a_close(
         assert (await ws_turn(ws, {"input": "after"}))[-1]["type"] == "response.completed"
 
 
+async def test_the_size_limit_counts_bytes_not_characters(
+    lb: Balancer, http: aiohttp.ClientSession
+) -> None:
+    limit = lb.services.config.limits.max_body_bytes
+    text = "\u20ac" * (limit // 3 + 1)  # fewer characters than the limit, more bytes (3 each)
+    async with http.ws_connect(ws_url(lb.url), headers=auth(), max_msg_size=0) as ws:
+        await ws.send_str('{"type": "response.create", "input": "' + text + '"}')
+        [error] = await ws_events(ws)
+        assert (error["status"], error["error"]["code"]) == (400, "payload_too_large")
+
+
 async def test_handshake_with_a_bad_key_is_refused_before_the_upgrade(
     lb: Balancer, fake: Fake, http: aiohttp.ClientSession
 ) -> None:
