@@ -5,7 +5,14 @@ against codexlb on loopback (PROTOCOL.md §6).
     write_codex_home(...)  a CODEX_HOME whose config.toml points Codex at codexlb
     prepare(...)           that CODEX_HOME and a work directory, under one folder
     run_codex(...)         one ``codex exec --json`` turn as an asyncio subprocess: the test's
-                           event loop keeps serving codexlb and the fake upstream meanwhile
+                           event loop keeps serving codexlb and the fake upstream meanwhile;
+                           ``resume=`` continues a saved session (``codex exec resume``)
+    assert_ran_echo_hello  the turn ran the fake model's ``echo hello`` and finished
+    response_requests(...) what the fake upstream received, and `summary` of it for messages
+
+Codex runs the model's shell commands in a login shell (``bash -lc``), which reads the user's
+profile: every run gets a fresh empty ``HOME`` of its own, so that no profile of the machine's
+user slows a command down or changes what it prints (PROTOCOL.md §7).
 
 The install lives in ``<repo>/.codex-npm/`` (ignored by git) and is reused while its
 ``codex --version`` reports `CODEX_VERSION`; a file lock keeps concurrent test runs from
@@ -22,10 +29,14 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from codexlb.testing.events import reasoning_owner
+from codexlb.testing.fake_upstream import ReceivedRequest
 
 CODEX_VERSION = "0.169.0"
 PACKAGE = f"@openai/codex@{CODEX_VERSION}"
@@ -33,6 +44,10 @@ INSTALL_DIR = Path(__file__).resolve().parent.parent / ".codex-npm"
 INSTALL_TIMEOUT = 300.0
 RUN_TIMEOUT = 120.0
 PROMPT = "Run the shell command: echo hello"
+FINAL_MESSAGE = "The command printed: hello"
+PROFILE_VARIABLES = ("BASH_ENV", "ENV", "ZDOTDIR", "XDG_CONFIG_HOME", "PROMPT_COMMAND")
+"""Variables through which a shell would still read the user's own startup files (or run
+their commands) with ``HOME`` emptied: left out of Codex's environment."""
 
 
 def install_codex(
@@ -124,11 +139,13 @@ def prepare(root: Path, lb_url: str, *, websockets: bool) -> tuple[Path, Path]:
 
 @dataclass(frozen=True)
 class CodexRun:
-    """The outcome of one ``codex exec --json``: exit code, JSONL events, stderr."""
+    """The outcome of one ``codex exec --json``: exit code, JSONL events, stderr, and the
+    empty ``HOME`` it ran with (removed since)."""
 
     returncode: int
     stdout: str
     stderr: str
+    user_home: Path | None = None
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -152,9 +169,49 @@ class CodexRun:
             and event["item"].get("type") == item_type
         ]
 
+    @property
+    def thread_id(self) -> str | None:
+        """The session's id, from the ``thread.started`` event: what ``resume`` takes."""
+        for event in self.events:
+            if event.get("type") == "thread.started" and isinstance(event.get("thread_id"), str):
+                return str(event["thread_id"])
+        return None
+
+    @property
+    def notices(self) -> list[str]:
+        """The messages of top-level ``error`` events: Codex's "Reconnecting... n/5" while it
+        retries a request itself, or the error that ended the turn."""
+        return [str(event.get("message")) for event in self.events if event.get("type") == "error"]
+
     def describe(self) -> str:
         """Everything about the run, for assertion messages."""
         return f"exit {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+def assert_ran_echo_hello(run: CodexRun, *, retries: bool = False) -> None:
+    """Codex exited 0 after running the command once (exit code 0, output ``hello``) and
+    receiving the final message quoting it.
+
+    Codex must not have retried a request itself on the way ("Reconnecting... n/5"), unless
+    ``retries``: for failures no proxy can hide, once output reached Codex.
+    """
+    assert run.returncode == 0, run.describe()
+    types = [event.get("type") for event in run.events]
+    assert "turn.completed" in types, run.describe()
+    assert "turn.failed" not in types, run.describe()
+    if retries:
+        unexpected = [text for text in run.notices if not text.startswith("Reconnecting")]
+        assert not unexpected, run.describe()
+    else:
+        assert "error" not in types, run.describe()  # e.g. "Reconnecting... 2/5"
+    assert not run.completed_items("error"), run.describe()
+    commands = run.completed_items("command_execution")
+    assert len(commands) == 1, run.describe()
+    assert "echo hello" in commands[0]["command"], run.describe()
+    assert commands[0]["exit_code"] == 0, run.describe()
+    assert commands[0]["aggregated_output"].strip() == "hello", run.describe()
+    messages = run.completed_items("agent_message")
+    assert [message["text"] for message in messages] == [FINAL_MESSAGE], run.describe()
 
 
 async def run_codex(
@@ -164,56 +221,136 @@ async def run_codex(
     workdir: Path,
     api_key: str,
     prompt: str = PROMPT,
+    resume: str | None = None,
+    ephemeral: bool = True,
     timeout: float = RUN_TIMEOUT,  # noqa: ASYNC109 (a subprocess bound, passed on)
 ) -> CodexRun:
     """Run one non-interactive Codex turn in ``workdir`` (which must exist) and wait for it
     to exit.
 
+    ``resume``: the id of a session saved in ``home`` (`CodexRun.thread_id` of a run with
+    ``ephemeral`` False) to continue with ``prompt`` (``codex exec resume``). ``ephemeral``:
+    the session is not saved (a resumed one always is, to its own record).
+
     Codex authenticates with ``api_key`` (``CODEX_API_KEY``, sent as the bearer token); the
-    environment's other Codex and OpenAI settings are left out. Codex runs in its own process
-    group so that, past ``timeout`` seconds, it is killed with the commands it started; the
-    run then fails with TimeoutError carrying what it printed.
+    environment's other Codex and OpenAI settings are left out, and ``HOME`` is a fresh empty
+    directory, removed afterwards, so that the login shell running the model's commands finds
+    no profile (`PROFILE_VARIABLES` are left out too). Codex runs in its own process group so
+    that, past ``timeout`` seconds, it is killed with the commands it started; the run then
+    fails with TimeoutError carrying what it printed.
     """
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("CODEX_", "OPENAI_"))
-    }
-    env.update(CODEX_HOME=str(home), CODEX_API_KEY=api_key, NO_COLOR="1")
-    process = await asyncio.create_subprocess_exec(
-        str(codex),
-        "exec",
-        "--json",
-        "--skip-git-repo-check",
-        "--ephemeral",
-        "--dangerously-bypass-approvals-and-sandbox",
-        "-C",
-        str(workdir),
-        prompt,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-    )
-    communicating = asyncio.ensure_future(process.communicate())
-    try:
-        stdout, stderr = await asyncio.wait_for(asyncio.shield(communicating), timeout)
-    except TimeoutError:
-        _kill_group(process)
-        stdout, stderr = await communicating
-        run = CodexRun(-1, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
-        raise TimeoutError(
-            f"codex exec did not finish in {timeout:g} s\n{run.describe()}"
-        ) from None
-    except BaseException:
-        _kill_group(process)
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(communicating, 10)
-        raise
+    options = ["--json", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox"]
+    if resume is not None:
+        # ``resume`` takes no ``-C``: Codex runs in the working directory it is started in.
+        argv = ["exec", "resume", *options, resume, prompt]
+    else:
+        argv = ["exec", *options, *(["--ephemeral"] if ephemeral else []), "-C", str(workdir)]
+        argv.append(prompt)
+    with tempfile.TemporaryDirectory(
+        prefix="codex-user-home-", ignore_cleanup_errors=True
+    ) as user_home:
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("CODEX_", "OPENAI_")) and name not in PROFILE_VARIABLES
+        }
+        env.update(CODEX_HOME=str(home), CODEX_API_KEY=api_key, NO_COLOR="1", HOME=user_home)
+        process = await asyncio.create_subprocess_exec(
+            str(codex),
+            *argv,
+            cwd=workdir,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        communicating = asyncio.ensure_future(process.communicate())
+        try:
+            stdout, stderr = await asyncio.wait_for(asyncio.shield(communicating), timeout)
+        except TimeoutError:
+            _kill_group(process)
+            stdout, stderr = await communicating
+            run = CodexRun(-1, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+            raise TimeoutError(
+                f"codex exec did not finish in {timeout:g} s\n{run.describe()}"
+            ) from None
+        except BaseException:
+            _kill_group(process)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(communicating, 10)
+            raise
     returncode = process.returncode
     assert returncode is not None
-    return CodexRun(returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+    return CodexRun(
+        returncode,
+        stdout.decode(errors="replace"),
+        stderr.decode(errors="replace"),
+        Path(user_home),
+    )
+
+
+def response_requests(received: list[ReceivedRequest]) -> list[ReceivedRequest]:
+    """The response requests among what the fake upstream ``received``: HTTP POSTs with a
+    body, and WebSocket ``response.create`` messages."""
+    return [
+        request
+        for request in received
+        if isinstance(request.body, dict)
+        and (request.transport == "http" or request.body.get("type") == "response.create")
+    ]
+
+
+def generating(requests: list[ReceivedRequest]) -> list[ReceivedRequest]:
+    """Without Codex's WebSocket prewarm (``generate: false``), which produces nothing."""
+    return [request for request in requests if request.body.get("generate") is not False]
+
+
+def input_items(request: ReceivedRequest) -> list[dict[str, Any]]:
+    items = request.body.get("input")
+    assert isinstance(items, list), request.body
+    return items
+
+
+def reasoning_owners(request: ReceivedRequest) -> list[str | None]:
+    """Whose reasoning the request's input carries, item by item (the fake upstream marks
+    ``encrypted_content`` as ``enc:<account>:<hex>``; None when it is missing or not so)."""
+    items = request.body.get("input")
+    if not isinstance(items, list):
+        return []
+    return [
+        reasoning_owner(item.get("encrypted_content"))
+        for item in items
+        if isinstance(item, dict) and item.get("type") == "reasoning"
+    ]
+
+
+def summary(requests: list[ReceivedRequest]) -> list[str]:
+    """One line a request, for assertion messages: transport, account, ``generate``,
+    ``previous_response_id``, and the input's items: types, messages with their role, reasoning
+    with its owner."""
+    lines = []
+    for r in requests:
+        items = r.body.get("input") if isinstance(r.body, dict) else None
+        types = [_item_label(item) for item in (items if isinstance(items, list) else [])]
+        body = r.body if isinstance(r.body, dict) else {}
+        lines.append(
+            f"{r.transport} account={r.account} generate={body.get('generate')} "
+            f"previous_response_id={body.get('previous_response_id')} input={types}"
+        )
+    return lines
+
+
+def _item_label(item: object) -> str:
+    """``reasoning[<owner>]``, ``message:<role>``, else the item's type."""
+    if not isinstance(item, dict):
+        return repr(item)
+    kind = str(item.get("type", "message"))
+    if kind == "reasoning":
+        return f"reasoning[{reasoning_owner(item.get('encrypted_content'))}]"
+    if kind == "message":
+        return f"message:{item.get('role')}"
+    return kind
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -366,3 +367,35 @@ def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
         lines.append("")
     path.write_text("\n".join(lines))
     return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now: for a server that must come back on the same
+    address after a restart (write it into ``[server] port``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+async def logged(
+    server: ChildServer,
+    pattern: str,
+    *,
+    after: int = 0,
+    timeout: float = 10.0,  # noqa: ASYNC109 (a bound by default; tests pass their own)
+) -> str:
+    """The first of ``server``'s log lines past the first ``after`` that matches the regular
+    expression ``pattern``, once one does; AssertionError with the log after ``timeout``."""
+    compiled = re.compile(pattern)
+
+    def found() -> str | None:
+        return next((line for line in server.log[after:] if compiled.search(line)), None)
+
+    try:
+        await eventually(lambda: found() is not None, timeout)
+    except TimeoutError:
+        tail = "".join(server.log[after:][-40:])
+        raise AssertionError(f"no log line matching {pattern!r}:\n{tail}") from None
+    line = found()
+    assert line is not None
+    return line

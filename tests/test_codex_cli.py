@@ -5,6 +5,10 @@ the fake upstream, where `codex_responder` plays the model: a call of Codex's sh
 a final message quoting the output. Each test checks what Codex did (exit code, the command it
 ran, the final message) and what the upstream received.
 
+Codex runs with an empty ``HOME`` of its own (`codex_cli.run_codex`): the login shell running the
+model's command reads no profile. The tests carry the ``codex`` marker (``-m codex``,
+``-m "not codex"``).
+
 Codex is installed from npm once per machine (`tests.codex_cli`); without node or npm, or when
 the install fails, these tests are skipped with the reason. The install runs in a session
 fixture outside the tests' own time limits (``func_only``), bounded by its own timeout.
@@ -21,8 +25,16 @@ import pytest
 from codexlb.testing.codex_model import codex_responder
 from codexlb.testing.fake_upstream import Fault, ReceivedRequest
 from tests import codex_cli
-from tests.codex_cli import CodexRun
+from tests.codex_cli import (
+    CodexRun,
+    assert_ran_echo_hello,
+    generating,
+    input_items,
+    summary,
+)
 from tests.harness import CLIENT_KEYS, Balancer, Fake
+
+pytestmark = pytest.mark.codex
 
 E2E_TIMEOUT = 180
 TOOL_CALLS = frozenset({"function_call", "custom_tool_call"})
@@ -68,60 +80,14 @@ async def codex_exec(codex: Path, lb: Balancer, tmp_path: Path, *, websockets: b
     )
 
 
-def assert_ran_echo_hello(run: CodexRun) -> None:
-    """Codex exited 0 after running the command and receiving the final message, with no
-    error or reconnect notice on the way."""
-    assert run.returncode == 0, run.describe()
-    types = [event.get("type") for event in run.events]
-    assert "turn.completed" in types, run.describe()
-    assert "turn.failed" not in types, run.describe()
-    assert "error" not in types, run.describe()  # e.g. "Reconnecting... 2/5"
-    assert not run.completed_items("error"), run.describe()
-    commands = run.completed_items("command_execution")
-    assert len(commands) == 1, run.describe()
-    assert "echo hello" in commands[0]["command"]
-    assert commands[0]["exit_code"] == 0
-    assert commands[0]["aggregated_output"].strip() == "hello"
-    messages = run.completed_items("agent_message")
-    assert [message["text"] for message in messages] == ["The command printed: hello"]
-
-
 def response_requests(fake: Fake) -> list[ReceivedRequest]:
-    """The response requests the upstream received: HTTP POSTs with a body, and WebSocket
-    ``response.create`` messages."""
-    return [
-        request
-        for request in fake.received
-        if isinstance(request.body, dict)
-        and (request.transport == "http" or request.body.get("type") == "response.create")
-    ]
-
-
-def generating(requests: list[ReceivedRequest]) -> list[ReceivedRequest]:
-    """Without Codex's WebSocket prewarm (``generate: false``), which produces nothing."""
-    return [request for request in requests if request.body.get("generate") is not False]
+    return codex_cli.response_requests(fake.received)
 
 
 def pair(requests: list[ReceivedRequest]) -> tuple[ReceivedRequest, ReceivedRequest]:
     """The turn and its tool follow-up, which must be all there is."""
     assert len(requests) == 2, summary(requests)
     return requests[0], requests[1]
-
-
-def summary(requests: list[ReceivedRequest]) -> list[str]:
-    """One line a request, for assertion messages."""
-    return [
-        f"{r.transport} account={r.account} generate={r.body.get('generate')} "
-        f"previous_response_id={r.body.get('previous_response_id')} "
-        f"input={[item.get('type') for item in input_items(r)]}"
-        for r in requests
-    ]
-
-
-def input_items(request: ReceivedRequest) -> list[dict[str, Any]]:
-    items = request.body.get("input")
-    assert isinstance(items, list), request.body
-    return items
 
 
 def asks_for_echo(request: ReceivedRequest) -> bool:
@@ -213,3 +179,28 @@ async def test_codex_exec_over_websocket_survives_an_upstream_drop(
     assert turn is retry
     assert_tool_round_trip(turn, follow_up, model)
     assert follow_up.account == retry.account, summary(requests)
+
+
+@pytest.mark.timeout(E2E_TIMEOUT, func_only=True)
+async def test_codex_runs_the_command_with_an_empty_home(
+    codex: Path, fake: Fake, lb: Balancer, model: ModelLog, tmp_path: Path
+) -> None:
+    # The login shell (bash -lc) sees the fresh HOME of this run, with nothing in it to read.
+    home, workdir = codex_cli.prepare(tmp_path, lb.url, websockets=False)
+    command = 'echo "home=$HOME"; ls -A "$HOME" | wc -l'
+    run = await codex_cli.run_codex(
+        codex,
+        home=home,
+        workdir=workdir,
+        api_key=CLIENT_KEYS["alice"],
+        prompt=f"Run the shell command: {command}",
+    )
+
+    assert run.returncode == 0, run.describe()
+    assert run.user_home is not None
+    commands = run.completed_items("command_execution")
+    assert len(commands) == 1, run.describe()
+    assert command in commands[0]["command"], run.describe()
+    assert commands[0]["exit_code"] == 0, run.describe()
+    assert commands[0]["aggregated_output"].split() == [f"home={run.user_home}", "0"]
+    assert not run.user_home.exists()  # removed after the run
