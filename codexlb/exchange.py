@@ -82,6 +82,7 @@ class Exchange:
         self.sent = Credentials()
         """The credentials of the account as this attempt began: named again after a 401."""
         self._history_loaded = False
+        self._looked_up: set[str] = set()
         self._tried: set[str] = set()
         self._rate_limited: set[str] = set()
         self._rate_limited_only = True
@@ -106,6 +107,8 @@ class Exchange:
         """
         pool = self.services.pool
         account = live_on if live_on is not None and pool.eligible(live_on) else None
+        if account is not None and await self._moved_away_from(account):
+            account = None
         self.live = account is not None
         while True:
             if account is None:
@@ -129,24 +132,28 @@ class Exchange:
         produced the items the client sent (``provenance``)."""
         if self._history_loaded:
             return
-        store = self.services.store
         sent = self.request.input_items
         previous = self.request.previous_response_id
         if previous is not None:
-            self.chain = await store.chain(self.scope, previous)
+            self.chain = await self.services.store.chain(self.scope, previous)
             sent = [item for snapshot in self.chain for item in snapshot.input_items] + sent
-        keys = keys_of(sent)
-        if keys:
-            self.owners = await store.owners(self.scope, keys)
+        await self._look_up_owners(sent)
         self._history_loaded = True
 
     @property
     def origin_account(self) -> str | None:
-        """The account the conversation was on: the parent's, else the one that produced the
-        latest input item codexlb relayed."""
-        if self.chain:
-            return self.chain[-1].account
-        return latest_owner(self.request.input_items, self.owners) if self.owners else None
+        """The account the conversation was on: the one that produced its latest item codexlb
+        relayed, the newest first (the client's input, then the chain's responses); else the
+        parent's."""
+        owners = self.owners
+        if owners and (owner := latest_owner(self.request.input_items, owners)) is not None:
+            return owner
+        for snapshot in reversed(self.chain):
+            if snapshot.output_items:
+                return snapshot.account
+            if owners and (owner := latest_owner(snapshot.input_items, owners)) is not None:
+                return owner
+        return self.chain[-1].account if self.chain else None
 
     def next_account(self, *, prefer: str | None = None) -> Account:
         """The account for the next attempt; raises when none is left (S1.4).
@@ -182,8 +189,10 @@ class Exchange:
         account minted (a client resends whatever it was given); after a refusal
         (``Action.WITHOUT_REASONING``) no reasoning goes at all.
         """
-        if self.live:
-            return None
+        if self.live:  # the client's delta after the anchor, without others' reasoning
+            if not self.owners:
+                return None
+            return readable_by(self.request.input_items, self.owners, account.name)
         if self.chain:
             items = rebuild_input(self.chain, self.request.input_items, account.name)
             self.services.metrics.replay(
@@ -303,6 +312,27 @@ class Exchange:
             self.services.pool.observe_rate_limits(account, event)
 
     # -- helpers --------------------------------------------------------------------------
+
+    async def _moved_away_from(self, live: Account) -> bool:
+        """Whether a request anchored on ``live``'s socket belongs elsewhere: its delta holds
+        items another eligible account produced last. (A resumed Codex session prewarms a new
+        socket with no input, wherever it landed, then sends its whole history anchored on
+        that prewarm.)"""
+        await self._look_up_owners(self.request.input_items)
+        if not self.owners:
+            return False
+        owner = latest_owner(self.request.input_items, self.owners)
+        if owner is None or owner == live.name:
+            return False
+        account = self.services.pool.get(owner)
+        return account is not None and self.services.pool.eligible(account)
+
+    async def _look_up_owners(self, items: list[Any]) -> None:
+        """Learn who produced ``items`` (those with a key not looked up yet)."""
+        keys = [key for key in keys_of(items) if key not in self._looked_up]
+        if keys:
+            self._looked_up.update(keys)
+            self.owners = {**self.owners, **await self.services.store.owners(self.scope, keys)}
 
     def _attempt_on(self, account: Account) -> None:
         self._tried.add(account.name)

@@ -85,13 +85,17 @@ class CreateRequest:
     def from_body(cls, body: Any) -> CreateRequest:
         return cls(body, None, _validated_input(body))
 
-    def upstream_message(self, *, input_items: list[Any] | None) -> str | None:
-        """The ``response.create`` text for an upstream WebSocket after a replay, or ``None``
-        when the client's own message can go as it is."""
+    def upstream_message(
+        self, *, input_items: list[Any] | None, anchored: bool = False
+    ) -> str | None:
+        """The ``response.create`` text for an upstream WebSocket with other input (a replay,
+        or ``anchored``: the client's delta, changed, after its live anchor), or ``None`` when
+        the client's own message can go as it is."""
         if input_items is None:
             return None
         message = {"type": "response.create", **self.body, "input": input_items}
-        message.pop("previous_response_id", None)
+        if not anchored:
+            message.pop("previous_response_id", None)
         return orjson.dumps(message).decode()
 
     def upstream_json(self, *, input_items: list[Any] | None) -> bytes:

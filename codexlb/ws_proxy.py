@@ -316,8 +316,10 @@ class ClientSocket:
                 failure = Failure(Phase.HANDSHAKE, status=exc.status, headers=exc.headers)
                 await exchange.judge(account, failure)
                 return None
-        replayed = exchange.upstream_input(account)
-        message = exchange.request.upstream_message(input_items=replayed) or text
+        changed = exchange.upstream_input(account)
+        message = (
+            exchange.request.upstream_message(input_items=changed, anchored=exchange.live) or text
+        )
         return await self._relay(exchange, account, message)
 
     async def _connect(self, account: Account) -> None:

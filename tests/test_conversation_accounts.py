@@ -225,3 +225,79 @@ async def test_a_replay_leaves_out_reasoning_its_stored_input_carried_from_anoth
     assert reasoning_owners(replayed) == [second]
     assert len(turns(fake)) == 4  # nothing refused
     assert_no_foreign_reasoning(fake)
+
+
+async def test_a_history_anchored_on_an_empty_prewarm_goes_back_to_its_account(
+    fake: Fake, balancer: Balancer, http: aiohttp.ClientSession
+) -> None:
+    # A resumed Codex session over WebSocket: a new socket, a prewarm with no input (it lands
+    # wherever the strategy says), then the whole history anchored on that prewarm.
+    history: list[Any] = [user_message("one")]
+    history += output_of(await turn(http, balancer, "http", history))
+    origin = turns(fake)[-1].account
+    assert origin is not None
+    fake.set_usage(origin, 90)  # once the pool has learned it, new work goes elsewhere
+    for n in range(6):
+        await turn(http, balancer, "http", [user_message(f"learn the usage {n}")])
+        if turns(fake)[-1].account == origin:
+            break
+    assert turns(fake)[-1].account == origin
+
+    async with http.ws_connect(ws_url(balancer.url), headers=auth()) as ws:
+        prewarm = await ws_turn(ws, {"input": [], "generate": False})
+        assert turns(fake)[-1].account != origin
+        history.append(user_message("two"))
+        events = await ws_turn(
+            ws, {"input": history, "previous_response_id": prewarm[-1]["response"]["id"]}
+        )
+        assert events[-1]["type"] == "response.completed", events
+        resumed = turns(fake)[-1]
+        assert resumed.account == origin
+        assert reasoning_owners(resumed) == [origin]
+        # The next delta continues on the socket the conversation moved to, anchored.
+        output = output_of(events)
+        follow_up = await ws_turn(
+            ws,
+            {
+                "input": [user_message("three")],
+                "previous_response_id": events[-1]["response"]["id"],
+            },
+        )
+        assert follow_up[-1]["type"] == "response.completed", follow_up
+    assert turns(fake)[-1].account == origin
+    assert turns(fake)[-1].body.get("previous_response_id") == events[-1]["response"]["id"]
+    assert output
+    assert_no_foreign_reasoning(fake)
+
+
+async def test_a_live_delta_carries_only_the_reasoning_its_account_can_read(
+    fake: Fake, balancer: Balancer, http: aiohttp.ClientSession
+) -> None:
+    session = {"session-id": "S"}  # Codex's: the socket's early account follows it
+
+    async def http_turn(items: list[Any]) -> list[dict[str, Any]]:
+        return output_of(
+            (await stream_turn(http, balancer.url, {"input": items}, headers=session)).events
+        )
+
+    history: list[Any] = [user_message("one")]
+    history += await http_turn(history)
+    first = turns(fake)[-1].account
+    fake.script(Fault.status(429, error_code="usage_limit_reached", resets_in=60), account=first)
+    history.append(user_message("two"))
+    history += await http_turn(history)
+    second = turns(fake)[-1].account
+    assert second not in (None, first)
+
+    async with http.ws_connect(ws_url(balancer.url), headers={**auth(), **session}) as ws:
+        prewarm = await ws_turn(ws, {"input": [], "generate": False})
+        assert turns(fake)[-1].account == second
+        history.append(user_message("three"))
+        anchor = prewarm[-1]["response"]["id"]
+        await ws_turn(ws, {"input": history, "previous_response_id": anchor})
+    resumed = turns(fake)[-1]
+    assert resumed.account == second
+    assert resumed.body["previous_response_id"] == anchor  # live: forwarded on its socket
+    assert reasoning_owners(resumed) == [second]  # the first account's reasoning left out
+    assert len(fake.handshakes) == 1
+    assert_no_foreign_reasoning(fake)
