@@ -296,6 +296,12 @@ class Exchange:
         self.succeeded(account)
         return response
 
+    @property
+    def commit_shares_a_trip(self) -> bool:
+        """Whether a commit made now would share its trip to the database with others
+        (``SnapshotStore.busy``): then output waiting for it is worth sending along."""
+        return self.services.store.busy
+
     def succeeded(self, account: Account) -> None:
         """``account`` served this request: its error streak ends, the affinity is kept."""
         self.services.pool.succeeded(account)

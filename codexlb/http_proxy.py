@@ -224,7 +224,7 @@ class HttpProxy:
                         assert recorder.failure is not None
                         if await exchange.judge(account, recorder.failure) is not Action.PASS_ON:
                             return None
-                    elif sink.pending and not self.services.store.busy:
+                    elif sink.pending and not exchange.commit_shares_a_trip:
                         await sink.flush()  # the output, while the commit takes its trip
                     if step is COMPLETED:
                         try:

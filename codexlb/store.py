@@ -15,9 +15,8 @@ While saves arrive together (the last batch held more than one), the writer lets
 completing in them join the batch: PostgreSQL's ``commit_delay``, counted in loop turns, which
 are short when little is going on and long under load. A lone save is never held back. Each
 batch is a trip to the database (on SQLite, to aiosqlite's thread and back), and a trip started
-in the middle of a burst waits on the busy event loop thread; at 64 concurrent streams,
-gathering cut the writer's time spent on trips by two thirds and codexlb's CPU per response by
-some 7%.
+in the middle of a burst waits on the busy event loop thread (``bench/RESULTS.md`` has what
+gathering saved).
 
 How a batch is inserted is the part that differs by dialect (`_BatchWriter`): on SQLite it is one
 multi-row ``INSERT`` that aiosqlite runs in one trip to its thread, on PostgreSQL an asyncpg
