@@ -334,10 +334,10 @@ def _settle_garbage_collector() -> None:
     A relayed request frees nearly all it allocates by reference counting, but with the
     default threshold (700) the collector still runs often under load, each time over the young
     objects of every request in flight, and now and then over the whole heap (what it cost is in
-    ``bench/RESULTS.md``). Objects made at start-up (modules, configuration, tables, the pool) live as long as the process, so they are
-    frozen out of the collector's passes; the young generation may grow to
-    ``GC_YOUNG_THRESHOLD`` before a pass, so passes become rare while true cycles are still
-    collected.
+    ``bench/RESULTS.md``). Objects made at start-up (modules, configuration, tables, the pool)
+    live as long as the process, so they are frozen out of the collector's passes; the young
+    generation may grow to ``GC_YOUNG_THRESHOLD`` before a pass, so passes become rare while
+    true cycles are still collected.
     """
     gc.collect()
     gc.freeze()
