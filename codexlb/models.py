@@ -58,6 +58,7 @@ snapshots = Table(
     Column("output_items", Text, nullable=False),
     Column("usage", Text, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
+    Column("item_keys", Text, nullable=True),
     Index("ix_snapshots_created_at", "created_at"),
 )
 
@@ -72,7 +73,8 @@ item_owners = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Index("ix_item_owners_created_at", "created_at"),
 )
-"""Which account produced each output item of the stored responses, per client-key scope."""
+"""Which account produced each output item of the stored responses, per client-key scope:
+written by the database itself, from ``snapshots.item_keys`` (see migration 0003)."""
 
 
 account_credentials = Table(

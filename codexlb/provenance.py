@@ -24,14 +24,16 @@ Keys are digests: they are short, fixed-size and reveal nothing of the item.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from hashlib import blake2b
 from typing import Any
 
 CALL_TYPES = frozenset(
     {"function_call", "custom_tool_call", "local_shell_call", "tool_search_call", "mcp_call"}
 )
 """Output items a client resends with their ``call_id``."""
+KEYED_TYPES = frozenset({"reasoning", "message", *CALL_TYPES})
+"""The item types that may have a key: a cheap test before ``item_key``."""
 
 
 def item_key(item: Any) -> str | None:
@@ -40,22 +42,29 @@ def item_key(item: Any) -> str | None:
         return None
     kind = item.get("type")
     if kind == "reasoning":
-        content = item.get("encrypted_content")
-        if isinstance(content, str) and content:
-            return "r:" + _digest(content)
+        prefix, text = "r:", item.get("encrypted_content")
+    elif kind in CALL_TYPES:
+        prefix, text = "c:", item.get("call_id")
+    elif kind == "message" and item.get("role") == "assistant":
+        prefix, text = "m:", _message_text(item.get("content"))
+    else:
         return None
-    if kind in CALL_TYPES:
-        call_id = item.get("call_id")
-        return "c:" + _digest(call_id) if isinstance(call_id, str) and call_id else None
-    if kind == "message" and item.get("role") == "assistant":
-        text = _message_text(item.get("content"))
-        return "m:" + _digest(text) if text else None
-    return None
+    if not isinstance(text, str) or not text:
+        return None
+    digest = blake2b(text.encode(errors="surrogatepass"), digest_size=16).hexdigest()
+    return prefix + digest
 
 
 def keys_of(items: list[Any]) -> list[str]:
-    """The keys of ``items`` that have one: each once, in order."""
-    return _unique(item_key(item) for item in items)
+    """The keys of ``items`` that have one: each once, in order. (Called for every request
+    and every stored response: one plain loop.)"""
+    keys: dict[str, None] = {}
+    for item in items:
+        if type(item) is dict and item.get("type") in KEYED_TYPES:
+            key = item_key(item)
+            if key is not None:
+                keys[key] = None
+    return list(keys)
 
 
 def latest_owner(items: list[Any], owners: Mapping[str, str]) -> str | None:
@@ -81,10 +90,6 @@ def _minted_elsewhere(item: Any, owners: Mapping[str, str], account: str) -> boo
     return key is not None and owners.get(key, account) != account
 
 
-def _unique(keys: Iterable[str | None]) -> list[str]:
-    return [key for key in dict.fromkeys(keys) if key is not None]
-
-
 def _message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -96,7 +101,3 @@ def _message_text(content: Any) -> str:
         if isinstance(part, dict) and isinstance(part.get("text"), str)
     ]
     return "\x1f".join(texts)
-
-
-def _digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(errors="surrogatepass"), digest_size=16).hexdigest()

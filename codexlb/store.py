@@ -18,6 +18,10 @@ batch is a trip to the database (on SQLite, to aiosqlite's thread and back), and
 in the middle of a burst waits on the busy event loop thread (``bench/RESULTS.md`` has what
 gathering saved).
 
+Each row carries ``item_keys``, the keys of its output items (``provenance``); a trigger of the
+database turns them into ``item_owners`` rows within the same statement, so knowing which
+account produced an item costs the writer no statement of its own. ``owners`` reads them.
+
 How a batch is inserted is the part that differs by dialect (`_BatchWriter`): on SQLite it is one
 multi-row ``INSERT`` that aiosqlite runs in one trip to its thread, on PostgreSQL an asyncpg
 ``executemany`` in a transaction. Both are handed the driver's own SQL, skipping SQLAlchemy's
@@ -96,8 +100,6 @@ class Snapshot:
 @dataclass(slots=True)
 class _PendingSave:
     row: Row
-    owners: list[Row]
-    """``item_owners`` rows: one per output item with a key (``provenance.item_key``)."""
     committed: asyncio.Future[None]
 
 
@@ -140,8 +142,7 @@ class SnapshotStore:
         if snapshot.created_at.tzinfo is None:
             raise ValueError("Snapshot.created_at must be timezone-aware")
         row = _to_row(snapshot, self._batches.timestamp)
-        owners = _owner_rows(snapshot, row[-1])
-        pending = _PendingSave(row, owners, asyncio.get_running_loop().create_future())
+        pending = _PendingSave(row, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         await pending.committed
 
@@ -283,7 +284,7 @@ class SnapshotStore:
 
     async def _commit(self, batch: list[_PendingSave]) -> None:
         try:
-            await self._batches.insert([pending.row for pending in batch], _latest_owners(batch))
+            await self._batches.insert([pending.row for pending in batch])
         except Exception as exc:
             logger.error("failed to store a batch of %d snapshots: %s", len(batch), exc)
             await self._batches.close()  # a fresh connection for the next batch
@@ -321,10 +322,9 @@ class _BatchWriter(ABC):
     def timestamp(moment: datetime) -> Any:
         """``created_at`` as the driver takes it: what ``models.snapshots`` would bind."""
 
-    async def insert(self, rows: list[Row], owners: list[Row]) -> None:
-        """Commit the snapshot ``rows``, skipping ids already stored, and the ``item_owners``
-        rows, replacing what was known of their keys. The owners go first: should the
-        snapshots then fail, the save fails, and what stays known is still true."""
+    async def insert(self, rows: list[Row]) -> None:
+        """Commit ``rows``, skipping ids already stored; all or nothing. (The database adds
+        what their ``item_keys`` say to ``item_owners``.)"""
         if self._connection is None:
             self._connection = await self._engine.connect()
             try:
@@ -332,7 +332,7 @@ class _BatchWriter(ABC):
             except BaseException:
                 await self.close()
                 raise
-        await self._insert(self._connection, rows, owners)
+        await self._insert(self._connection, rows)
 
     async def close(self) -> None:
         """Give the connection back (quietly: it may be the one that failed)."""
@@ -346,9 +346,7 @@ class _BatchWriter(ABC):
         """Set a new connection up."""
 
     @abstractmethod
-    async def _insert(
-        self, connection: AsyncConnection, rows: list[Row], owners: list[Row]
-    ) -> None: ...
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None: ...
 
 
 class _SqliteBatchWriter(_BatchWriter):
@@ -374,13 +372,9 @@ class _SqliteBatchWriter(_BatchWriter):
         await connection.execution_options(isolation_level="AUTOCOMMIT")
         self._driver = (await connection.get_raw_connection()).driver_connection
 
-    async def _insert(
-        self, connection: AsyncConnection, rows: list[Row], owners: list[Row]
-    ) -> None:
-        for start in range(0, len(owners), _SQLITE_OWNER_ROWS):
-            chunk = owners[start : start + _SQLITE_OWNER_ROWS]
-            await self._driver.execute(_sqlite_upsert_owners(len(chunk)), _flat(chunk))
-        await self._driver.execute(_sqlite_insert(len(rows)), _flat(rows))
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
+        parameters = [value for row in rows for value in row]
+        await self._driver.execute(_sqlite_insert(len(rows)), parameters)
 
 
 class _PostgresBatchWriter(_BatchWriter):
@@ -395,12 +389,8 @@ class _PostgresBatchWriter(_BatchWriter):
     async def _prepare(self, connection: AsyncConnection) -> None:
         """Nothing to set: each batch is its own transaction."""
 
-    async def _insert(
-        self, connection: AsyncConnection, rows: list[Row], owners: list[Row]
-    ) -> None:
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
         async with connection.begin():
-            if owners:
-                await connection.exec_driver_sql(_POSTGRES_UPSERT_OWNERS, owners)
             await connection.exec_driver_sql(_POSTGRES_INSERT, rows)
 
 
@@ -423,39 +413,10 @@ _POSTGRES_INSERT = (
 )
 
 
-_OWNER_COLUMNS = tuple(item_owners.columns.keys())
-_UPSERT_OWNERS = (
-    f"INSERT INTO item_owners ({', '.join(_OWNER_COLUMNS)}) VALUES ",
-    " ON CONFLICT (scope, item_key) DO UPDATE SET account = excluded.account,"
-    " response_id = excluded.response_id, created_at = excluded.created_at",
-)
-_POSTGRES_UPSERT_OWNERS = (
-    _UPSERT_OWNERS[0]
-    + "("
-    + ", ".join(f"${number}" for number in range(1, len(_OWNER_COLUMNS) + 1))
-    + ")"
-    + _UPSERT_OWNERS[1]
-)
-_SQLITE_OWNER_ROWS = 999 // len(_OWNER_COLUMNS)
-
-
 @functools.lru_cache(maxsize=_SqliteBatchWriter.max_rows)
 def _sqlite_insert(rows: int) -> str:
-    return _INSERT_INTO + _sqlite_values(rows, len(_COLUMNS)) + _IGNORING_DUPLICATES
-
-
-@functools.lru_cache(maxsize=64)
-def _sqlite_upsert_owners(rows: int) -> str:
-    return _UPSERT_OWNERS[0] + _sqlite_values(rows, len(_OWNER_COLUMNS)) + _UPSERT_OWNERS[1]
-
-
-def _sqlite_values(rows: int, columns: int) -> str:
-    values = "(" + ", ".join("?" * columns) + ")"
-    return ", ".join([values] * rows)
-
-
-def _flat(rows: list[Row]) -> list[Any]:
-    return [value for row in rows for value in row]
+    values = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+    return _INSERT_INTO + ", ".join([values] * rows) + _IGNORING_DUPLICATES
 
 
 def _chain_statement(scope: str, response_id: str) -> Select[Any]:
@@ -495,22 +456,8 @@ def _to_row(snapshot: Snapshot, timestamp: Callable[[datetime], Any]) -> Row:
         _dump(snapshot.output_items),
         None if snapshot.usage is None else _dump(snapshot.usage),
         timestamp(snapshot.created_at),
+        _dump(keys) if (keys := keys_of(snapshot.output_items)) else None,
     )
-
-
-def _owner_rows(snapshot: Snapshot, created_at: Any) -> list[Row]:
-    """The ``item_owners`` rows of a snapshot's output items, ``created_at`` as bound."""
-    return [
-        (snapshot.scope, key, snapshot.account, snapshot.response_id, created_at)
-        for key in keys_of(snapshot.output_items)
-    ]
-
-
-def _latest_owners(batch: list[_PendingSave]) -> list[Row]:
-    """The owner rows of a batch, one per key: the latest save's (PostgreSQL refuses to
-    update one row twice in a statement)."""
-    rows = {(row[0], row[1]): row for pending in batch for row in pending.owners}
-    return list(rows.values())
 
 
 def _unstorable(value: str) -> bool:

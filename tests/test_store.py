@@ -537,3 +537,10 @@ async def test_prune_forgets_old_owners(store: SnapshotStore) -> None:
 
     keys = keys_of([CALL, REASONING])
     assert await store.owners("alice", keys) == {keys[1]: "work-1"}
+
+
+async def test_owners_commit_with_their_snapshot_and_only_then(store: SnapshotStore) -> None:
+    await store.save(produced("resp_1", "work-1", [ANSWER]))
+    await store.save(produced("resp_1", "work-2", [ANSWER, CALL]))  # the same id: ignored
+    keys = keys_of([ANSWER, CALL])
+    assert await store.owners("alice", keys) == {keys[0]: "work-1"}
