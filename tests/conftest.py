@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb.db import create_engine, upgrade
 from codexlb.store import SnapshotStore
+from tests import codex_cli
 from tests.harness import (
     ACCOUNTS,
     CHILD_LOGS,
@@ -115,6 +116,19 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"uvloop": uvloop.new_event_loop}
+
+
+# --- The real Codex CLI (tests marked ``codex``) --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def codex() -> Path:
+    """The Codex CLI binary, installed from npm on first use (``tests.codex_cli``), or a
+    visible skip with the reason (no node or npm, the install failed)."""
+    found = codex_cli.install_codex()
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
 
 
 # --- Servers on loopback: the fake upstream and codexlb in front of it ---------------------

@@ -41,15 +41,6 @@ TOOL_CALLS = frozenset({"function_call", "custom_tool_call"})
 TOOL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
 
 
-@pytest.fixture(scope="session")
-def codex() -> Path:
-    """The Codex CLI binary (installed on first use), or a visible skip."""
-    found = codex_cli.install_codex()
-    if isinstance(found, str):
-        pytest.skip(found)
-    return found
-
-
 class ModelLog:
     """`codex_responder`, remembering the output items it produced."""
 

@@ -93,15 +93,6 @@ OUTPUT_EVENTS = 4
 drop comes after output reached Codex, before the tool call."""
 
 
-@pytest.fixture(scope="session")
-def codex() -> Path:
-    """The Codex CLI binary (installed on first use), or a visible skip."""
-    found = codex_cli.install_codex()
-    if isinstance(found, str):
-        pytest.skip(found)
-    return found
-
-
 @dataclass
 class Turn:
     """One ``codex exec`` of the conversation and what the upstream received meanwhile."""
