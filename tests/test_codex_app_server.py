@@ -64,15 +64,6 @@ LINE_LIMIT = 1 << 24
 """The longest JSON-RPC line read from the app-server (a thread's answer can be long)."""
 
 
-@pytest.fixture(scope="session")
-def codex() -> Path:
-    """The Codex CLI binary (installed on first use), or a visible skip."""
-    found = codex_cli.install_codex()
-    if isinstance(found, str):
-        pytest.skip(found)
-    return found
-
-
 class JsonRpcError(Exception):
     """The app-server answered a request with an error."""
 
