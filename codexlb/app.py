@@ -82,13 +82,11 @@ def create_app(
         middlewares=[_openai_errors], client_max_size=config.limits.max_body_bytes
     )
     engine = db.create_engine(config.database.url)
-    pool = Pool(config)
+    credentials = CredentialManager(config, store=CredentialStore(engine))
     services = Services(
         config=config,
-        pool=pool,
-        credentials=CredentialManager(
-            config, store=CredentialStore(engine), on_change=pool.credentials_changed
-        ),
+        pool=Pool(config, credentials),
+        credentials=credentials,
         store=SnapshotStore(engine),
         upstream=Upstream(
             config.timeouts, websocket_compression=config.upstream.websocket_compression
@@ -102,11 +100,7 @@ def create_app(
     app.cleanup_ctx.append(_background("codexlb-prune", _prune_forever))
     if config_path is not None:
         app[RELOADER] = Reloader(
-            config_path,
-            config,
-            services.pool,
-            interval=watch_interval,
-            followers=[services.credentials.reconfigure],
+            config_path, config, services.pool, services.credentials, interval=watch_interval
         )
         app.cleanup_ctx.append(_background("codexlb-config-watch", _watch_config))
 

@@ -26,23 +26,32 @@ in-process single-flight suffices.
       updated_at          timestamptz
 
 Tokens are stored as they are sent upstream (the database is as sensitive as the TOML).
+
+:class:`InlineTokens` is the credential source (``credentials.Source``) of an account whose
+tokens are written in the TOML: it reads and writes its row here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Insert, RowMapping, select, text
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from codexlb.credentials import Credentials
+from codexlb.config import AccountConfig
+from codexlb.credentials import Credentials, Source, configured_tokens
 from codexlb.models import account_credentials
+
+log = logging.getLogger(__name__)
 
 _FINGERPRINT_PREFIX = b"codexlb-toml-refresh-token\x00"
 _LOCK_PREFIX = b"codexlb-credentials-lock\x00"
@@ -120,6 +129,65 @@ class CredentialStore:
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(account)}
             )
             yield
+
+
+class InlineTokens(Source):
+    """ChatGPT tokens written in the TOML; their rotated successors are this table's row.
+
+    Without a refresh token (or without a database) there is no row to read, write or lock.
+    """
+
+    def __init__(self, account: AccountConfig, store: CredentialStore | None) -> None:
+        self._account = account
+        self._store = store
+        refresh_token = account.refresh_token
+        self._fingerprint = (
+            source_fingerprint(refresh_token.get_secret_value()) if refresh_token else None
+        )
+        self.in_database = store is not None and self._fingerprint is not None
+
+    def load(self) -> Credentials:
+        return configured_tokens(self._account)
+
+    def stored(self, row: StoredCredentials) -> Credentials | None:
+        if self._fingerprint is None or row.source_fingerprint != self._fingerprint:
+            return None
+        # The configured account id wins: the operator's word over a token's claim.
+        account_id = self._account.chatgpt_account_id or row.credentials.account_id
+        return replace(row.credentials, account_id=account_id)
+
+    async def newer_copy(self, account: str, current: Credentials) -> Credentials | None:
+        if self._store is None or not self.in_database:
+            return None
+        row = await self._store.get(account)
+        stored = None if row is None else self.stored(row)
+        if stored is None or stored.refresh_token == current.refresh_token:
+            return None
+        log.info("account %s: adopted tokens another codexlb process refreshed", account)
+        return stored
+
+    async def persist(self, account: str, renewed: Credentials, *, replacing: str) -> None:
+        if self._store is None or self._fingerprint is None:
+            log.warning(
+                "account %s: no database to keep its rotated refresh token; a restart would "
+                "reuse the dead one from the configuration",
+                account,
+            )
+            return
+        try:
+            await self._store.save(account, renewed, source_fingerprint=self._fingerprint)
+        except (SQLAlchemyError, OSError) as exc:
+            log.error(
+                "account %s: refreshed tokens could not be stored (%s); a restart would reuse "
+                "a dead refresh token",
+                account,
+                type(exc).__name__,
+            )
+
+    def exclusive(self, account: str) -> AbstractAsyncContextManager[None]:
+        if self._store is None or not self.in_database:
+            return contextlib.nullcontext()  # no refresh token: nothing to coordinate
+        return self._store.exclusive(account)
 
 
 def _lock_key(account: str) -> int:

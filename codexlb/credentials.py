@@ -11,28 +11,45 @@ inline, or from a Codex ``auth.json`` (what ``codex login`` writes)::
 
 This module holds the values and the files: reading an ``auth.json``, writing rotated tokens
 back to it atomically (:func:`write_auth_file`), reading a JWT's claims without verifying it
-(:func:`jwt_expiry`), and the ``import-auth`` helper (:func:`import_auth_snippet`). Keeping the
-tokens fresh is ``codexlb.refresh``; inline accounts' rotated tokens live in
-``codexlb.credential_store``.
+(:func:`jwt_expiry`), and the ``import-auth`` helper (:func:`import_auth_snippet`).
+
+Each kind of ``[[accounts]]`` entry is a :class:`Source`, a small object with the few operations
+that differ between them: load, re-read a copy changed outside codexlb, persist rotated tokens::
+
+    PlatformKey     api_key = ...           never refreshed: nothing to re-read or persist
+    AuthFile        auth_file = ...         re-read and written back in place (Codex's format)
+    InlineTokens    access/refresh_token    rotated tokens kept in the database
+                                            (``codexlb.credential_store``)
+
+Keeping the tokens fresh, with these sources, is ``codexlb.refresh``.
 
 No secret ever reaches a ``repr``, an exception message or a log line from here.
 """
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import base64
 import binascii
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from codexlb.config import AccountConfig
+
+if TYPE_CHECKING:
+    from codexlb.credential_store import StoredCredentials
+
+log = logging.getLogger(__name__)
 
 AUTH_CLAIM = "https://api.openai.com/auth"
 """The JWT claim holding ``chatgpt_account_id`` (and the plan) in Codex tokens."""
@@ -76,19 +93,139 @@ class Credentials:
 
 
 def load_credentials(account: AccountConfig) -> Credentials:
-    """The credentials the configuration gives ``account`` (inline, or its ``auth_file``).
+    """The credentials the configuration gives ``account`` (inline, or its ``auth_file``), as
+    ``codexlb check-config`` reads them; the server's live ones are ``codexlb.refresh``'s.
 
     Raises :class:`CredentialsError` when the ``auth_file`` cannot be read.
     """
+    source = key_or_file_source(account)
+    return configured_tokens(account) if source is None else source.load()
+
+
+def key_or_file_source(account: AccountConfig) -> Source | None:
+    """The source of a platform key or an ``auth_file`` entry; None for inline tokens, whose
+    source (``credential_store.InlineTokens``) keeps its rotated tokens in the database."""
     if account.api_key is not None:
-        return Credentials(api_key=account.api_key.get_secret_value())
+        return PlatformKey(account.api_key.get_secret_value())
     if account.auth_file is not None:
-        return read_auth_file(account.auth_file)
+        return AuthFile(account.auth_file)
+    return None
+
+
+def configured_tokens(account: AccountConfig) -> Credentials:
+    """The ChatGPT tokens written inline in ``account``'s entry."""
     return Credentials(
         access_token=account.access_token.get_secret_value() if account.access_token else None,
         account_id=account.chatgpt_account_id,
         refresh_token=account.refresh_token.get_secret_value() if account.refresh_token else None,
     )
+
+
+class Source(abc.ABC):
+    """Where one account's credentials come from, and where its rotated tokens go.
+
+    The base class re-reads and persists nothing; a subclass overrides what its kind of entry
+    does. Operations log their own failures (naming the account, never a secret).
+    """
+
+    in_database = False
+    """Its rotated tokens are kept in the database: a refresh holds the database's lock, and
+    the database being down is a transient failure."""
+
+    @abc.abstractmethod
+    def load(self) -> Credentials:
+        """The credentials as configured; :class:`CredentialsError` when they cannot be read."""
+
+    def remedy(self) -> str:
+        """What the operator should do once the upstream refuses the credentials for good."""
+        return "put new tokens in the configuration and reload"
+
+    def stored(self, row: StoredCredentials) -> Credentials | None:
+        """The tokens of the database's ``row`` for this account, when they descend from the
+        configured ones; else None."""
+        return None
+
+    def reread(self, current: Credentials) -> Credentials | None:
+        """Credentials that replaced ``current`` outside codexlb (checked at a reload), or None."""
+        return None
+
+    async def newer_copy(self, account: str, current: Credentials) -> Credentials | None:
+        """Tokens someone else rotated since ``current`` was loaded (checked before spending
+        the refresh token), or None."""
+        return None
+
+    async def persist(  # noqa: B027 (optional: nothing to persist by default)
+        self, account: str, renewed: Credentials, *, replacing: str
+    ) -> None:
+        """Keep ``renewed`` (which replaced the refresh token ``replacing``) where the next
+        start-up looks; failures are logged, not raised."""
+
+    def exclusive(self, account: str) -> AbstractAsyncContextManager[None]:
+        """The cross-process lock a refresh of ``account`` holds; none by default."""
+        return contextlib.nullcontext()
+
+
+class PlatformKey(Source):
+    """An OpenAI platform API key written in the entry: sent as it is, never refreshed."""
+
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def load(self) -> Credentials:
+        return Credentials(api_key=self._api_key)
+
+
+class AuthFile(Source):
+    """A Codex ``auth.json``: shared with Codex CLI, so it is re-read before a refresh and at a
+    reload, and rotated tokens are written back to it (:func:`write_auth_file`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> Credentials:
+        return read_auth_file(self.path)
+
+    def remedy(self) -> str:
+        return f"log in again (codex login) to renew {self.path}, then reload"
+
+    def reread(self, current: Credentials) -> Credentials | None:
+        try:
+            on_disk = read_auth_file(self.path)
+        except CredentialsError:
+            return None  # unreadable now: keep what was read before
+        return on_disk if on_disk != current else None
+
+    async def newer_copy(self, account: str, current: Credentials) -> Credentials | None:
+        on_disk = self.reread(current)
+        if on_disk is None or on_disk.api_key is not None or not tokens_differ(on_disk, current):
+            return None
+        log.info("account %s: adopted the tokens now in %s", account, self.path)
+        return on_disk
+
+    async def persist(self, account: str, renewed: Credentials, *, replacing: str) -> None:
+        try:
+            written = await asyncio.to_thread(
+                write_auth_file, self.path, renewed, replacing_refresh_token=replacing
+            )
+        except CredentialsError as exc:
+            log.error(
+                "account %s: refreshed tokens could not be written back (%s); a restart would "
+                "reuse a dead refresh token",
+                account,
+                exc,
+            )
+            return
+        if not written:
+            log.warning(
+                "account %s: %s changed while its token was refreshed; left as it is",
+                account,
+                self.path,
+            )
+
+
+def tokens_differ(one: Credentials, other: Credentials) -> bool:
+    """Whether two ChatGPT credentials hold other tokens (an account id alone is no news)."""
+    return (one.access_token, one.refresh_token) != (other.access_token, other.refresh_token)
 
 
 def read_auth_file(path: Path) -> Credentials:

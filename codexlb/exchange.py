@@ -118,7 +118,7 @@ class Exchange:
             else:
                 self._attempt_on(account)
             with pool.lease(account):
-                # Refresh a token that expires soon (S5); the pool's account follows it.
+                # Refresh a token that expires soon (S5); the account reads the new one.
                 await self.services.credentials.ensure_fresh(account.name)
                 self.sent = account.credentials
                 result = await attempt(account)

@@ -4,11 +4,19 @@ The pool is the single owner of mutable account state; both transports go throug
 lets the pure balancer choose by reading that state (``balancer.Contender``). Times
 are wall-clock epoch seconds because the upstream speaks in epoch reset times.
 
+Credentials are not the pool's: each ``Account`` holds a reference to the credential manager's
+record (``refresh.LiveCredentials``) and reads them there, so a refresh or a newer
+``auth.json`` is seen at once. What the pool derives from them is computed from the record when
+asked: an account is usable while its credentials are, unless the upstream refused those very
+credentials (``Pool.unauthorized``); what was learned (cooldowns, usage) belongs to the upstream
+identity the credentials name (an API key, a ChatGPT account id) and is forgotten when they
+name another.
+
 ``reconfigure`` applies a reloaded configuration (S6) without losing what was learned: an
 account is identified by its name, and an unchanged name keeps its ``Account`` object (so its
-cooldowns, usage, error streak, in-flight count and loaded credentials survive). A removed
-account leaves the choice at once; while leases still hold it, it is kept aside as *draining*
-so those requests finish and release it normally, and so the status view can show it.
+cooldowns, usage, error streak and in-flight count survive). A removed account leaves the
+choice at once; while leases still hold it, it is kept aside as *draining* so those requests
+finish and release it normally, and so the status view can show it.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ from typing import Any, Literal
 
 from codexlb import balancer
 from codexlb.config import AccountConfig, Config, RoutingConfig
-from codexlb.credentials import Credentials, CredentialsError, load_credentials
+from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, PoolBusy, UpstreamUnavailable, UsageLimitReached
+from codexlb.refresh import CredentialManager, LiveCredentials
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +66,92 @@ class UsageWindow:
         return self.resets_at if self.used_percent >= 100.0 else 0.0
 
 
+Identity = tuple[str | None, str | None]
+"""Which upstream account credentials speak for: (API key, ChatGPT account id)."""
+
+
+@dataclass(slots=True)
+class Learned:
+    """What the pool learned about one upstream identity."""
+
+    identity: Identity
+    cooldown_until: float = 0.0
+    rate_limited_until: float = 0.0
+    """The part of ``cooldown_until`` owed to a rate limit (the rest is error back-off)."""
+    error_streak: int = 0
+    primary: UsageWindow = field(default_factory=UsageWindow)
+    secondary: UsageWindow = field(default_factory=UsageWindow)
+
+
 @dataclass(slots=True)
 class Account:
     """One upstream account and what the pool has learned about it."""
 
     config: AccountConfig
     base_url: str
-    credentials: Credentials
-    usable: bool = True
+    live: LiveCredentials
+    """The credential manager's record of this account: read, never copied."""
     inflight: int = 0
-    cooldown_until: float = 0.0
-    rate_limited_until: float = 0.0
-    """The part of ``cooldown_until`` owed to a rate limit (the rest is error back-off)."""
-    error_streak: int = 0
-    last_error: str | None = None
-    primary: UsageWindow = field(default_factory=UsageWindow)
-    secondary: UsageWindow = field(default_factory=UsageWindow)
+    refused: Credentials | None = None
+    """The credentials the upstream refused for good: unusable while the record holds them."""
+    failure: str | None = None
+    """The last failure seen on the account (a rate limit, an error)."""
     removed: bool = False
     """Taken out of the configuration; the pool keeps it only while requests hold it."""
+    _learned: Learned = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._learned = Learned(_identity(self.credentials))
+
+    @property
+    def credentials(self) -> Credentials:
+        """What to send upstream now (the record's, as the credential manager keeps it)."""
+        return self.live.credentials
+
+    @property
+    def learned(self) -> Learned:
+        """What was learned about the upstream identity the credentials name now: a fresh
+        start when they name another one than before."""
+        identity = _identity(self.credentials)
+        if self._learned.identity != identity:
+            self._learned = Learned(identity)
+        return self._learned
+
+    @property
+    def cooldown_until(self) -> float:
+        return self.learned.cooldown_until
+
+    @property
+    def rate_limited_until(self) -> float:
+        return self.learned.rate_limited_until
+
+    @property
+    def error_streak(self) -> int:
+        return self.learned.error_streak
+
+    @property
+    def primary(self) -> UsageWindow:
+        return self.learned.primary
+
+    @property
+    def secondary(self) -> UsageWindow:
+        return self.learned.secondary
+
+    @property
+    def usable(self) -> bool:
+        """It has credentials to send, and not the ones the upstream refused."""
+        credentials = self.credentials
+        return credentials.usable and credentials is not self.refused
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the account is unusable, else its last failure."""
+        credentials = self.credentials
+        if not credentials.usable:
+            return self.live.error or "no usable credentials"
+        if credentials is self.refused:
+            return "unauthorized"
+        return self.failure
 
     # -- read by the balancer (``balancer.Contender``) ----------------------------------------
 
@@ -179,7 +256,18 @@ class Pool:
     for the request that holds it, across reloads (see ``reconfigure`` and ``lease``).
     """
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        credentials: CredentialManager | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``credentials``: the manager whose records the accounts read; without one, a manager
+        of ``config`` that keeps no database (for tools and tests that refresh nothing)."""
+        if credentials is None:
+            credentials = CredentialManager(config, store=None)
+        self.credentials = credentials
         self._clock = clock
         self._routing = config.routing
         self._accounts: dict[str, Account] = {}
@@ -187,7 +275,7 @@ class Pool:
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._turns = itertools.count()
         for account_config in config.accounts:
-            self._accounts[account_config.name] = _new_account(config, account_config)
+            self._accounts[account_config.name] = self._new_account(config, account_config)
 
     @property
     def accounts(self) -> list[Account]:
@@ -241,6 +329,10 @@ class Pool:
         """
         return Lease(self, account)
 
+    def _new_account(self, config: Config, account_config: AccountConfig) -> Account:
+        base_url = config.account_base_url(account_config)
+        return Account(account_config, base_url, self.credentials.record(account_config.name))
+
     def _released(self, account: Account) -> None:
         account.inflight -= 1
         if account.inflight == 0 and self._draining.get(account.name) is account:
@@ -248,21 +340,23 @@ class Pool:
             log.info("account %s: removed from the configuration, now drained", account.name)
 
     def reconfigure(self, config: Config) -> Reconfiguration:
-        """Apply a reloaded configuration to the accounts and the routing settings.
+        """Apply a reloaded configuration to the accounts and the routing settings, after
+        ``CredentialManager.reconfigure`` followed it (each account takes the record the
+        manager now keeps for its name).
 
         - A new name is added and can be chosen at once.
         - A missing name is removed from the choice at once; requests it carries finish
           (see ``lease``). Named again before it drained, it comes back with its state.
         - A kept name keeps its ``Account`` and all its runtime state; ``enabled``, ``weight``,
           ``max_inflight`` and the base URL take their new values in place.
-        - Changed credentials in the file are loaded again, and the account is usable again
-          if they are (after a 401, say). When they name another upstream identity (another
-          API key or ChatGPT account id) what was learned about the old one is forgotten.
-        - An unusable ``auth_file`` account whose file now holds other credentials adopts
-          them (``codex login`` again, then reload).
+        - A kept name whose record the manager replaced (changed credentials in the file, a
+          changed ``auth_file``: ``codex login`` again) reads the new one, and is usable again
+          if its credentials are (after a 401, say). When they name another upstream identity
+          (another API key or ChatGPT account id) what was learned about the old one is
+          forgotten.
 
-        Never raises for a valid ``Config``: an account whose credentials cannot be read is
-        kept as unusable, with the reason in ``last_error`` and the log.
+        Never raises for a valid ``Config`` the manager followed: an account whose credentials
+        cannot be read is kept as unusable, with the reason in ``last_error``.
         """
         known = {**self._draining, **self._accounts}
         accounts: dict[str, Account] = {}
@@ -273,17 +367,17 @@ class Pool:
             name = account_config.name
             account = known.pop(name, None)
             if account is None:
-                accounts[name] = _new_account(config, account_config)
+                accounts[name] = self._new_account(config, account_config)
                 added.append(name)
                 continue
             if name not in self._accounts:
                 added.append(name)  # named again while it was draining
                 account.removed = False
-            settings, credentials = _update(account, config, account_config)
-            if settings:
-                changed.append(name)
-            if credentials:
+            elif self.credentials.record(name) is not account.live:
                 reloaded.append(name)
+            account.live = self.credentials.record(name)
+            if _update(account, config, account_config):
+                changed.append(name)
             accounts[name] = account
         removed = [name for name in self._accounts if name not in accounts]
         for account in known.values():
@@ -316,8 +410,9 @@ class Pool:
     def succeeded(self, account: Account) -> None:
         """The account served a request: its error streak and back-off end (a rate limit's
         cooldown stays)."""
-        account.error_streak = 0
-        account.cooldown_until = min(account.cooldown_until, account.rate_limited_until)
+        learned = account.learned
+        learned.error_streak = 0
+        learned.cooldown_until = min(learned.cooldown_until, learned.rate_limited_until)
 
     def rate_limited(
         self, account: Account, *, headers: Mapping[str, str], error: Mapping[str, Any] | None
@@ -327,25 +422,29 @@ class Pool:
         until = rate_limit_reset(headers, error, now)
         if until is None:
             until = now + self._routing.default_rate_limit_cooldown_seconds
-        account.cooldown_until = max(account.cooldown_until, until)
-        account.rate_limited_until = max(account.rate_limited_until, until)
-        account.last_error = "rate limited"
+        learned = account.learned
+        learned.cooldown_until = max(learned.cooldown_until, until)
+        learned.rate_limited_until = max(learned.rate_limited_until, until)
+        account.failure = "rate limited"
         log.warning("account %s is rate limited until %s", account.name, _fmt_time(until))
 
     def failed(self, account: Account, reason: str) -> None:
         """A 5xx, a connect error or a broken stream: exponential cooldown."""
+        learned = account.learned
         delay = min(
-            self._routing.error_cooldown_seconds * 2 ** min(account.error_streak, 32),
+            self._routing.error_cooldown_seconds * 2 ** min(learned.error_streak, 32),
             self._routing.max_error_cooldown_seconds,
         )
-        account.error_streak += 1
-        account.cooldown_until = max(account.cooldown_until, self._clock() + delay)
-        account.last_error = reason
+        learned.error_streak += 1
+        learned.cooldown_until = max(learned.cooldown_until, self._clock() + delay)
+        account.failure = reason
         log.warning("account %s failed (%s); cooling down %.1fs", account.name, reason, delay)
 
     def unauthorized(self, account: Account) -> None:
-        account.usable = False
-        account.last_error = "unauthorized"
+        """The upstream refused the account's credentials even fresh: unusable until the
+        credential manager holds others (a reload, a newer ``auth.json``)."""
+        account.refused = account.credentials
+        account.failure = None  # what failed before does not outlive these credentials
         log.error(
             "account %s: upstream refused its credentials (401); it takes no new work "
             "until its credentials change",
@@ -375,17 +474,6 @@ class Pool:
                     window.used_percent = used
                     window.resets_at = _float(values.get("reset_at")) or 0.0
 
-    def credentials_changed(self, name: str, credentials: Credentials) -> None:
-        """Adopt credentials renewed outside the pool (a token refresh, a newer auth.json).
-
-        A ``refresh.CredentialsListener``: never raises; an unknown name is ignored. Usable
-        credentials make an unusable account take work again; credentials of another
-        upstream identity forget what was learned about the old one (see ``reconfigure``).
-        """
-        account = self._accounts.get(name) or self._draining.get(name)
-        if account is not None and credentials != account.credentials:
-            _adopt(account, credentials)
-
     # -- affinity -------------------------------------------------------------------------
 
     def remember_affinity(self, key: str | None, account: Account) -> None:
@@ -411,66 +499,16 @@ class Pool:
         return any(balancer.backing_off(a, now) for a in self.accounts)
 
 
-def _new_account(config: Config, account_config: AccountConfig) -> Account:
-    base_url = config.account_base_url(account_config)
-    try:
-        credentials = load_credentials(account_config)
-    except CredentialsError as exc:
-        log.error("account %s: %s", account_config.name, exc)
-        return Account(account_config, base_url, Credentials(), usable=False, last_error=str(exc))
-    return Account(account_config, base_url, credentials, usable=credentials.usable)
-
-
-def _update(account: Account, config: Config, account_config: AccountConfig) -> tuple[bool, bool]:
-    """Give a kept account its new settings; returns (settings changed, credentials reloaded)."""
+def _update(account: Account, config: Config, account_config: AccountConfig) -> bool:
+    """Give a kept account its new settings; whether they changed."""
     old = account.config
     base_url = config.account_base_url(account_config)
-    credentials_changed = account_config.credential_fields != old.credential_fields
-    settings_changed = (
+    changed = (
         _setting_fields(account_config) != _setting_fields(old) or base_url != account.base_url
     )
     account.config = account_config
     account.base_url = base_url
-    if credentials_changed:
-        _reload_credentials(account)
-        return settings_changed, True
-    if not account.usable and account_config.auth_file is not None:
-        try:
-            fresh = load_credentials(account_config)
-        except CredentialsError:
-            return settings_changed, False  # still unreadable: logged when it first failed
-        if fresh != account.credentials:
-            _adopt(account, fresh)
-            log.info("account %s: new credentials adopted from %s", account.name, old.auth_file)
-            return settings_changed, True
-    return settings_changed, False
-
-
-def _reload_credentials(account: Account) -> None:
-    try:
-        credentials = load_credentials(account.config)
-    except CredentialsError as exc:
-        log.error("account %s: %s", account.name, exc)
-        account.credentials = Credentials()
-        account.usable = False
-        account.last_error = str(exc)
-        return
-    _adopt(account, credentials)
-    log.info("account %s: credentials reloaded from the configuration", account.name)
-
-
-def _adopt(account: Account, credentials: Credentials) -> None:
-    if _identity(credentials) != _identity(account.credentials):
-        account.cooldown_until = account.rate_limited_until = 0.0
-        account.error_streak = 0
-        account.primary, account.secondary = UsageWindow(), UsageWindow()
-    was_usable = account.usable
-    account.credentials = credentials
-    account.usable = credentials.usable
-    if not credentials.usable:
-        account.last_error = "no usable credentials"
-    elif not was_usable:
-        account.last_error = None
+    return changed
 
 
 def _setting_fields(account: AccountConfig) -> tuple[Any, ...]:
@@ -493,7 +531,7 @@ class Lease:
         self._pool._released(self._account)
 
 
-def _identity(credentials: Credentials) -> tuple[str | None, str | None]:
+def _identity(credentials: Credentials) -> Identity:
     """Which upstream account the credentials speak for (tokens rotate; this does not)."""
     return credentials.api_key, credentials.account_id
 

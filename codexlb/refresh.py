@@ -1,7 +1,12 @@
 """Keeping ChatGPT access tokens fresh (SPEC S5).
 
-:class:`CredentialManager` owns the live credentials of every configured account::
+:class:`CredentialManager` is the one owner of every configured account's live credentials:
+it alone reads them (from the configuration, ``auth_file``s and the database, through each
+account's ``credentials.Source``), reloads, refreshes and persists them. It keeps one
+:class:`LiveCredentials` record per account; ``pool.Account`` holds a reference to its record
+and reads the credentials there, so a refresh needs telling nobody::
 
+    record(name)                   the account's record (replaced when a reload changes it)
     current(name)                  cheap and synchronous: what to send upstream now
     await ensure_fresh(name)       before an attempt: refresh when the JWT ``exp`` is near
     await refresh_after_401(name, rejected_access_token)
@@ -17,13 +22,14 @@ on, and presenting it again locks the account out. Hence:
   also holds a per-account advisory lock (``CredentialStore.exclusive``) so that replicas
   sharing the database refresh one at a time.
 - **Newer copies first.** Before spending the refresh token, the flight re-reads where the
-  rotated tokens are kept (the ``auth_file``, or the database row): if someone else rotated
-  them (Codex CLI sharing the ``auth.json``, another replica), those are adopted instead.
+  rotated tokens are kept (``Source.newer_copy``: the ``auth_file``, or the database row): if
+  someone else rotated them (Codex CLI sharing the ``auth.json``, another replica), those are
+  adopted instead.
 - **Not cancellable by a caller.** The flight is a task owned by the manager and awaited
   through ``asyncio.shield``: a client hanging up mid-refresh must not drop an answer whose
   refresh token the server has already rotated. :meth:`CredentialManager.close` waits for it.
-- **Persisted before anyone uses the result.** ``auth_file`` accounts get the tokens written
-  back atomically (compare-and-swap on the old refresh token, see
+- **Persisted before anyone uses the result** (``Source.persist``). ``auth_file`` accounts
+  get the tokens written back atomically (compare-and-swap on the old refresh token, see
   ``credentials.write_auth_file``); inline accounts get a ``credential_store`` row, which the
   next start-up prefers over the TOML as long as the TOML's refresh token is the one the row
   descends from.
@@ -43,23 +49,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from sqlalchemy.exc import SQLAlchemyError
 
 from codexlb.config import AccountConfig, Config
-from codexlb.credential_store import CredentialStore, StoredCredentials, source_fingerprint
+from codexlb.credential_store import CredentialStore, InlineTokens
 from codexlb.credentials import (
     Credentials,
     CredentialsError,
-    load_credentials,
-    read_auth_file,
+    Source,
+    key_or_file_source,
     token_account_id,
-    write_auth_file,
 )
 from codexlb.token_endpoint import (
     REFRESH_TIMEOUT_SECONDS,
@@ -75,22 +79,19 @@ REFRESH_MARGIN_SECONDS = 300.0
 RETRY_AFTER_FAILURE_SECONDS = 30.0
 """After a transient failure, proactive refreshes of that account pause this long."""
 
-CredentialsListener = Callable[[str, Credentials], None]
-"""Called with (account name, new credentials) whenever the live credentials change."""
 
+@dataclass(slots=True, eq=False)
+class LiveCredentials:
+    """One account's live credentials and refresh state, owned by the ``CredentialManager``.
 
-Source = Literal["platform", "auth_file", "inline"]
-
-
-@dataclass(slots=True)
-class _Live:
-    """One account's live credentials and refresh state."""
+    ``pool.Account`` reads ``credentials`` and ``error`` here; only the manager writes.
+    """
 
     config: AccountConfig
-    credentials: Credentials
     source: Source
-    fingerprint: str | None = field(default=None, repr=False)
-    """Inline accounts: ``source_fingerprint`` of the TOML's refresh token."""
+    credentials: Credentials
+    error: str | None = None
+    """Why the configured credentials could not be read (an unreadable ``auth_file``)."""
     expires_at: float | None = None
     dead: str | None = None
     """Why refreshing is over for these credentials (refused, no refresh token)."""
@@ -107,9 +108,7 @@ class CredentialManager:
 
     Construction reads the configuration (inline values, ``auth_file`` contents) so that
     :meth:`current` works at once; :meth:`start` then binds the app's ``aiohttp`` session and
-    overlays the rotated tokens kept in the database. ``on_change`` is told of every change of
-    live credentials (the pool keeps its ``Account.credentials`` in step through it); it must
-    not raise.
+    overlays the rotated tokens kept in the database.
     """
 
     def __init__(
@@ -117,13 +116,11 @@ class CredentialManager:
         config: Config,
         *,
         store: CredentialStore | None,
-        on_change: CredentialsListener | None = None,
         margin: float = REFRESH_MARGIN_SECONDS,
         timeout: float = REFRESH_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._on_change = on_change
         self._margin = margin
         self._timeout = timeout
         self._clock = clock
@@ -131,8 +128,8 @@ class CredentialManager:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._live: dict[str, _Live] = {
-            account.name: _from_config(account) for account in config.accounts
+        self._live: dict[str, LiveCredentials] = {
+            account.name: self._from_config(account) for account in config.accounts
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -149,37 +146,36 @@ class CredentialManager:
         self._refresh_missing_access_tokens()
 
     async def reconfigure(self, config: Config) -> None:
-        """Follow a reloaded configuration (after ``Pool.reconfigure``).
+        """Follow a reloaded configuration (before ``Pool.reconfigure``, which then gives each
+        account the record now kept for it).
 
-        Accounts whose credential settings are unchanged keep their live (possibly rotated)
-        credentials; an ``auth_file`` whose content changed (``codex login`` again) is adopted.
-        Changed or added accounts start from the configuration and the database, as at
-        start-up. Removed accounts are forgotten (a refresh in flight still persists).
+        Accounts whose credential settings are unchanged keep their record and its live
+        (possibly rotated) credentials, unless ``Source.reread`` finds them replaced outside
+        codexlb (``codex login`` again into an ``auth_file``): then a new record adopts those.
+        Changed or added accounts get a new record from the configuration and the database, as
+        at start-up. Removed accounts are forgotten (a refresh in flight still persists to an
+        ``auth_file``; an inline one's retired tokens are not stored).
         """
         self._token_url = config.upstream.token_url
-        fresh: list[_Live] = []
-        reread: list[_Live] = []
-        live: dict[str, _Live] = {}
+        fresh: list[LiveCredentials] = []
+        live: dict[str, LiveCredentials] = {}
         for account in config.accounts:
             known = self._live.get(account.name)
             if known is None or known.config.credential_fields != account.credential_fields:
-                live[account.name] = _from_config(account)
+                live[account.name] = self._from_config(account)
                 fresh.append(live[account.name])
+                if known is not None:
+                    log.info(
+                        "account %s: credentials reloaded from the configuration", account.name
+                    )
                 continue
             known.config = account
             live[account.name] = known
-            if account.auth_file is not None and known.flight is None:
-                on_disk = _from_config(account)
-                if on_disk.credentials.usable and (
-                    on_disk.source != known.source
-                    or _differ(on_disk.credentials, known.credentials)
-                ):
-                    live[account.name] = on_disk
-                    reread.append(on_disk)
+            reread = known.source.reread(known.credentials) if known.flight is None else None
+            if reread is not None:
+                log.info("account %s: adopted the credentials now in its auth_file", account.name)
+                live[account.name] = _record(account, known.source, reread)
         self._live = live
-        for account_live in reread:
-            log.info("account %s: adopted the credentials now in its auth_file", account_live.name)
-            self._changed(account_live)
         await self._overlay_stored(fresh)
         self._refresh_missing_access_tokens()
 
@@ -194,7 +190,11 @@ class CredentialManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    # -- the three questions --------------------------------------------------------------------
+    # -- the questions --------------------------------------------------------------------------
+
+    def record(self, name: str) -> LiveCredentials:
+        """The live record of account ``name``; KeyError for an unknown name."""
+        return self._live[name]
 
     def current(self, name: str) -> Credentials:
         """The credentials to send for account ``name`` now; KeyError for an unknown name."""
@@ -232,7 +232,7 @@ class CredentialManager:
         transient reason: cool the account down and fail over; a later 401 tries again.
         """
         live = self._live[name]
-        if live.source == "platform":
+        if live.credentials.api_key is not None:
             return False
         current = live.credentials.access_token
         if rejected_access_token is not None and current and current != rejected_access_token:
@@ -243,17 +243,17 @@ class CredentialManager:
 
     # -- the flight -----------------------------------------------------------------------------
 
-    def _wants_refresh(self, live: _Live) -> bool:
+    def _wants_refresh(self, live: LiveCredentials) -> bool:
         credentials = live.credentials
-        if live.source == "platform" or live.dead is not None or not credentials.refresh_token:
-            return False
+        if live.dead is not None or not credentials.refresh_token:
+            return False  # a platform key has no refresh token either
         if self._clock() < live.retry_at:
             return False
         if not credentials.access_token:
             return True
         return live.expires_at is not None and live.expires_at - self._clock() <= self._margin
 
-    async def _fly(self, live: _Live, *, rejected: str | None) -> bool:
+    async def _fly(self, live: LiveCredentials, *, rejected: str | None) -> bool:
         """Join the account's refresh in flight, or start one; shielded from our cancellation."""
         if self._session is None or self._closed:
             raise RefreshUnavailable("credential refresh is not running")
@@ -270,16 +270,16 @@ class CredentialManager:
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone
 
-    async def _flight(self, live: _Live, rejected: str | None) -> bool:
+    async def _flight(self, live: LiveCredentials, rejected: str | None) -> bool:
         """True when the live credentials were replaced; False when refreshing is over."""
         outcome: bool | None = None
         try:
-            async with self._coordinated(live):
+            async with live.source.exclusive(live.name):
                 outcome = await self._renew(live, rejected)
         except (SQLAlchemyError, OSError) as exc:
             if outcome is not None:
                 return outcome  # only releasing the lock failed; the server drops it anyway
-            if live.source != "inline":
+            if not live.source.in_database:
                 raise
             message = f"the database is unreachable ({type(exc).__name__})"
             log.warning("account %s: cannot refresh its token: %s", live.name, message)
@@ -293,17 +293,12 @@ class CredentialManager:
             live.flight = None
         return outcome
 
-    @asynccontextmanager
-    async def _coordinated(self, live: _Live) -> AsyncIterator[None]:
-        if live.source == "inline" and self._store is not None:
-            async with self._store.exclusive(live.name):
-                yield
-        else:
-            yield
-
-    async def _renew(self, live: _Live, rejected: str | None) -> bool:
-        if await self._adopt_newer_copy(live) and self._satisfied(live, rejected):
-            return True
+    async def _renew(self, live: LiveCredentials, rejected: str | None) -> bool:
+        newer = await live.source.newer_copy(live.name, live.credentials)
+        if newer is not None:
+            _set(live, newer)
+            if self._satisfied(live, rejected):
+                return True
         old = live.credentials
         if not old.refresh_token:
             if rejected is not None:
@@ -329,8 +324,11 @@ class CredentialManager:
             refresh_token=grant.refresh_token or old.refresh_token,
             id_token=grant.id_token or old.id_token,
         )
-        await self._persist(live, renewed, replacing=old.refresh_token)
-        self._set(live, renewed)
+        if self._live.get(live.name) is live or not live.source.in_database:
+            # A retired inline record (reloaded with other credentials meanwhile) must not
+            # overwrite the row of the token family that replaced it.
+            await live.source.persist(live.name, renewed, replacing=old.refresh_token)
+        _set(live, renewed)
         expires = live.expires_at
         log.info(
             "account %s: access token refreshed (%s)%s",
@@ -340,7 +338,7 @@ class CredentialManager:
         )
         return True
 
-    def _satisfied(self, live: _Live, rejected: str | None) -> bool:
+    def _satisfied(self, live: LiveCredentials, rejected: str | None) -> bool:
         access_token = live.credentials.access_token
         if not access_token:
             return False
@@ -349,130 +347,46 @@ class CredentialManager:
         expires = live.expires_at
         return expires is None or expires - self._clock() > self._margin
 
-    async def _adopt_newer_copy(self, live: _Live) -> bool:
-        """Adopt tokens someone else rotated since we loaded ours; True if adopted."""
-        if live.source == "auth_file":
-            return self._adopt_file_changes(live)
-        if live.source != "inline" or self._store is None or live.fingerprint is None:
-            return False
-        row = await self._store.get(live.name)
-        if row is None or not self._row_applies(live, row):
-            return False
-        if row.credentials.refresh_token == live.credentials.refresh_token:
-            return False
-        self._set(live, self._from_row(live, row))
-        log.info("account %s: adopted tokens another codexlb process refreshed", live.name)
-        return True
-
-    def _adopt_file_changes(self, live: _Live) -> bool:
-        assert live.config.auth_file is not None
-        try:
-            on_disk = read_auth_file(live.config.auth_file)
-        except CredentialsError:
-            return False
-        if on_disk.api_key is not None or not _differ(on_disk, live.credentials):
-            return False
-        self._set(live, on_disk)
-        log.info("account %s: adopted the tokens now in %s", live.name, live.config.auth_file)
-        return True
-
-    async def _persist(self, live: _Live, renewed: Credentials, *, replacing: str) -> None:
-        """Keep the rotated tokens where the next start-up will look; failures are logged."""
-        if live.source == "auth_file":
-            path = live.config.auth_file
-            assert path is not None
-            try:
-                written = await asyncio.to_thread(
-                    write_auth_file, path, renewed, replacing_refresh_token=replacing
-                )
-            except CredentialsError as exc:
-                log.error(
-                    "account %s: refreshed tokens could not be written back (%s); a restart "
-                    "would reuse a dead refresh token",
-                    live.name,
-                    exc,
-                )
-                return
-            if not written:
-                log.warning(
-                    "account %s: %s changed while its token was refreshed; left as it is",
-                    live.name,
-                    path,
-                )
-            return
-        if self._live.get(live.name) is not live:
-            return  # reloaded with other credentials meanwhile: this token family is retired
-        if self._store is None or live.fingerprint is None:
-            log.warning(
-                "account %s: no database to keep its rotated refresh token; a restart would "
-                "reuse the dead one from the configuration",
-                live.name,
-            )
-            return
-        try:
-            await self._store.save(live.name, renewed, source_fingerprint=live.fingerprint)
-        except (SQLAlchemyError, OSError) as exc:
-            log.error(
-                "account %s: refreshed tokens could not be stored (%s); a restart would reuse "
-                "a dead refresh token",
-                live.name,
-                type(exc).__name__,
-            )
-
-    def _give_up(self, live: _Live, reason: str) -> None:
+    def _give_up(self, live: LiveCredentials, reason: str) -> None:
         live.dead = reason
-        if live.source == "auth_file":
-            remedy = f"log in again (codex login) to renew {live.config.auth_file}, then reload"
-        else:
-            remedy = "put new tokens in the configuration and reload"
         log.error(
             "account %s: %s; it is unusable until its credentials change: %s",
             live.name,
             reason,
-            remedy,
+            live.source.remedy(),
         )
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _set(self, live: _Live, credentials: Credentials) -> None:
-        live.credentials = credentials
-        live.expires_at = credentials.expires_at
-        live.dead = None
-        live.retry_at = 0.0
-        self._changed(live)
+    def _from_config(self, account: AccountConfig) -> LiveCredentials:
+        """A new record for ``account``, from its source as configured (an unreadable
+        ``auth_file`` is logged and gives empty credentials, with the reason)."""
+        source = key_or_file_source(account) or InlineTokens(account, self._store)
+        try:
+            credentials = source.load()
+        except CredentialsError as exc:
+            log.error("account %s: %s", account.name, exc)
+            return LiveCredentials(account, source, Credentials(), error=str(exc))
+        return _record(account, source, credentials)
 
-    def _changed(self, live: _Live) -> None:
-        if self._on_change is not None and self._live.get(live.name) is live:
-            self._on_change(live.name, live.credentials)
-
-    async def _overlay_stored(self, accounts: list[_Live]) -> None:
-        inline = [live for live in accounts if live.fingerprint is not None]
-        if not inline or self._store is None:
+    async def _overlay_stored(self, accounts: list[LiveCredentials]) -> None:
+        stored = [live for live in accounts if live.source.in_database]
+        if not stored or self._store is None:
             return
         rows = await self._store.load_all()
-        for live in inline:
+        for live in stored:
             row = rows.get(live.name)
             if row is None:
                 continue
-            if not self._row_applies(live, row):
+            credentials = live.source.stored(row)
+            if credentials is None:
                 log.info(
                     "account %s: its configured refresh token changed since the last refresh; "
                     "using the configuration's tokens",
                     live.name,
                 )
                 continue
-            self._set(live, self._from_row(live, row))
-
-    @staticmethod
-    def _row_applies(live: _Live, row: StoredCredentials) -> bool:
-        return row.source_fingerprint == live.fingerprint
-
-    @staticmethod
-    def _from_row(live: _Live, row: StoredCredentials) -> Credentials:
-        # The configured account id wins: the operator's word over a token's claim.
-        return replace(
-            row.credentials, account_id=live.config.chatgpt_account_id or row.credentials.account_id
-        )
+            _set(live, credentials)
 
     def _refresh_missing_access_tokens(self) -> None:
         if self._session is None or self._closed:
@@ -488,25 +402,15 @@ class CredentialManager:
                 task.add_done_callback(self._forget)
 
 
-def _from_config(account: AccountConfig) -> _Live:
-    if account.api_key is not None:
-        return _Live(account, load_credentials(account), "platform")
-    if account.auth_file is not None:
-        try:
-            credentials = read_auth_file(account.auth_file)
-        except CredentialsError:
-            credentials = Credentials()  # the pool reports why; nothing to refresh
-        source: Source = "platform" if credentials.api_key is not None else "auth_file"
-        return _Live(account, credentials, source, expires_at=credentials.expires_at)
-    credentials = load_credentials(account)
-    fingerprint = (
-        source_fingerprint(credentials.refresh_token) if credentials.refresh_token else None
-    )
-    return _Live(account, credentials, "inline", fingerprint, credentials.expires_at)
+def _record(account: AccountConfig, source: Source, credentials: Credentials) -> LiveCredentials:
+    return LiveCredentials(account, source, credentials, expires_at=credentials.expires_at)
 
 
-def _differ(one: Credentials, other: Credentials) -> bool:
-    return (one.access_token, one.refresh_token) != (other.access_token, other.refresh_token)
+def _set(live: LiveCredentials, credentials: Credentials) -> None:
+    live.credentials = credentials
+    live.expires_at = credentials.expires_at
+    live.dead = None
+    live.retry_at = 0.0
 
 
 def _fmt_time(epoch: float) -> str:

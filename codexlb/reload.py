@@ -8,10 +8,11 @@ held still for a moment, so a half-written file is not read.
 
 What a reload changes at once:
 
+- the accounts' credentials and ``[upstream].token_url`` (``CredentialManager.reconfigure``,
+  first: the pool's accounts read the manager's records);
 - the accounts (``Pool.reconfigure``: added, removed, enabled, weight, max_inflight, base URL,
   credentials), including ``[upstream].base_url`` as the accounts' default;
 - ``[routing]`` (``Pool.routing``);
-- ``[upstream].token_url`` (the credential manager, a follower);
 - ``[logging].level``.
 
 Everything else was wired into a resource at start (the listening socket, the database engine,
@@ -27,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from codexlb.config import Config, ConfigError, load_config
 from codexlb.pool import Pool
+from codexlb.refresh import CredentialManager
 
 log = logging.getLogger(__name__)
 
@@ -55,27 +56,26 @@ RESTART_ONLY = (
 """Settings a reload cannot apply (dotted paths into ``Config``)."""
 
 Signature = tuple[int, int, int, int] | None
-Follower = Callable[[Config], Awaitable[None]]
-"""Told of each applied configuration after the pool (e.g. the credential manager)."""
 
 
 class Reloader:
-    """Reloads ``path`` into ``pool``: on ``request()`` and when the file changes."""
+    """Reloads ``path`` into ``credentials`` and ``pool``: on ``request()`` and when the file
+    changes."""
 
     def __init__(
         self,
         path: Path,
         config: Config,
         pool: Pool,
+        credentials: CredentialManager,
         *,
         interval: float = WATCH_INTERVAL_SECONDS,
-        followers: Sequence[Follower] = (),
     ) -> None:
         self.path = path
-        self._followers = tuple(followers)
         self._started = config
         self._config = config
         self._pool = pool
+        self._credentials = credentials
         self._interval = interval
         self._signature = _signature(path)
         self._requested = asyncio.Event()
@@ -142,12 +142,11 @@ class Reloader:
         return applied
 
     async def _apply(self, config: Config, reason: str) -> None:
+        try:
+            await self._credentials.reconfigure(config)
+        except Exception:  # its records are in place; only the database's tokens are missing
+            log.exception("the credential manager failed to apply the reloaded configuration")
         changes = self._pool.reconfigure(config)
-        for follow in self._followers:
-            try:
-                await follow(config)
-            except Exception:
-                log.exception("applying the reloaded configuration failed in %r", follow)
         if config.logging.level != self._config.logging.level:
             logging.getLogger().setLevel(config.logging.level)
         self._config = config

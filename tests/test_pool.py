@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import math
@@ -15,7 +16,7 @@ from multidict import CIMultiDict
 from codexlb.config import Config
 from codexlb.credentials import Credentials
 from codexlb.errors import UpstreamUnavailable, UsageLimitReached
-from codexlb.pool import Account, Pool, rate_limit_reset
+from codexlb.pool import Account, Pool, Reconfiguration, rate_limit_reset
 
 NOW = 1_750_000_000.0
 
@@ -449,10 +450,20 @@ def inline(name: str, **values: Any) -> dict[str, Any]:
     return {"name": name, "access_token": f"at-{name}", **values}
 
 
+def reconfigure(pool: Pool, config: Config) -> Reconfiguration:
+    """Apply ``config`` as a reload does: the credential manager first, then the pool."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(pool.credentials.reconfigure(config))
+    finally:
+        loop.close()
+    return pool.reconfigure(config)
+
+
 def test_reconfigure_adds_and_removes_accounts() -> None:
     pool = make_pool(FakeClock(), "a", "b")
 
-    changes = pool.reconfigure(config_of(inline("b"), inline("c")))
+    changes = reconfigure(pool, config_of(inline("b"), inline("c")))
 
     assert (changes.added, changes.removed) == (("c",), ("a",))
     assert [a.name for a in pool.accounts] == ["b", "c"]
@@ -473,7 +484,7 @@ def test_reconfigure_keeps_the_runtime_state_of_unchanged_accounts() -> None:
     pool.remember_affinity("thread-1", account(pool, "b"))
 
     with pool.lease(a):
-        changes = pool.reconfigure(config_of(inline("a"), inline("b"), inline("c")))
+        changes = reconfigure(pool, config_of(inline("a"), inline("b"), inline("c")))
         assert a.inflight == 1
 
     assert changes.describe() == "added c"
@@ -490,8 +501,8 @@ def test_reconfigure_changes_settings_in_place() -> None:
     pool = make_pool(clock, "a", "b")
     a = account(pool, "a")
 
-    changes = pool.reconfigure(
-        config_of(inline("a", enabled=False), inline("b", weight=3, max_inflight=1))
+    changes = reconfigure(
+        pool, config_of(inline("a", enabled=False), inline("b", weight=3, max_inflight=1))
     )
 
     assert changes.changed == ("a", "b")
@@ -510,8 +521,9 @@ def test_reconfigure_applies_routing_settings() -> None:
     pool.observe_headers(account(pool, "a"), headers(x_codex_primary_used_percent="90"))
     assert {choose(pool) for _ in range(6)} == {"b"}
 
-    changes = pool.reconfigure(
-        config_of(inline("a"), inline("b"), routing={"strategy": "round_robin", "max_attempts": 5})
+    changes = reconfigure(
+        pool,
+        config_of(inline("a"), inline("b"), routing={"strategy": "round_robin", "max_attempts": 5}),
     )
 
     assert changes.routing
@@ -526,7 +538,7 @@ def test_removed_account_drains_its_leases_and_takes_no_new_work() -> None:
 
     with pool.lease(a):
         with pool.lease(a):
-            pool.reconfigure(config_of(inline("b")))
+            reconfigure(pool, config_of(inline("b")))
             assert pool.draining == [a]
             assert a.state(pool.now()) == "draining"
             assert not pool.eligible(a)
@@ -546,8 +558,8 @@ def test_account_named_again_while_draining_comes_back_with_its_state() -> None:
     pool.failed(a, "HTTP 500")
 
     with pool.lease(a):
-        pool.reconfigure(config_of(inline("b")))
-        changes = pool.reconfigure(config_of(inline("a"), inline("b")))
+        reconfigure(pool, config_of(inline("b")))
+        changes = reconfigure(pool, config_of(inline("a"), inline("b")))
         assert changes.added == ("a",)
         assert account(pool, "a") is a
         assert pool.draining == []
@@ -565,17 +577,19 @@ def test_changed_credentials_make_an_unauthorized_account_usable_again() -> None
     pool.unauthorized(a)
     assert a.state(clock.now) == "unusable"
 
-    unchanged = pool.reconfigure(
-        config_of(inline("a", chatgpt_account_id="acct"), inline("b", chatgpt_account_id="acct"))
+    unchanged = reconfigure(
+        pool,
+        config_of(inline("a", chatgpt_account_id="acct"), inline("b", chatgpt_account_id="acct")),
     )
     assert unchanged.credentials == ()
     assert not a.usable
 
-    changes = pool.reconfigure(
+    changes = reconfigure(
+        pool,
         config_of(
             inline("a", access_token="at-a-2", chatgpt_account_id="acct"),
             inline("b", chatgpt_account_id="acct"),
-        )
+        ),
     )
 
     assert changes.credentials == ("a",)
@@ -594,7 +608,7 @@ def test_credentials_of_another_upstream_account_forget_what_was_learned() -> No
     pool.rate_limited(a, headers=headers(retry_after="100"), error=None)
     pool.observe_headers(a, headers(x_codex_primary_used_percent="80"))
 
-    pool.reconfigure(config_of(inline("a", chatgpt_account_id="acct-2")))
+    reconfigure(pool, config_of(inline("a", chatgpt_account_id="acct-2")))
 
     assert (a.cooldown_until, a.rate_limited_until, a.primary.used_percent) == (0, 0, 0)
     assert choose(pool) == "a"
@@ -604,7 +618,7 @@ def test_unreadable_new_credentials_leave_the_account_unusable(tmp_path: Path) -
     pool = make_pool(FakeClock(), "a")
     missing = tmp_path / "auth.json"
 
-    changes = pool.reconfigure(config_of({"name": "a", "auth_file": str(missing)}))
+    changes = reconfigure(pool, config_of({"name": "a", "auth_file": str(missing)}))
 
     a = account(pool, "a")
     assert changes.credentials == ("a",)
@@ -621,10 +635,10 @@ def test_unusable_auth_file_account_adopts_new_tokens_on_reload(tmp_path: Path) 
     a = account(pool, "a")
     pool.unauthorized(a)
 
-    assert pool.reconfigure(config).credentials == ()
+    assert reconfigure(pool, config).credentials == ()
     assert not a.usable
     write_auth(auth_file, "token-2")
-    changes = pool.reconfigure(config)
+    changes = reconfigure(pool, config)
 
     assert changes.credentials == ("a",)
     assert a.usable
@@ -639,11 +653,12 @@ def write_auth(path: Path, access_token: str) -> None:
 def test_account_states() -> None:
     clock = FakeClock()
     pool = make_pool(clock, "ok", "limited", "full", "cooling", "off", "bad")
-    pool.reconfigure(
+    reconfigure(
+        pool,
         config_of(
             *(inline(n) for n in ("ok", "limited", "full", "cooling", "bad")),
             inline("off", enabled=False),
-        )
+        ),
     )
     pool.rate_limited(account(pool, "limited"), headers=headers(retry_after="9"), error=None)
     pool.observe_headers(
@@ -672,19 +687,30 @@ def test_account_states() -> None:
     ]
 
 
-def test_credentials_changed_elsewhere_are_adopted() -> None:
+def test_credentials_renewed_by_the_manager_are_read() -> None:
     clock = FakeClock()
     pool = make_pool(clock, "a", chatgpt_account_id="acct")
     a = account(pool, "a")
     pool.failed(a, "HTTP 502")
     pool.unauthorized(a)
 
-    pool.credentials_changed("a", Credentials(access_token="renewed", account_id="acct"))
-    pool.credentials_changed("nobody", Credentials(access_token="x"))
+    a.live.credentials = Credentials(access_token="renewed", account_id="acct")  # a refresh
 
     assert a.usable
     assert a.credentials.access_token == "renewed"
     assert (a.last_error, a.error_streak) == (None, 1)  # the same identity: back-off stands
-    pool.credentials_changed("a", Credentials())
+    a.live.credentials = Credentials()
     assert a.state(clock.now) == "unusable"
     assert a.last_error == "no usable credentials"
+
+
+def test_renewed_credentials_of_another_upstream_account_forget_what_was_learned() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", chatgpt_account_id="acct-1")
+    a = account(pool, "a")
+    pool.rate_limited(a, headers=headers(retry_after="100"), error=None)
+
+    a.live.credentials = Credentials(access_token="renewed", account_id="acct-2")  # a new login
+
+    assert (a.cooldown_until, a.rate_limited_until, a.last_error) == (0, 0, "rate limited")
+    assert choose(pool) == "a"

@@ -25,6 +25,7 @@ from codexlb.config import Config
 from codexlb.credential_store import CredentialStore
 from codexlb.credentials import Credentials, read_auth_file
 from codexlb.db import create_engine, upgrade
+from codexlb.pool import Account, Pool
 from codexlb.refresh import CredentialManager
 from codexlb.testing.fake_upstream import FakeAccount, Fault
 from codexlb.testing.oauth import TOKEN_PATH, TokenFault, access_token, id_token
@@ -34,7 +35,7 @@ from codexlb.token_endpoint import (
     RefreshUnavailable,
     request_refresh,
 )
-from tests.harness import CODEX_PATH, Fake, make_config, running_fake
+from tests.harness import CODEX_PATH, Fake, eventually, make_config, running_fake
 
 EXPIRES_SOON = time.time() + 60
 EXPIRES_LATER = time.time() + 3600
@@ -125,6 +126,12 @@ async def token_post(
 ) -> tuple[int, dict[str, Any]]:
     async with http.post(upstream.url + TOKEN_PATH, json=body) as response:
         return response.status, await response.json()
+
+
+def pool_account(pool: Pool, name: str) -> Account:
+    found = pool.get(name)
+    assert found is not None
+    return found
 
 
 def grant(refresh_token: str) -> dict[str, str]:
@@ -260,18 +267,13 @@ async def test_a_refresh_token_without_an_access_token_is_used_at_start(
     upstream: Fake, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     cfg = config(upstream, tmp_path, [{"name": "a", "refresh_token": "rt-a"}])
-    changes: list[tuple[str, Credentials]] = []
-    changed = asyncio.Event()
 
-    def on_change(name: str, credentials: Credentials) -> None:
-        changes.append((name, credentials))
-        changed.set()
-
-    async with running(cfg, http, on_change=on_change) as manager:
+    async with running(cfg, http) as manager:
+        a = pool_account(Pool(cfg, manager), "a")
         assert manager.current("a").usable is False
-        async with asyncio.timeout(5):
-            await changed.wait()
-        assert changes == [("a", manager.current("a"))]
+        assert not a.usable
+        await eventually(lambda: a.usable)
+        assert a.credentials is manager.current("a")
         assert manager.current("a").usable
         assert manager.current("a").account_id == "acct-a"  # from the new tokens' claims
     assert upstream.oauth.calls("rt-a") == 1
@@ -647,20 +649,21 @@ async def test_reload_keeps_rotated_tokens_and_adopts_a_new_login(
     write_auth_json(auth_file)
     accounts = [inline("b"), {"name": "a", "auth_file": str(auth_file)}]
     cfg = config(upstream, tmp_path, accounts)
-    changes: list[tuple[str, str | None]] = []
     upstream.oauth.script(TokenFault.refuse(401, "refresh_token_invalidated"), account="a")
-    async with running(
-        cfg, http, on_change=lambda name, c: changes.append((name, c.access_token))
-    ) as manager:
+    async with running(cfg, http) as manager:
+        pool = Pool(cfg, manager)
         assert await manager.refresh_after_401("b", "tok-b")
         assert await manager.refresh_after_401("a", "tok-a") is False
+        pool.unauthorized(pool_account(pool, "a"))  # as the exchange does after that answer
         rotated_b = manager.current("b")
-        assert changes == [("b", rotated_b.access_token)]
+        assert pool_account(pool, "b").credentials == rotated_b
+        assert pool_account(pool, "a").credentials.access_token == "tok-a"
 
         await manager.reconfigure(cfg)  # nothing changed: live tokens stay, no news
+        assert pool.reconfigure(cfg).credentials == ()
+        assert not pool_account(pool, "a").usable
         assert manager.current("b") == rotated_b
         assert manager.problem("a") is not None
-        assert len(changes) == 1
 
         # `codex login` again writes a new login to the file; then the reload.
         relogin = upstream.oauth.issue_refresh_token("a")
@@ -668,9 +671,11 @@ async def test_reload_keeps_rotated_tokens_and_adopts_a_new_login(
         data["tokens"].update(access_token="tok-a-relogin", refresh_token=relogin)
         auth_file.write_text(json.dumps(data))
         await manager.reconfigure(cfg)
+        assert pool.reconfigure(cfg).credentials == ("a",)
         assert manager.problem("a") is None
         assert manager.current("a").refresh_token == relogin
-        assert changes[-1] == ("a", "tok-a-relogin")
+        assert pool_account(pool, "a").credentials.access_token == "tok-a-relogin"
+        assert pool_account(pool, "a").usable
         assert await manager.refresh_after_401("a", "tok-a-relogin")
         assert upstream.oauth.calls(relogin) == 1
 
