@@ -99,9 +99,12 @@ class Account:
     removed: bool = False
     """Taken out of the configuration; the pool keeps it only while requests hold it."""
     _learned: Learned = field(init=False)
+    _followed: Credentials = field(init=False)
+    """The record's credentials ``_learned`` was last checked against."""
 
     def __post_init__(self) -> None:
-        self._learned = Learned(_identity(self.credentials))
+        self._followed = self.live.credentials
+        self._learned = Learned(_identity(self._followed))
 
     @property
     def credentials(self) -> Credentials:
@@ -112,9 +115,12 @@ class Account:
     def learned(self) -> Learned:
         """What was learned about the upstream identity the credentials name now: a fresh
         start when they name another one than before."""
-        identity = _identity(self.credentials)
-        if self._learned.identity != identity:
-            self._learned = Learned(identity)
+        credentials = self.live.credentials
+        if credentials is not self._followed:  # renewed: the same identity, most likely
+            self._followed = credentials
+            identity = _identity(credentials)
+            if self._learned.identity != identity:
+                self._learned = Learned(identity)
         return self._learned
 
     @property
@@ -140,7 +146,7 @@ class Account:
     @property
     def usable(self) -> bool:
         """It has credentials to send, and not the ones the upstream refused."""
-        credentials = self.credentials
+        credentials = self.live.credentials
         return credentials.usable and credentials is not self.refused
 
     @property
@@ -173,11 +179,13 @@ class Account:
 
     @property
     def used_percent(self) -> float:
-        return max(self.primary.used_percent, self.secondary.used_percent)
+        learned = self.learned
+        return max(learned.primary.used_percent, learned.secondary.used_percent)
 
     @property
     def usage_resets_at(self) -> float:
-        return max(self.primary.full_until(), self.secondary.full_until())
+        learned = self.learned
+        return max(learned.primary.full_until(), learned.secondary.full_until())
 
     # ----------------------------------------------------------------------------------------
 
