@@ -113,13 +113,16 @@ class Exchange:
         while True:
             if account is None:
                 self.live = False
-                await self.load_history()
+                if not self._history_loaded:
+                    await self.load_history()
                 account = self.next_account(prefer=prefer)
             else:
                 self._attempt_on(account)
             with pool.lease(account):
                 # Refresh a token that expires soon (S5); the account reads the new one.
-                await self.services.credentials.ensure_fresh(account.name)
+                credentials = self.services.credentials
+                if credentials.due(account.name):
+                    await credentials.ensure_fresh(account.name)
                 self.sent = account.credentials
                 result = await attempt(account)
             if result is not None:
@@ -137,7 +140,8 @@ class Exchange:
         if previous is not None:
             self.chain = await self.services.store.chain(self.scope, previous)
             sent = [item for snapshot in self.chain for item in snapshot.input_items] + sent
-        await self._look_up_owners(sent)
+        if keys := keys_of(sent):
+            await self._look_up_owners(keys)
         self._history_loaded = True
 
     @property
@@ -324,7 +328,8 @@ class Exchange:
         items another eligible account produced last. (A resumed Codex session prewarms a new
         socket with no input, wherever it landed, then sends its whole history anchored on
         that prewarm.)"""
-        await self._look_up_owners(self.request.input_items)
+        if keys := keys_of(self.request.input_items):
+            await self._look_up_owners(keys)
         if not self.owners:
             return False
         owner = latest_owner(self.request.input_items, self.owners)
@@ -333,9 +338,9 @@ class Exchange:
         account = self.services.pool.get(owner)
         return account is not None and self.services.pool.eligible(account)
 
-    async def _look_up_owners(self, items: list[Any]) -> None:
-        """Learn who produced ``items`` (those with a key not looked up yet)."""
-        keys = [key for key in keys_of(items) if key not in self._looked_up]
+    async def _look_up_owners(self, keys: list[str]) -> None:
+        """Learn who produced the items of ``keys`` (``keys_of``: none empty)."""
+        keys = [key for key in keys if key not in self._looked_up]
         if keys:
             self._looked_up.update(keys)
             self.owners = {**self.owners, **await self.services.store.owners(self.scope, keys)}

@@ -221,6 +221,11 @@ class CredentialManager:
             live.retry_at = self._clock() + RETRY_AFTER_FAILURE_SECONDS
         return live.credentials
 
+    def due(self, name: str) -> bool:
+        """Whether ``ensure_fresh`` would refresh account ``name`` now: a cheap test, so that
+        the common case awaits nothing."""
+        return self._wants_refresh(self._live[name])
+
     async def refresh_after_401(self, name: str, rejected_access_token: str | None) -> bool:
         """After the upstream refused ``rejected_access_token`` of account ``name`` with 401.
 
