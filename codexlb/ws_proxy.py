@@ -1,17 +1,19 @@
 """The WebSocket transport: Responses WebSocket mode on both paths.
 
 One ``ClientSocket`` per client connection runs in the handler's coroutine and is the only
-owner of its upstream socket: it opens one at the first ``response.create``, bound to one
-account, and replaces it (after a failure, or when the conversation must move to another
-account) only from that coroutine. Responses run one at a time in arrival order.
+owner of its upstream socket: it opens one at the client's handshake (so the upstream's 101
+headers reach the client), bound to one account, and replaces it (after a failure, or when the
+conversation must move to another account) only from that coroutine. Responses run one at a
+time in arrival order.
 
-Continuity (S3.1): a ``previous_response_id`` produced on the current upstream socket is
-forwarded as it is, with the client's incremental input; any other anchor is replayed from
-the snapshots. Failures (S4): an upstream socket that closes before anything visible reached
-the client, or a rate-limit / server ``error`` event, moves the request to another account;
-``previous_response_not_found`` for a forwarded anchor replays once; after visible output the
-response ends with ``response.failed`` (``stream_incomplete``) and the next request opens a
-new upstream socket. Every ``error`` event codexlb sends carries ``status``.
+Each ``response.create`` is one ``Exchange``: the socket supplies the attempt (connect if the
+account has no open socket here, send, relay the frames) and hands every upstream failure to
+``Exchange.judge``; what a failure means is ``failover.verdict``'s, as over HTTP. An anchor
+produced on the open socket is forwarded as it is (S3.1) unless the delta belongs to another
+account; any other anchor is replayed. Every ``error`` event codexlb sends carries ``status``.
+
+At shutdown (``WsProxy.shutdown``) idle client sockets close at once with 1001 and busy ones
+right after their turn, so clients reconnect instead of holding the server up.
 """
 
 from __future__ import annotations
