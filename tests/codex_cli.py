@@ -214,6 +214,24 @@ def assert_ran_echo_hello(run: CodexRun, *, retries: bool = False) -> None:
     assert [message["text"] for message in messages] == [FINAL_MESSAGE], run.describe()
 
 
+@contextlib.contextmanager
+def codex_environment(home: Path, api_key: str) -> Iterator[tuple[dict[str, str], str]]:
+    """Codex's environment for the block, and its fresh empty ``HOME`` (removed afterwards):
+    ``CODEX_HOME``, ``CODEX_API_KEY``, and none of the caller's other Codex or OpenAI settings
+    or shell profile variables, so that the login shell running the model's commands reads no
+    profile."""
+    with tempfile.TemporaryDirectory(
+        prefix="codex-user-home-", ignore_cleanup_errors=True
+    ) as user_home:
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if not name.startswith(("CODEX_", "OPENAI_")) and name not in PROFILE_VARIABLES
+        }
+        env.update(CODEX_HOME=str(home), CODEX_API_KEY=api_key, NO_COLOR="1", HOME=user_home)
+        yield env, user_home
+
+
 async def run_codex(
     codex: Path,
     *,
@@ -246,15 +264,7 @@ async def run_codex(
     else:
         argv = ["exec", *options, *(["--ephemeral"] if ephemeral else []), "-C", str(workdir)]
         argv.append(prompt)
-    with tempfile.TemporaryDirectory(
-        prefix="codex-user-home-", ignore_cleanup_errors=True
-    ) as user_home:
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith(("CODEX_", "OPENAI_")) and name not in PROFILE_VARIABLES
-        }
-        env.update(CODEX_HOME=str(home), CODEX_API_KEY=api_key, NO_COLOR="1", HOME=user_home)
+    with codex_environment(home, api_key) as (env, user_home):
         process = await asyncio.create_subprocess_exec(
             str(codex),
             *argv,

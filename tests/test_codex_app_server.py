@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,7 +35,7 @@ import pytest
 
 from codexlb.testing.codex_model import codex_responder
 from tests import codex_cli
-from tests.codex_cli import FINAL_MESSAGE, PROFILE_VARIABLES, PROMPT, response_requests, summary
+from tests.codex_cli import FINAL_MESSAGE, PROMPT, response_requests, summary
 from tests.harness import (
     CLIENT_KEYS,
     ChildServer,
@@ -239,15 +238,7 @@ async def app_server(codex: Path, *, home: Path, api_key: str) -> AsyncIterator[
     (saved in ``CODEX_HOME``), which Codex then sends as the bearer token. In its own process
     group, killed at the end with whatever it started.
     """
-    with tempfile.TemporaryDirectory(
-        prefix="codex-user-home-", ignore_cleanup_errors=True
-    ) as user_home:
-        env = {
-            name: value
-            for name, value in os.environ.items()
-            if not name.startswith(("CODEX_", "OPENAI_")) and name not in PROFILE_VARIABLES
-        }
-        env.update(CODEX_HOME=str(home), CODEX_API_KEY=api_key, NO_COLOR="1", HOME=user_home)
+    with codex_cli.codex_environment(home, api_key) as (env, user_home):
         process = await asyncio.create_subprocess_exec(
             str(codex),
             "app-server",
