@@ -577,7 +577,7 @@ async def codex(ws: Workspace, command: Command) -> None:
     """Not run here: tests/test_codex_cli.py runs the real Codex CLI through codexlb, with the
     client key in ``CODEX_API_KEY`` and the provider of the README's Codex config."""
     assert command.env == {"CODEX_API_KEY": f"${KEY_VARIABLE}"}
-    assert "CODEX_API_KEY=api_key" in inspect.getsource(codex_cli.run_codex)
+    assert "CODEX_API_KEY=api_key" in inspect.getsource(codex_cli.codex_environment)
     codex_configs = [b for b in BLOCKS if b.kind == "toml" and "model_providers" in b.text]
     assert codex_configs, "the README runs codex but shows no Codex config"
     for block in codex_configs:
