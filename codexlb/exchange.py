@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("codexlb.requests")
 
 R = TypeVar("R")
-PASS_ON = Action.PASS_ON
 
 BROKEN_STREAM_STATUS = 502
 """The status a response is logged with when its upstream broke after visible output."""
@@ -229,7 +228,7 @@ class Exchange:
         action = verdict(failure)
         metrics = self.services.metrics
         pool = self.services.pool
-        if action is PASS_ON:
+        if action is Action.PASS_ON:
             metrics.attempt(account.name, "client_error")
             self.record.failed_with = failure.reported_status
         elif action is Action.BREAK:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import io
 from collections.abc import Mapping
 
 import aiohttp
@@ -56,10 +55,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 """Client headers never forwarded: hop-by-hop, proxy and credential headers."""
-
-
-LARGE_BODY_BYTES = 1024 * 1024
-"""Bodies above this are streamed from a buffer instead of written in one call."""
 
 
 WEBSOCKET_BETA = "responses_websockets=2026-02-06"
@@ -272,10 +267,6 @@ class Upstream:
 def _url(base_url: str, path: str) -> URL:
     """Parsed once per account and path, not once per request."""
     return URL(base_url + path)
-
-
-def _payload(body: bytes) -> bytes | io.BytesIO:
-    return io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body
 
 
 async def read_answer(response: Http1Response, limit: int, idle_timeout: float) -> bytes:
