@@ -73,7 +73,7 @@ class Exchange:
         self.affinity_key = affinity_key
         self.record = record
         self.chain: list[Snapshot] = []
-        self.owners: Mapping[str, str] = {}
+        self.owners: Mapping[int, str] = {}
         """Which account produced the items the client sent, as far as the store knows
         (``provenance``): key → account."""
         self.live = False
@@ -81,7 +81,7 @@ class Exchange:
         self.sent = Credentials()
         """The credentials of the account as this attempt began: named again after a 401."""
         self._history_loaded = False
-        self._looked_up: set[str] = set()
+        self._looked_up: set[int] = set()
         self._tried: set[str] = set()
         self._rate_limited: set[str] = set()
         self._rate_limited_only = True
@@ -337,7 +337,7 @@ class Exchange:
         account = self.services.pool.get(owner)
         return account is not None and self.services.pool.eligible(account)
 
-    async def _look_up_owners(self, keys: list[str]) -> None:
+    async def _look_up_owners(self, keys: list[int]) -> None:
         """Learn who produced the items of ``keys`` (``keys_of``: none empty)."""
         keys = [key for key in keys if key not in self._looked_up]
         if keys:

@@ -13,7 +13,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Dialect, Index, MetaData, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.types import TypeDecorator
 
 metadata = MetaData(
@@ -46,6 +57,11 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+OwnerKey = BigInteger().with_variant(Integer(), "sqlite")
+"""A signed 64-bit key; on SQLite an ``INTEGER PRIMARY KEY`` is the table's rowid: one b-tree
+for the table and its key."""
+
+
 snapshots = Table(
     "snapshots",
     metadata,
@@ -66,15 +82,15 @@ snapshots = Table(
 item_owners = Table(
     "item_owners",
     metadata,
-    Column("scope", String(), primary_key=True),
-    Column("item_key", String(), primary_key=True),
+    Column("owner_key", OwnerKey, primary_key=True, autoincrement=False),
     Column("account", String(), nullable=False),
-    Column("response_id", String(), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
     Index("ix_item_owners_created_at", "created_at"),
 )
-"""Which account produced each output item of the stored responses, per client-key scope:
-written by the database itself, from ``snapshots.item_keys`` (see migration 0003)."""
+"""Which account produced the items that trace each stored response
+(``provenance.owner_keys``): written by the database itself, from ``snapshots.item_keys`` (see
+migration 0004). ``owner_key`` is the item's key mixed with its client-key scope
+(``store.scoped_key``), so one integer finds an item of one scope."""
 
 
 account_credentials = Table(

@@ -18,9 +18,10 @@ batch is a trip to the database (on SQLite, to aiosqlite's thread and back), and
 in the middle of a burst waits on the busy event loop thread (``bench/RESULTS.md`` has what
 gathering saved).
 
-Each row carries ``item_keys``, the keys of its output items (``provenance``); a trigger of the
-database turns them into ``item_owners`` rows within the same statement, so knowing which
-account produced an item costs the writer no statement of its own. ``owners`` reads them.
+Each row carries ``item_keys``, the keys of the output items that trace it
+(``provenance.owner_keys``, mixed with the scope by ``scoped_key``); a trigger of the database
+turns them into ``item_owners`` rows within the same statement, so knowing which account
+produced an item costs the writer no statement of its own. ``owners`` reads them.
 
 How a batch is inserted is the part that differs by dialect (`_BatchWriter`): on SQLite it is one
 multi-row ``INSERT`` that aiosqlite runs in one trip to its thread, on PostgreSQL an asyncpg
@@ -55,15 +56,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from hashlib import blake2b
 from typing import Any
 
 import orjson
-from sqlalchemy import Delete, RowMapping, Select, delete, select, text, tuple_
+from sqlalchemy import Delete, RowMapping, Select, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import item_owners, snapshots
-from codexlb.provenance import keys_of
+from codexlb.provenance import owner_keys
 
 logger = logging.getLogger(__name__)
 
@@ -176,20 +178,21 @@ class SnapshotStore:
         newest_first.reverse()
         return newest_first
 
-    async def owners(self, scope: str, keys: list[str]) -> dict[str, str]:
+    async def owners(self, scope: str, keys: list[int]) -> dict[int, str]:
         """The accounts that produced the items of ``keys`` (``provenance.item_key``), for the
         keys known in ``scope``: one indexed query (a very long input takes one per
         ``OWNER_KEYS_PER_QUERY`` keys)."""
-        found: dict[str, str] = {}
+        found: dict[int, str] = {}
         if not keys:
             return found
+        scoped = {scoped_key(scope, key): key for key in keys}
+        stored = list(scoped)
         async with self._engine.connect() as conn:
-            for start in range(0, len(keys), OWNER_KEYS_PER_QUERY):
-                query = select(item_owners.c.item_key, item_owners.c.account).where(
-                    item_owners.c.scope == scope,
-                    item_owners.c.item_key.in_(keys[start : start + OWNER_KEYS_PER_QUERY]),
+            for start in range(0, len(stored), OWNER_KEYS_PER_QUERY):
+                query = select(item_owners.c.owner_key, item_owners.c.account).where(
+                    item_owners.c.owner_key.in_(stored[start : start + OWNER_KEYS_PER_QUERY])
                 )
-                found.update((key, account) for key, account in await conn.execute(query))
+                found.update((scoped[key], account) for key, account in await conn.execute(query))
         return found
 
     async def get(self, scope: str, response_id: str) -> Snapshot | None:
@@ -213,15 +216,12 @@ class SnapshotStore:
             .limit(batch_size)
         )
         old_owners = (
-            select(item_owners.c.scope, item_owners.c.item_key)
+            select(item_owners.c.owner_key)
             .where(item_owners.c.created_at < older_than)
             .limit(batch_size)
         )
         await self._delete_in_batches(
-            delete(item_owners).where(
-                tuple_(item_owners.c.scope, item_owners.c.item_key).in_(old_owners)
-            ),
-            batch_size,
+            delete(item_owners).where(item_owners.c.owner_key.in_(old_owners)), batch_size
         )
         return await self._delete_in_batches(
             delete(snapshots).where(snapshots.c.response_id.in_(old_ids)), batch_size
@@ -456,8 +456,28 @@ def _to_row(snapshot: Snapshot, timestamp: Callable[[datetime], Any]) -> Row:
         _dump(snapshot.output_items),
         None if snapshot.usage is None else _dump(snapshot.usage),
         timestamp(snapshot.created_at),
-        _dump(keys) if (keys := keys_of(snapshot.output_items)) else None,
+        _item_keys(snapshot.scope, snapshot.output_items),
     )
+
+
+def scoped_key(scope: str, key: int) -> int:
+    """``key`` as ``item_owners`` holds it in ``scope``: the same item in two scopes is two
+    keys. (Still a signed 64-bit integer: the XOR of two.)"""
+    return key ^ _scope_salt(scope)
+
+
+@functools.lru_cache(maxsize=1024)
+def _scope_salt(scope: str) -> int:
+    digest = blake2b(scope.encode(errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _item_keys(scope: str, output: list[Any]) -> str | None:
+    keys = owner_keys(output)
+    if not keys:
+        return None
+    salt = _scope_salt(scope)
+    return _dump([key ^ salt for key in keys])
 
 
 def _unstorable(value: str) -> bool:

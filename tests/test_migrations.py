@@ -3,14 +3,20 @@ queries with describe exactly what they build, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from hashlib import blake2b
 from typing import Any
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from codexlb.db import alembic_config, create_engine, upgrade
 from codexlb.models import metadata
+from codexlb.provenance import keys_of
+from codexlb.store import SnapshotStore
 
 
 def differences(connection: Connection) -> list[Any]:
@@ -26,3 +32,52 @@ async def test_the_migrations_build_the_tables_the_code_describes(engine: AsyncE
 
 def test_every_table_is_described_in_one_metadata() -> None:
     assert set(metadata.tables) == {"snapshots", "item_owners", "account_credentials"}
+
+
+async def test_owners_recorded_before_the_integer_keys_are_carried_over(database_url: str) -> None:
+    """A conversation recorded under migration 0003 keeps its owners after 0004."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(lambda sync: _upgrade_to(sync, "0003"))
+            reasoning = {"type": "reasoning", "summary": [], "encrypted_content": "enc:a:01"}
+            digest = blake2b(b"enc:a:01", digest_size=16).hexdigest()
+            old_row = "(:scope, :key, 'work-1', 'resp_1', :at)"
+            insert = f"INSERT INTO item_owners VALUES {old_row}"
+            now = datetime.now(UTC)
+            await connection.execute(
+                text(insert), {"scope": "alice", "key": f"r:{digest}", "at": now}
+            )
+            await connection.execute(
+                text(insert), {"scope": "alice", "key": "c:not-hex", "at": now}
+            )
+        await upgrade(engine)
+        store = SnapshotStore(engine)
+        await store.start()
+        try:
+            keys = keys_of([reasoning])
+            assert await store.owners("alice", keys) == {keys[0]: "work-1"}
+            assert await store.owners("bob", keys) == {}
+        finally:
+            await store.close()
+    finally:
+        await engine.dispose()
+
+
+def _upgrade_to(connection: Connection, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
+
+
+async def test_the_migrations_go_down_and_up_again(engine: AsyncEngine) -> None:
+    async with engine.begin() as connection:
+        await connection.run_sync(lambda sync: _downgrade_to(sync, "0003"))
+        await connection.run_sync(lambda sync: _upgrade_to(sync, "head"))
+        assert await connection.run_sync(differences) == []
+
+
+def _downgrade_to(connection: Connection, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.downgrade(config, revision)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from codexlb.provenance import item_key, keys_of, latest_owner, readable_by
+from codexlb.provenance import item_key, keys_of, latest_owner, owner_keys, readable_by
 
 
 def reasoning(content: str, **extra: Any) -> dict[str, Any]:
@@ -46,11 +46,27 @@ def test_items_a_client_writes_have_no_key() -> None:
         assert item_key(item) is None, item
 
 
-def test_keys_tell_items_apart_and_reveal_nothing() -> None:
+def key(item: dict[str, Any]) -> int:
+    found = item_key(item)
+    assert found is not None
+    return found
+
+
+def test_keys_tell_items_apart_in_64_bits() -> None:
     keys = keys_of([reasoning("enc:a:01"), reasoning("enc:a:02"), call("call_1"), said("done")])
     assert len(set(keys)) == 4
-    assert not any("enc:" in key or "call_1" in key or "done" in key for key in keys)
-    assert keys_of([call("call_1"), call("call_1")]) == [item_key(call("call_1"))]
+    assert all(-(2**63) <= key < 2**63 for key in keys)  # a database's BIGINT
+    assert keys_of([call("call_1"), call("call_1")]) == [key(call("call_1"))]
+
+
+def test_a_response_is_traced_by_its_reasoning_else_by_its_last_item() -> None:
+    first, second = reasoning("enc:a:01"), reasoning("enc:a:02")
+    assert owner_keys([first, call("call_1"), second, said("done")]) == [key(first), key(second)]
+    assert owner_keys([call("call_1"), call("call_2"), {"type": "web_search_call"}]) == [
+        key(call("call_2"))
+    ]
+    assert owner_keys([{"type": "reasoning", "summary": []}, said("done")]) == [key(said("done"))]
+    assert owner_keys([{"type": "web_search_call"}]) == []
 
 
 def test_the_latest_known_item_names_the_account() -> None:
@@ -60,7 +76,7 @@ def test_the_latest_known_item_names_the_account() -> None:
         call("call_1"),
         said("two", role="user"),
     ]
-    owners = {str(item_key(items[1])): "a", str(item_key(items[2])): "b"}
+    owners = {key(items[1]): "a", key(items[2]): "b"}
     assert latest_owner(items, owners) == "b"
     assert latest_owner(items[:2], owners) == "a"
     assert latest_owner(items, {}) is None  # nothing known
@@ -71,11 +87,11 @@ def test_only_reasoning_another_account_minted_is_dropped() -> None:
     other_call = call("call_b")
     items = [said("q", role="user"), mine, theirs, unknown, other_call]
     owners = {
-        str(item_key(mine)): "a",
-        str(item_key(theirs)): "b",
-        str(item_key(other_call)): "b",
+        key(mine): "a",
+        key(theirs): "b",
+        key(other_call): "b",
     }
     assert readable_by(items, owners, "a") == [said("q", role="user"), mine, unknown, other_call]
     assert readable_by(items, owners, "b") == [said("q", role="user"), theirs, unknown, other_call]
     assert readable_by(items, owners, "c") == [said("q", role="user"), unknown, other_call]
-    assert readable_by(items, {str(item_key(mine)): "a"}, "a") is None  # the input goes as is
+    assert readable_by(items, {key(mine): "a"}, "a") is None  # the input goes as is

@@ -483,6 +483,7 @@ def produced(response_id: str, account: str, output: list[dict[str, Any]], **kw:
 
 REASONING = {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "enc:x:00"}
 CALL = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{}"}
+CALL_3 = {**CALL, "id": "fc_3", "call_id": "call_3"}
 ANSWER = {
     "type": "message",
     "role": "assistant",
@@ -493,6 +494,7 @@ ANSWER = {
 async def test_owners_of_output_items_as_a_client_resends_them(store: SnapshotStore) -> None:
     await store.save(produced("resp_1", "work-1", [REASONING, CALL]))
     await store.save(produced("resp_2", "work-2", [ANSWER]))
+    await store.save(produced("resp_3", "work-1", [{**CALL, "call_id": "call_2"}, CALL_3]))
     # Codex resends items without their server ids, and messages with their text alone.
     resent = [
         {k: v for k, v in REASONING.items() if k != "id"},
@@ -503,13 +505,15 @@ async def test_owners_of_output_items_as_a_client_resends_them(store: SnapshotSt
             "content": [{"type": "output_text", "text": "done"}],
         },
         {"type": "reasoning", "summary": [], "encrypted_content": "enc:never-seen:00"},
+        {k: v for k, v in CALL_3.items() if k != "id"},
     ]
     keys = keys_of(resent)
-    assert len(keys) == 4
+    assert len(keys) == 5
 
     owners = await store.owners("alice", keys)
 
-    assert owners == {keys[0]: "work-1", keys[1]: "work-1", keys[2]: "work-2"}
+    # A response is traced by its reasoning, or else by its last item (provenance.owner_keys).
+    assert owners == {keys[0]: "work-1", keys[2]: "work-2", keys[4]: "work-1"}
     assert await store.owners("bob", keys) == {}  # scoped like the snapshots
     assert await store.owners("alice", []) == {}
 
@@ -521,9 +525,9 @@ async def test_the_latest_producer_of_a_key_owns_it(store: SnapshotStore) -> Non
 
 
 async def test_a_long_input_is_looked_up_whole(store: SnapshotStore) -> None:
-    calls = [{**CALL, "call_id": f"call_{i}"} for i in range(1200)]
-    await store.save(produced("resp_1", "work-1", calls))
-    owners = await store.owners("alice", keys_of(calls))
+    reasoning = [{**REASONING, "encrypted_content": f"enc:x:{i}"} for i in range(1200)]
+    await store.save(produced("resp_1", "work-1", reasoning))
+    owners = await store.owners("alice", keys_of(reasoning))
     assert len(owners) == 1200
     assert set(owners.values()) == {"work-1"}
 
@@ -541,6 +545,6 @@ async def test_prune_forgets_old_owners(store: SnapshotStore) -> None:
 
 async def test_owners_commit_with_their_snapshot_and_only_then(store: SnapshotStore) -> None:
     await store.save(produced("resp_1", "work-1", [ANSWER]))
-    await store.save(produced("resp_1", "work-2", [ANSWER, CALL]))  # the same id: ignored
+    await store.save(produced("resp_1", "work-2", [CALL]))  # the same id: ignored
     keys = keys_of([ANSWER, CALL])
     assert await store.owners("alice", keys) == {keys[0]: "work-1"}
