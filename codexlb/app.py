@@ -26,6 +26,7 @@ from codexlb.auth import ClientKeys
 from codexlb.catalog import ModelCatalog
 from codexlb.config import Config
 from codexlb.credential_store import CredentialStore
+from codexlb.edge import BodyBudget, EdgeRunner
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
 from codexlb.http_proxy import HttpProxy
 from codexlb.metrics import CONTENT_TYPE, Metrics
@@ -52,11 +53,14 @@ class Services:
     upstream: Upstream
     credentials: CredentialManager
     metrics: Metrics = field(init=False)
+    bodies: BodyBudget = field(init=False)
+    """Request bodies and WebSocket messages held at once (``[limits]``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "metrics", Metrics(lambda: [*self.pool.accounts, *self.pool.draining])
         )
+        object.__setattr__(self, "bodies", BodyBudget(self.config.limits.max_body_bytes_in_flight))
 
 
 SERVICES = web.AppKey("services", Services)
@@ -129,13 +133,15 @@ def make_runner(
     shutdown_timeout: float = 30.0,
     watch_interval: float = WATCH_INTERVAL_SECONDS,
 ) -> web.AppRunner:
-    """The runner for ``create_app(config, config_path)``.
+    """The runner for ``create_app(config, config_path)``, with the client-facing limits of
+    ``edge`` (connection cap, request-head and keep-alive timeouts).
 
     Handler cancellation is on: a client that disconnects cancels the handler, which closes
     the upstream request it owns and releases its account lease (SPEC S8).
     """
-    return web.AppRunner(
+    return EdgeRunner(
         create_app(config, config_path, watch_interval=watch_interval),
+        config,
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=shutdown_timeout,

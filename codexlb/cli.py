@@ -347,7 +347,9 @@ def _settle_garbage_collector() -> None:
 
 async def _run(config: Config, config_path: Path) -> None:
     from codexlb.app import RELOADER, make_runner
+    from codexlb.edge import raise_fd_limit
 
+    raise_fd_limit()
     runner = make_runner(config, config_path=config_path, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
     await runner.setup()
     _settle_garbage_collector()

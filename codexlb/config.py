@@ -162,11 +162,30 @@ class TimeoutsConfig(_Section):
     """Time allowed for the upstream's response headers."""
     idle_seconds: float = Field(default=300.0, gt=0)
     """Longest silence allowed inside an upstream stream."""
+    client_header_seconds: float = Field(default=30.0, gt=0)
+    """Time a client has to send a request's head: from connecting, or on a kept-alive
+    connection from the request's first byte."""
+    client_body_seconds: float = Field(default=60.0, gt=0)
+    """Longest silence allowed while a request body arrives."""
+    client_keepalive_seconds: float = Field(default=75.0, gt=0)
+    """How long an idle kept-alive client connection stays open."""
 
 
 class LimitsConfig(_Section):
     max_body_bytes: int = Field(default=64 * MIB, ge=64 * MIB)
     """Largest request body or WebSocket message accepted (at least 64 MiB)."""
+    max_body_bytes_in_flight: int = Field(default=256 * MIB, ge=64 * MIB)
+    """Request bodies and WebSocket messages held at once, in bytes; a request that would go
+    over is refused with 503 and ``Retry-After``."""
+    max_connections: int = Field(default=4096, ge=1)
+    """Client connections open at once; more are answered 503 and closed. Lowered at start
+    when the process's file-descriptor limit cannot hold them."""
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> LimitsConfig:
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError("max_body_bytes_in_flight must be at least max_body_bytes")
+        return self
 
 
 class LoggingConfig(_Section):

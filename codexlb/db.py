@@ -5,7 +5,10 @@ never block the writer), ``synchronous=NORMAL`` (durable across a process crash,
 checkpoint instead of per commit) and a 30 s busy timeout, set on every new connection, so that
 short write transactions from several writers queue up instead of failing with ``database is
 locked``. PostgreSQL gets ``pool_pre_ping`` so a restarted server costs no failed request. Both
-hide bound parameters from error messages: they carry conversation content.
+hide bound parameters from error messages: they carry conversation content. A SQLite database
+holds rotated tokens and every conversation, so its file is created 0600 before SQLite opens it
+(SQLite gives its ``-wal``, ``-shm`` and journal files the database file's mode), and an
+existing one and its side files are tightened to 0600 at start.
 
 :func:`upgrade` runs ``alembic upgrade head`` on a connection of the application's own engine
 (the alembic cookbook's connection sharing, driven through ``run_sync``); it is idempotent and runs
@@ -17,6 +20,9 @@ processes starting together migrate one at a time and a failed migration leaves 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,9 @@ from alembic.config import Config
 from sqlalchemy import Connection, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+log = logging.getLogger(__name__)
+
+SIDE_FILES = ("-wal", "-shm", "-journal")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _MIGRATION_LOCK_KEY = int.from_bytes(b"codexlb", "big")
 _WAL_ATTEMPTS = 100
@@ -37,13 +46,31 @@ def create_engine(url: str) -> AsyncEngine:
     if sa_url.get_backend_name() == "sqlite":
         database = sa_url.database
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            path = Path(database).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private(path)
         engine = create_async_engine(sa_url, hide_parameters=True)
         event.listen(engine.sync_engine, "connect", _apply_sqlite_pragmas)
         return engine
     return create_async_engine(
         sa_url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=20
     )
+
+
+def make_private(database: Path) -> None:
+    """Create the SQLite file ``database`` readable by its owner only, or make it and its side
+    files so when they exist."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    for path in (database, *(Path(f"{database}{suffix}") for suffix in SIDE_FILES)):
+        try:
+            mode = path.stat().st_mode & 0o777
+            if mode & 0o077:
+                path.chmod(mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot make %s readable by its owner only: %s", path, exc.strerror)
 
 
 async def upgrade(engine: AsyncEngine) -> None:
@@ -78,6 +105,7 @@ def backup_sqlite(url: str, destination: Path) -> None:
         raise BackupError(f"{destination}: already exists; choose a new file")
     source = sqlite3.connect(f"file:{source_path}?mode=ro", uri=True)
     try:
+        make_private(destination)
         target = sqlite3.connect(destination)
         try:
             source.backup(target, pages=1024)

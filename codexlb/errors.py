@@ -6,9 +6,12 @@
     ├── PreviousResponseNotFound      400 invalid_request_error / previous_response_not_found
     ├── NotFound                      404 invalid_request_error / not_found
     ├── PayloadTooLarge               413 (HTTP) / 400 (WebSocket) ... / payload_too_large
+    ├── RequestTimeout                408 invalid_request_error / request_timeout (body stalled)
     ├── UsageLimitReached             429 usage_limit_reached, with Retry-After and resets_at
     ├── PoolBusy                      429 rate_limit_exceeded, Retry-After: 1 (all at max_inflight)
     ├── UpstreamUnavailable           502 server_error / upstream_error
+    ├── ServerBusy                    503 server_error / server_busy, Retry-After: 1 (too many
+    │                                 bodies or connections held at once)
     └── SnapshotNotStored             500 server_error / server_error (the database failed)
 
 Foreign exceptions (aiohttp, SQLAlchemy, json) are translated into this tree at exactly one
@@ -84,6 +87,24 @@ class PayloadTooLarge(CodexLBError):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"Request body exceeds the limit of {limit} bytes.")
+
+
+class RequestTimeout(CodexLBError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class ServerBusy(CodexLBError):
+    """codexlb holds as many request bytes (or connections) as it may: a short wait helps, and
+    Codex retries a 5xx after ``Retry-After``."""
+
+    status = 503
+    type = "server_error"
+    code = "server_busy"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UsageLimitReached(CodexLBError):

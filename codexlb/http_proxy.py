@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
-from codexlb.errors import CodexLBError, PayloadTooLarge, SnapshotNotStored
+from codexlb.edge import read_body
+from codexlb.errors import CodexLBError, SnapshotNotStored
 from codexlb.exchange import Exchange, affinity_key
 from codexlb.failover import Action, Failure, Phase, error_code
 from codexlb.http1 import Http1Response
@@ -71,10 +72,15 @@ class HttpProxy:
         self, request: web.Request, route: str, attempt: Attempt
     ) -> web.StreamResponse:
         record = RequestRecord("http", "", new_request_id(request.headers), route)
+        bodies = self.services.bodies
+        held = 0
         try:
             scope = self.keys.scope_for(request.headers.get("Authorization"))
             record.client_key = scope
-            create = CreateRequest.from_bytes(await self._read_body(request))
+            raw = await read_body(request, self.services.config, bodies)
+            held = len(raw)
+            create = CreateRequest.from_bytes(raw)
+            del raw
             exchange = Exchange(
                 self.services,
                 scope=scope,
@@ -92,16 +98,8 @@ class HttpProxy:
             record.status = exc.status
             raise
         finally:
+            bodies.give(held)
             record.emit(self.services.metrics)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.services.config.limits.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(limit)
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(limit) from None
 
     async def _attempt(
         self,
@@ -111,14 +109,22 @@ class HttpProxy:
         headers: Mapping[str, str],
     ) -> web.StreamResponse | None:
         """One try of a turn on ``account``: the client's response, or ``None``."""
-        body = exchange.request.upstream_body(input_items=exchange.upstream_input(account))
 
         async def respond(upstream: Http1Response) -> web.StreamResponse | None:
             if exchange.request.stream:
                 return await self._relay(request, exchange, account, upstream)
             return await self._assemble(exchange, account, upstream)
 
-        return await self._try(exchange, account, headers, "/responses", body, respond, sse=True)
+        # No local keeps the body: ``_try`` drops it once sent (see ``_try``).
+        return await self._try(
+            exchange,
+            account,
+            headers,
+            "/responses",
+            exchange.request.upstream_body(input_items=exchange.upstream_input(account)),
+            respond,
+            sse=True,
+        )
 
     async def _attempt_compact(
         self,
@@ -162,6 +168,8 @@ class HttpProxy:
         except UpstreamConnectError as exc:
             await exchange.judge(account, Failure(Phase.CONNECT, message=str(exc)))
             return None
+        # Sent: a copy of a large body need not outlive the relay, which may last minutes.
+        del body
         try:
             if upstream.status != 200:
                 return await self._refused(exchange, account, upstream)
@@ -227,6 +235,7 @@ class HttpProxy:
                     elif sink.pending and not exchange.commit_shares_a_trip:
                         await sink.flush()  # the output, while the commit takes its trip
                     if step is COMPLETED:
+                        exchange.request.forget_raw()  # no attempt follows
                         try:
                             await exchange.commit(account, recorder)
                         except SnapshotNotStored as exc:
@@ -258,6 +267,7 @@ class HttpProxy:
             for _, kind, data in events:
                 step = recorder.observe(kind, data)
                 if step is COMPLETED:
+                    exchange.request.forget_raw()  # no attempt follows
                     response = await exchange.commit(account, recorder)
                     if not response.get("output"):
                         response = {**response, "output": recorder.ordered_output()}

@@ -229,6 +229,28 @@ class RequestRecord:
         )
 
 
+class Throttled:
+    """A log line for an event a client can repeat thousands of times a second (a malformed
+    request, a connection over the cap): at most one line per ``interval`` seconds, each
+    saying how many times the event happened since the previous one."""
+
+    def __init__(self, logger: logging.Logger, level: int, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._level = level
+        self._interval = interval
+        self._count = 0
+        self._next = 0.0
+
+    def __call__(self, message: str, *args: object) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._interval
+        count, self._count = self._count, 0
+        self._logger.log(self._level, f"{message} (%d since the last such line)", *args, count)
+
+
 _REQUEST_IDS = itertools.count(1)
 _PROCESS_TAG = secrets.token_hex(4)
 

@@ -45,7 +45,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
 
 @dataclass(slots=True)  # not frozen: one per request, and frozen fields cost a call each
 class CreateRequest:
-    """A validated ``response.create`` body; treated as immutable."""
+    """A validated ``response.create`` body; treated as immutable (but see ``forget_raw``)."""
 
     body: dict[str, Any]
     """The body as the client sent it (minus ``type`` for a WebSocket message)."""
@@ -72,6 +72,11 @@ class CreateRequest:
     def prompt_cache_key(self) -> str | None:
         value = self.body.get("prompt_cache_key")
         return value if isinstance(value, str) else None
+
+    def forget_raw(self) -> None:
+        """Drop the client's bytes once no attempt can follow (the response completed): a
+        body of up to ``max_body_bytes`` need not stay alive while its snapshot is written."""
+        self.raw = None
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> CreateRequest:

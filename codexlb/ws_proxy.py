@@ -75,8 +75,38 @@ ENDED = frozenset(
 )
 TEXT, BINARY = aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY
 GOING_AWAY = aiohttp.WSCloseCode.GOING_AWAY
+POLICY_VIOLATION = aiohttp.WSCloseCode.POLICY_VIOLATION
+MESSAGE_SLACK_BYTES = 1024 * 1024
+"""Read past ``max_body_bytes`` by this much: a message just over the limit gets its error
+event on a socket that stays open."""
 """For the per-message code: on Python 3.11 each ``WSMsgType.X`` goes through
 ``EnumType.__getattr__``."""
+
+
+class ClientWebSocket(web.WebSocketResponse):
+    """The client's socket: a message too large to read ends in an S1.4 error event.
+
+    aiohttp reads a message up to ``max_msg_size`` bytes (``max_body_bytes`` and a little
+    slack): a message over the limit but within the slack is read whole, answered with the
+    error event and the socket goes on. Beyond that aiohttp stops at the frame's header, or
+    stops inflating a compressed frame at the size, so memory stays bounded; the rest of the
+    message is still on its way and cannot be skipped, so the socket closes. It would close
+    with 1009, which clients report as a broken connection: the error event goes out first,
+    and the close is 1008 (policy violation) naming the limit.
+    """
+
+    def __init__(self, *, limit: int, **kwargs: Any) -> None:
+        super().__init__(max_msg_size=limit + MESSAGE_SLACK_BYTES, **kwargs)
+        self.limit = limit
+
+    async def close(
+        self, *, code: int = aiohttp.WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        if code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
+            with contextlib.suppress(ConnectionError):
+                await self.send_str(error_event(PayloadTooLarge(self.limit)))
+            code, message = POLICY_VIOLATION, b"message over max_body_bytes"
+        return await super().close(code=code, message=message, drain=drain)
 
 
 class ClientGone(Exception):
@@ -128,9 +158,9 @@ class WsProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         scope = self.keys.scope_for(request.headers.get("Authorization"))
-        client = web.WebSocketResponse(
+        client = ClientWebSocket(
             heartbeat=CLIENT_HEARTBEAT_SECONDS,
-            max_msg_size=0,  # oversize messages get an error event, never a 1009 close
+            limit=self.services.config.limits.max_body_bytes,
             compress=self.services.config.server.websocket_compression,
         )
         socket = ClientSocket(self.services, client, scope, request.headers)
@@ -196,7 +226,7 @@ class ClientSocket:
                         if len(text) * 4 > limit and len(text.encode()) > limit:
                             await self._send_error(PayloadTooLarge(limit))
                         else:
-                            await self._on_text(text)
+                            await self._on_held_text(text)
                     elif message.type == BINARY:
                         await self._send_error(
                             InvalidRequest(
@@ -259,6 +289,19 @@ class ClientSocket:
     async def close(self) -> None:
         await self._drop_upstream()
         await self._close_client()
+
+    async def _on_held_text(self, text: str) -> None:
+        """Answer ``text`` while the body budget holds it, as an HTTP body is held."""
+        bodies = self.services.bodies
+        try:
+            bodies.take(len(text))
+        except CodexLBError as exc:
+            await self._send_error(exc)
+            return
+        try:
+            await self._on_text(text)
+        finally:
+            bodies.give(len(text))
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -424,16 +467,21 @@ class ClientSocket:
             raise ClientGone from exc
 
     async def _send_error(self, error: CodexLBError) -> None:
-        event = {
-            "type": "error",
-            # S1.4: an oversize message is a 400 over WebSocket (413 over HTTP).
-            "status": 400 if isinstance(error, PayloadTooLarge) else error.status,
-            "error": error.error_object(),
-        }
-        headers = error.headers()
-        if headers:
-            event["headers"] = headers
-        await self._send_text(orjson.dumps(event).decode())
+        await self._send_text(error_event(error))
+
+
+def error_event(error: CodexLBError) -> str:
+    """The S1.4 ``error`` event for ``error``, always with its ``status``."""
+    event = {
+        "type": "error",
+        # S1.4: an oversize message is a 400 over WebSocket (413 over HTTP).
+        "status": 400 if isinstance(error, PayloadTooLarge) else error.status,
+        "error": error.error_object(),
+    }
+    headers = error.headers()
+    if headers:
+        event["headers"] = headers
+    return orjson.dumps(event).decode()
 
 
 def _with_status(frame: Frame, status: int | None) -> str:
