@@ -89,7 +89,7 @@ class AdminAccess:
         assert self._digest is not None
         token = _bearer(authorization)
         if token is None or not hmac.compare_digest(self._digest, _digest_of_presented(token)):
-            raise InvalidApiKey()
+            raise InvalidApiKey("admin key")
 
 
 def one_authorization(headers: MultiMapping[str]) -> None:

@@ -55,8 +55,8 @@ class InvalidApiKey(CodexLBError):
     type = "invalid_request_error"
     code = "invalid_api_key"
 
-    def __init__(self) -> None:
-        super().__init__("Incorrect or missing API key. Send 'Authorization: Bearer <key>'.")
+    def __init__(self, what: str = "API key") -> None:
+        super().__init__(f"Incorrect or missing {what}. Send 'Authorization: Bearer <key>'.")
 
 
 class InvalidRequest(CodexLBError):
