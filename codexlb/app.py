@@ -22,12 +22,13 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb import db
-from codexlb.auth import ClientKeys
+from codexlb.auth import AdminAccess, ClientKeys
 from codexlb.catalog import ModelCatalog
 from codexlb.config import Config
 from codexlb.credential_store import CredentialStore
 from codexlb.edge import BodyBudget, EdgeRunner
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
+from codexlb.guard import RequestGuard
 from codexlb.http_proxy import HttpProxy
 from codexlb.metrics import CONTENT_TYPE, Metrics
 from codexlb.pool import Pool
@@ -66,6 +67,7 @@ class Services:
 SERVICES = web.AppKey("services", Services)
 ENGINE = web.AppKey("engine", AsyncEngine)
 RELOADER = web.AppKey("reloader", Reloader)
+ADMIN = web.AppKey("admin", AdminAccess)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -83,7 +85,8 @@ def create_app(
     ``watch_interval`` seconds.
     """
     app = web.Application(
-        middlewares=[_openai_errors], client_max_size=config.limits.max_body_bytes
+        middlewares=[_openai_errors, RequestGuard(config.server).middleware],
+        client_max_size=config.limits.max_body_bytes,
     )
     engine = db.create_engine(config.database.url)
     credentials = CredentialManager(config, store=CredentialStore(engine))
@@ -109,6 +112,8 @@ def create_app(
         app.cleanup_ctx.append(_background("codexlb-config-watch", _watch_config))
 
     keys = ClientKeys(config.api_keys)
+    admin = AdminAccess(config.admin, keys, loopback=config.server.is_loopback)
+    app[ADMIN] = admin
     proxy = HttpProxy(services, keys)
     websockets = WsProxy(services, keys)
     app.on_shutdown.append(websockets.shutdown)
@@ -119,7 +124,7 @@ def create_app(
         app.router.add_post(f"{prefix}/responses/compact", proxy.compact)
         app.router.add_get(f"{prefix}/models", catalog.handle)
     app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
-    app.router.add_get("/status", StatusView(services.pool, keys).handle)
+    app.router.add_get("/status", StatusView(services.pool, admin).handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -216,6 +221,7 @@ async def _prune_forever(app: web.Application) -> None:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    request.app[ADMIN].check_metrics(request.headers.get("Authorization"))
     body = request.app[SERVICES].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 

@@ -1,8 +1,11 @@
-"""Client keys: ``Authorization: Bearer <key>`` → the scope a client's snapshots live in.
+"""Client keys: ``Authorization: Bearer <key>`` → the scope a client's snapshots live in; and
+the admin key, which alone opens the operator views (SPEC S10).
 
 Keys are compared as SHA-256 digests with ``hmac.compare_digest`` against every configured
 key, so neither the comparison nor the lookup leaks timing. With no keys configured access is
-open and every client shares one anonymous scope.
+open and every client shares one anonymous scope. A request carries at most one
+``Authorization`` header (``one_authorization``): with two, which one counts would depend on
+whoever reads it.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import hashlib
 import hmac
 from collections.abc import Sequence
 
-from codexlb.config import ApiKeyConfig
-from codexlb.errors import InvalidApiKey
+from multidict import MultiMapping
+
+from codexlb.config import AdminConfig, ApiKeyConfig
+from codexlb.errors import Forbidden, InvalidApiKey, InvalidRequest
 
 ANONYMOUS_SCOPE = ""
 
@@ -32,7 +37,7 @@ class ClientKeys:
         token = _bearer(authorization)
         if token is None:
             raise InvalidApiKey()
-        presented = hashlib.sha256(token.encode()).digest()
+        presented = _digest_of_presented(token)
         found: str | None = None
         for digest, name in self._digests:
             if hmac.compare_digest(digest, presented):
@@ -42,16 +47,73 @@ class ClientKeys:
         return found
 
 
+class AdminAccess:
+    """Who may open the operator views (S10): ``/status``, ``/dashboard``, ``/admin/*`` and
+    ``/metrics``.
+
+    With ``[admin]`` configured, the admin key and nothing else (client keys get 401). Without
+    it the views are open in open access (no client keys), where everything is, and refused
+    (403, naming the setting) otherwise; ``/metrics`` is then served on a loopback bind only.
+    """
+
+    def __init__(self, admin: AdminConfig | None, keys: ClientKeys, *, loopback: bool) -> None:
+        self._digest = _digest_of(admin) if admin is not None else None
+        self._open = keys.open
+        self._loopback = loopback
+
+    def check_view(self, authorization: str | None) -> None:
+        """Raise unless ``authorization`` may open an operator view."""
+        if self._digest is None:
+            if self._open:
+                return
+            raise Forbidden(
+                "The operator views need an admin key: set [admin] key (or key_sha256) "
+                "in the configuration.",
+                code="invalid_api_key",
+            )
+        self._check_key(authorization)
+
+    def check_metrics(self, authorization: str | None) -> None:
+        """Raise unless ``authorization`` may read ``/metrics``."""
+        if self._digest is None:
+            if self._loopback:
+                return
+            raise Forbidden(
+                "/metrics is served without a key on a loopback address only: set [admin] "
+                "key (or key_sha256) and send it as a bearer token.",
+                code="invalid_api_key",
+            )
+        self._check_key(authorization)
+
+    def _check_key(self, authorization: str | None) -> None:
+        assert self._digest is not None
+        token = _bearer(authorization)
+        if token is None or not hmac.compare_digest(self._digest, _digest_of_presented(token)):
+            raise InvalidApiKey("admin key")
+
+
+def one_authorization(headers: MultiMapping[str]) -> None:
+    """Refuse a request with more than one ``Authorization`` header."""
+    if len(headers.getall("Authorization", ())) > 1:
+        raise InvalidRequest("Send one Authorization header; this request has several.")
+
+
 def hash_key(key: str) -> str:
     """The ``key_sha256`` value for a client key."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _digest_of(key: ApiKeyConfig) -> bytes:
+def _digest_of(key: ApiKeyConfig | AdminConfig) -> bytes:
     if key.key is not None:
         return hashlib.sha256(key.key.get_secret_value().encode()).digest()
     assert key.key_sha256 is not None
     return bytes.fromhex(key.key_sha256)
+
+
+def _digest_of_presented(token: str) -> bytes:
+    # A header that was not UTF-8 arrives with its bytes escaped: hash those bytes, which
+    # match no configured key, rather than fail to encode them.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 def _bearer(authorization: str | None) -> str | None:

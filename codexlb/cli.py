@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         "--url", help="the server's base URL, instead of the [server] address of the file"
     )
     status_parser.add_argument(
-        "--key", help="a client key, when the server has some (default: $CODEXLB_KEY)"
+        "--key", help="the server's [admin] key, when it has one (default: $CODEXLB_ADMIN_KEY)"
     )
     status_parser.add_argument(
         "--json", action="store_true", help="print the server's JSON document instead of a table"
@@ -273,7 +273,7 @@ def _status_of_configured_server(config_path: str, key: str | None, *, as_json: 
 
 def _status(url: str, key: str | None, *, as_json: bool) -> int:
     """Fetch ``GET /status`` and print it; exit 1 when the server cannot be asked."""
-    key = key or os.environ.get("CODEXLB_KEY")
+    key = key or os.environ.get("CODEXLB_ADMIN_KEY")
     headers = {"Accept": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"

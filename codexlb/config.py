@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -46,6 +47,17 @@ def _resolve_env(value: Any) -> Any:
 Secret = Annotated[SecretStr, BeforeValidator(_resolve_env)]
 
 
+def _origin(value: Any) -> Any:
+    """A browser origin, ``scheme://host[:port]``, in the lower case browsers send."""
+    if not isinstance(value, str):
+        return value
+    origin = value.strip().rstrip("/").lower()
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise ValueError(f"{value!r} is not an origin such as 'https://app.example:8443'")
+    return origin
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,6 +70,9 @@ class ServerConfig(_Section):
     websocket_compression: bool = False
     """Accept permessage-deflate from WebSocket clients. Off by default: for a client on the
     same host or LAN it only costs an inflate context (~9 KiB) per socket and CPU per frame."""
+    allowed_origins: tuple[Annotated[str, BeforeValidator(_origin)], ...] = ()
+    """Browser origins (``https://app.example``) whose pages may call codexlb. A request with
+    any other ``Origin`` is refused; one without (Codex CLI, the SDKs) is not concerned."""
 
     @property
     def is_loopback(self) -> bool:
@@ -91,6 +106,19 @@ class ApiKeyConfig(_Section):
 
     @model_validator(mode="after")
     def _one_key(self) -> ApiKeyConfig:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key or key_sha256")
+        return self
+
+
+class AdminConfig(_Section):
+    """The operator's key (S10): ``/status``, ``/metrics`` and the admin views."""
+
+    key: Secret | None = None
+    key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _one_key(self) -> AdminConfig:
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError("give exactly one of key or key_sha256")
         return self
@@ -198,6 +226,7 @@ class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     api_keys: tuple[ApiKeyConfig, ...] = ()
+    admin: AdminConfig | None = None
     accounts: tuple[AccountConfig, ...] = ()
     routing: RoutingConfig = RoutingConfig()
     snapshots: SnapshotsConfig = SnapshotsConfig()

@@ -3,6 +3,9 @@
     CodexLBError                      rendered as {"error": {message, type, code, param}}
     ├── InvalidApiKey                 401 invalid_request_error / invalid_api_key
     ├── InvalidRequest                400 invalid_request_error / invalid_request (param: field)
+    ├── Forbidden                     403 invalid_request_error / (its code): another origin
+    │                                     or host, an operator view no key may open
+    ├── UnsupportedMediaType          415 invalid_request_error / unsupported_media_type
     ├── PreviousResponseNotFound      400 invalid_request_error / previous_response_not_found
     ├── NotFound                      404 invalid_request_error / not_found
     ├── PayloadTooLarge               413 (HTTP) / 400 (WebSocket) ... / payload_too_large
@@ -25,6 +28,9 @@ import json
 import math
 import time
 from typing import Any
+
+SHOWN_CHARS = 128
+"""The longest client-given value an error message repeats, in characters."""
 
 
 class CodexLBError(Exception):
@@ -52,14 +58,29 @@ class InvalidApiKey(CodexLBError):
     type = "invalid_request_error"
     code = "invalid_api_key"
 
-    def __init__(self) -> None:
-        super().__init__("Incorrect or missing API key. Send 'Authorization: Bearer <key>'.")
+    def __init__(self, what: str = "API key") -> None:
+        super().__init__(f"Incorrect or missing {what}. Send 'Authorization: Bearer <key>'.")
 
 
 class InvalidRequest(CodexLBError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+class Forbidden(CodexLBError):
+    status = 403
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UnsupportedMediaType(CodexLBError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class PreviousResponseNotFound(CodexLBError):
@@ -69,7 +90,8 @@ class PreviousResponseNotFound(CodexLBError):
 
     def __init__(self, response_id: str) -> None:
         super().__init__(
-            f"Previous response with id '{response_id}' not found.", param="previous_response_id"
+            f"Previous response with id '{shown(response_id)}' not found.",
+            param="previous_response_id",
         )
         self.response_id = response_id
 
@@ -157,3 +179,9 @@ class SnapshotNotStored(CodexLBError):
 
     def __init__(self) -> None:
         super().__init__("codexlb could not store the response; please send the request again.")
+
+
+def shown(value: str) -> str:
+    """``value`` as an error message may repeat it: cut to ``SHOWN_CHARS`` with an ellipsis, so
+    that a huge id is not sent back whole."""
+    return value if len(value) <= SHOWN_CHARS else value[: SHOWN_CHARS - 1] + "…"

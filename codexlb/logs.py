@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 import secrets
 import sys
 import time
@@ -253,6 +254,10 @@ class Throttled:
 
 _REQUEST_IDS = itertools.count(1)
 _PROCESS_TAG = secrets.token_hex(4)
+CLIENT_ID_CHARS = 64
+"""The longest part of a client's ``x-client-request-id`` kept in a request id."""
+_CLIENT_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{CLIENT_ID_CHARS}}}")
+_NOT_CLIENT_ID = re.compile(r"[^A-Za-z0-9._:-]")
 
 
 def new_request_id(headers: Mapping[str, str]) -> str:
@@ -260,8 +265,14 @@ def new_request_id(headers: Mapping[str, str]) -> str:
 
     With the client's ``x-client-request-id`` it is that id, a dot and a sequence number:
     Codex sends one id for every turn on a WebSocket and for each retry of a turn, so its id
-    alone would not tell those lines apart (and as a prefix it still finds them all).
+    alone would not tell those lines apart (and as a prefix it still finds them all). The
+    client's id is cut to ``CLIENT_ID_CHARS`` and any character outside a safe set (spaces, line
+    breaks, control and non-ASCII characters) becomes ``_``: it cannot forge a log line.
     """
     number = next(_REQUEST_IDS)
     client_id = headers.get("x-client-request-id")
-    return f"{client_id}.{number}" if client_id else f"lb-{_PROCESS_TAG}-{number}"
+    if not client_id:
+        return f"lb-{_PROCESS_TAG}-{number}"
+    if _CLIENT_ID.fullmatch(client_id) is None:
+        client_id = _NOT_CLIENT_ID.sub("_", client_id[:CLIENT_ID_CHARS])
+    return f"{client_id}.{number}"

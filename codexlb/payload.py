@@ -1,7 +1,10 @@
 """The client's ``response.create`` body, validated before anything goes upstream.
 
 Only the fields codexlb reads or that would be refused upstream anyway are type-checked; every
-other field passes through untouched (Codex adds new ones often).
+other field passes through untouched (Codex adds new ones often). Two limits hold for the whole
+body, because the store must be able to keep what it accepts: containers nest at most
+``MAX_DEPTH`` deep (the JSON encoder gives up a little beyond 250), and the ids that end up in
+database columns hold no NUL character (PostgreSQL's text cannot).
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ _BOOL = (bool,)
 _OBJECT = (dict,)
 _ARRAY = (list,)
 _NUMBER = (int, float)
+
+MAX_DEPTH = 128
+"""The deepest nesting of arrays and objects accepted in a body (the body itself is 1)."""
+
+ID_FIELDS = frozenset({"previous_response_id", "model"})
+"""String fields stored in or looked up by database columns."""
 
 _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "model": (_STRING, "a string"),
@@ -141,6 +150,14 @@ def _validated_input(body: Any) -> list[Any]:
         types, description = expected
         if not isinstance(value, types) or (type(value) is bool and bool not in types):
             raise InvalidRequest(f"Invalid type for '{name}': expected {description}.", param=name)
+        if name in ID_FIELDS and isinstance(value, str):
+            check_id(name, value)
+    if _deeper_than(MAX_DEPTH, body):
+        name = next(name for name, value in body.items() if _deeper_than(MAX_DEPTH - 1, value))
+        raise InvalidRequest(
+            f"Invalid value for '{name}': arrays and objects nest deeper than {MAX_DEPTH} levels.",
+            param=name,
+        )
     if not body.get("model"):
         raise InvalidRequest("Missing required parameter: 'model'.", param="model")
     value = body.get("input")
@@ -156,3 +173,27 @@ def _validated_input(body: Any) -> list[Any]:
                     param=f"input[{index}]",
                 )
     return normalize_input(value)
+
+
+def check_id(name: str, value: str) -> None:
+    """Refuse an id that no stored response can have: one holding a NUL character."""
+    if "\x00" in value:
+        raise InvalidRequest(
+            f"Invalid value for '{name}': it contains a NUL character.", param=name
+        )
+
+
+def _deeper_than(limit: int, value: Any) -> bool:
+    """Whether arrays and objects in ``value`` nest more than ``limit`` levels deep; walked
+    level by level, so a deep value costs no recursion."""
+    level = [value] if type(value) is dict or type(value) is list else []
+    for _ in range(limit):
+        if not level:
+            return False
+        deeper: list[Any] = []
+        for container in level:
+            for child in container.values() if type(container) is dict else container:
+                if type(child) is dict or type(child) is list:
+                    deeper.append(child)
+        level = deeper
+    return bool(level)

@@ -47,6 +47,7 @@ RESTART_ONLY = (
     "server",
     "database",
     "api_keys",
+    "admin",
     "upstream.websocket_compression",
     "timeouts",
     "limits",
@@ -189,7 +190,7 @@ def restart_only_changes(running: Config, loaded: Config) -> list[str]:
         old, new = _lookup(running, path), _lookup(loaded, path)
         if old == new:
             continue
-        if isinstance(old, BaseModel):
+        if isinstance(old, BaseModel) and type(new) is type(old):
             changed += [
                 f"{path}.{name}"
                 for name in type(old).model_fields

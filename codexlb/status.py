@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from codexlb.auth import ClientKeys
+from codexlb.auth import AdminAccess
 from codexlb.pool import Account, Pool, UsageWindow
 
 COLUMNS = (
@@ -39,14 +39,14 @@ COLUMNS = (
 
 
 class StatusView:
-    """``GET /status`` for any valid client key (open when no keys are configured)."""
+    """``GET /status``, an operator view (``auth.AdminAccess``)."""
 
-    def __init__(self, pool: Pool, keys: ClientKeys) -> None:
+    def __init__(self, pool: Pool, admin: AdminAccess) -> None:
         self._pool = pool
-        self._keys = keys
+        self._admin = admin
 
     async def handle(self, request: web.Request) -> web.Response:
-        self._keys.scope_for(request.headers.get("Authorization"))
+        self._admin.check_view(request.headers.get("Authorization"))
         return web.json_response(pool_status(self._pool), headers={"Cache-Control": "no-store"})
 
 

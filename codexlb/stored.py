@@ -10,7 +10,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
-from codexlb.errors import NotFound
+from codexlb.errors import NotFound, shown
+from codexlb.payload import check_id
 from codexlb.store import SnapshotStore
 
 
@@ -22,9 +23,12 @@ class StoredResponses:
     async def handle(self, request: web.Request) -> web.Response:
         scope = self._keys.scope_for(request.headers.get("Authorization"))
         response_id = request.match_info["response_id"]
+        check_id("response_id", response_id)
         snapshot = await self._store.get(scope, response_id)
         if snapshot is None:
-            raise NotFound(f"No response found with id '{response_id}'.", param="response_id")
+            raise NotFound(
+                f"No response found with id '{shown(response_id)}'.", param="response_id"
+            )
         return web.json_response(
             {
                 "id": snapshot.response_id,

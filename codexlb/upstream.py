@@ -52,9 +52,12 @@ HOP_BY_HOP = frozenset(
         "forwarded",
         "via",
         "x-real-ip",
+        "openai-organization",
+        "openai-project",
     }
 )
-"""Client headers never forwarded: hop-by-hop, proxy and credential headers."""
+"""Client headers never forwarded: hop-by-hop, proxy and credential headers, and those that
+would pick an organization or project for the account's credentials."""
 
 
 WEBSOCKET_BETA = "responses_websockets=2026-02-06"

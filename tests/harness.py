@@ -32,9 +32,12 @@ ACCOUNTS = (
     FakeAccount("c", access_token="tok-c", chatgpt_account_id="acct-c"),
 )
 CLIENT_KEYS = {"alice": "sk-lb-alice-0123456789", "bob": "sk-lb-bob-0123456789"}
+ADMIN_KEY = "sk-lb-admin-0123456789"
 CODEX_PATH = "/backend-api/codex/responses"
 
-SECRETS = frozenset({*CLIENT_KEYS.values(), *(a.access_token for a in ACCOUNTS if a.access_token)})
+SECRETS = frozenset(
+    {*CLIENT_KEYS.values(), ADMIN_KEY, *(a.access_token for a in ACCOUNTS if a.access_token)}
+)
 """Configured secrets the whole test run checks its logs for (see tests/conftest.py)."""
 CHILD_LOGS: list[list[str]] = []
 """The log lines of every ``codexlb serve`` child process of this run."""

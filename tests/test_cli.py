@@ -179,7 +179,11 @@ async def test_json_logs_carry_request_facts_as_fields(tmp_path: Path) -> None:
     try:
         async with (
             aiohttp.ClientSession() as http,
-            http.post(server.url + "/v1/responses", data=b"not json") as response,
+            http.post(
+                server.url + "/v1/responses",
+                data=b"not json",
+                headers={"Content-Type": "application/json"},
+            ) as response,
         ):
             assert response.status == 400
     finally:

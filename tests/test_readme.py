@@ -44,6 +44,7 @@ from codexlb.credentials import AUTH_CLAIM, codex_timestamp, load_credentials
 from tests import codex_cli
 from tests.harness import (
     ACCOUNTS,
+    ADMIN_KEY,
     CLIENT_KEYS,
     CODEX_PATH,
     Balancer,
@@ -64,6 +65,7 @@ KINDS = ("sh", "toml", "python")
 README_ADDRESS = f"{ServerConfig().host}:{ServerConfig().port}"
 """Where the README's clients find codexlb: the default listen address."""
 KEY_VARIABLE = "CODEXLB_KEY"
+ADMIN_VARIABLE = "CODEXLB_ADMIN_KEY"
 """The environment variable holding a client key, in the README's commands and snippets."""
 COMMAND_TIMEOUT = 60.0
 SNIPPET_TIMEOUT = 30.0
@@ -298,6 +300,8 @@ async def workspace(
     [account] = data["accounts"]
     account.update(access_token=ACCOUNTS[0].access_token, chatgpt_account_id="acct-a")
     data["api_keys"] = [{"name": "alice", "key": f"env:{KEY_VARIABLE}"}]
+    monkeypatch.setenv(ADMIN_VARIABLE, ADMIN_KEY)
+    data["admin"] = {"key": f"env:{ADMIN_VARIABLE}"}
     write_toml(root / "codexlb.toml", data)
     example = EXAMPLE.read_text()
     assert "\nport = 2455\n" in example
@@ -306,6 +310,7 @@ async def workspace(
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),
         KEY_VARIABLE: key,
+        ADMIN_VARIABLE: ADMIN_KEY,
         "PYTHONUNBUFFERED": "1",
     }
     ws = Workspace(root, env)

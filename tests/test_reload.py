@@ -24,6 +24,7 @@ from codexlb.pool import Account
 from codexlb.reload import Reloader
 from codexlb.testing.fake_upstream import Fault
 from tests.harness import (
+    ADMIN_KEY,
     CODEX_PATH,
     Balancer,
     Fake,
@@ -37,6 +38,7 @@ from tests.harness import (
 )
 
 RELOAD_TIMEOUT = 5.0
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 """Bound on how long a change may take to be applied (the watch polls about once a second)."""
 
 
@@ -73,7 +75,9 @@ class Live:
 async def serve_file(
     fake: Fake, tmp_path: Path, *, enabled: dict[str, bool], watch_interval: float = 0.2
 ) -> AsyncIterator[Live]:
-    data = config_data(fake.url, f"sqlite+aiosqlite:///{tmp_path / 'codexlb.db'}")
+    data = config_data(
+        fake.url, f"sqlite+aiosqlite:///{tmp_path / 'codexlb.db'}", admin={"key": ADMIN_KEY}
+    )
     data["accounts"] = [a for a in data["accounts"] if a["name"] in enabled]
     for entry in data["accounts"]:
         entry["enabled"] = enabled[entry["name"]]
@@ -114,7 +118,7 @@ async def served_by(fake: Fake, http: aiohttp.ClientSession, url: str, text: str
 
 async def account_metrics(http: aiohttp.ClientSession, url: str, account: str) -> tuple[str, float]:
     """The state ``/metrics`` shows for ``account`` (the one state at 1), and its in-flight."""
-    async with http.get(url + "/metrics") as response:
+    async with http.get(url + "/metrics", headers=ADMIN) as response:
         assert response.status == 200
         text = await response.text()
     samples = [
@@ -183,7 +187,7 @@ async def test_account_taken_out_finishes_its_request_and_takes_no_new_work(
             else:
                 assert pool.get("a") is a
             assert a.inflight == 1
-            async with http.get(live.url + "/status", headers=auth()) as response:
+            async with http.get(live.url + "/status", headers=ADMIN) as response:
                 [shown] = [e for e in (await response.json())["accounts"] if e["name"] == "a"]
             expected = ("draining", True) if how == "removed" else ("disabled", False)
             assert (shown["state"], shown["removed"], shown["inflight"]) == (*expected, 1)

@@ -21,6 +21,7 @@ from codexlb.status import pool_status, render_table
 from codexlb.testing.fake_upstream import Fault
 from tests.harness import (
     ACCOUNTS,
+    ADMIN_KEY,
     CLIENT_KEYS,
     CODEX_PATH,
     Balancer,
@@ -47,6 +48,7 @@ def status_config(fake: Fake, tmp_path: Path, *, port: int = 0) -> dict[str, Any
         f"sqlite+aiosqlite:///{tmp_path / 'codexlb.db'}",
         upstream={"token_url": f"{fake.url}/oauth/token"},
         server={"port": port},
+        admin={"key": ADMIN_KEY},
     )
     for entry in data["accounts"]:
         entry["max_inflight"] = 1
@@ -64,10 +66,10 @@ def status_config(fake: Fake, tmp_path: Path, *, port: int = 0) -> dict[str, Any
 
 
 def secrets_of(data: dict[str, Any]) -> list[str]:
-    secrets = [key["key"] for key in data["api_keys"]]
+    secrets = [key["key"] for key in data["api_keys"]] + [data["admin"]["key"]]
     for entry in data["accounts"]:
         secrets += [entry[k] for k in ("access_token", "refresh_token", "api_key") if k in entry]
-    assert len(secrets) == len(CLIENT_KEYS) + len(ACCOUNTS) + 3
+    assert len(secrets) == len(CLIENT_KEYS) + 1 + len(ACCOUNTS) + 3
     return secrets
 
 
@@ -78,8 +80,11 @@ async def lb_status(fake: Fake, tmp_path: Path) -> AsyncIterator[tuple[Balancer,
         yield balancer, data
 
 
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
 async def get_status(http: aiohttp.ClientSession, url: str) -> tuple[dict[str, Any], str]:
-    async with http.get(url + "/status", headers=auth()) as response:
+    async with http.get(url + "/status", headers=ADMIN) as response:
         assert response.status == 200
         text = await response.text()
     return json.loads(text), text
@@ -157,11 +162,11 @@ async def test_status_counts_requests_in_flight(
     assert {e["state"] for e in status["accounts"][:3]} == {"ok"}
 
 
-async def test_status_needs_a_client_key(
+async def test_status_needs_the_admin_key(
     lb_status: tuple[Balancer, dict[str, Any]], http: aiohttp.ClientSession
 ) -> None:
     lb, _ = lb_status
-    for headers in ({}, {"Authorization": "Bearer sk-lb-wrong"}):
+    for headers in ({}, {"Authorization": "Bearer sk-lb-wrong"}, auth()):
         async with http.get(lb.url + "/status", headers=headers) as response:
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "invalid_api_key"
@@ -277,7 +282,7 @@ async def test_status_command_prints_the_table_of_a_running_server(
     path = write_toml(tmp_path / "codexlb.toml", data)
     server = await start_child(path)
     try:
-        env = {"CODEXLB_KEY": CLIENT_KEYS["bob"]}
+        env = {"CODEXLB_ADMIN_KEY": ADMIN_KEY}
         code, out, err = await codexlb("status", "--config", str(path), env=env)
         assert code == 0, err
         lines = out.splitlines()
@@ -293,13 +298,12 @@ async def test_status_command_prints_the_table_of_a_running_server(
         for secret in secrets_of(data):
             assert secret not in out + err
 
-        code, out, err = await codexlb(
-            "status", "--url", server.url, "--key", "sk-lb-nope", "--json"
-        )
-        assert (code, out) == (1, "")
-        assert "401" in err
+        for wrong in ("sk-lb-nope", CLIENT_KEYS["alice"]):
+            code, out, err = await codexlb("status", "--url", server.url, "--key", wrong, "--json")
+            assert (code, out) == (1, "")
+            assert "401" in err
 
-        key = CLIENT_KEYS["alice"]
+        key = ADMIN_KEY
         code, out, err = await codexlb("status", "--url", server.url, "--key", key, "--json")
         assert code == 0, err
         assert [e["name"] for e in json.loads(out)["accounts"]] == ["a", "b", "c", "p", "r"]
@@ -310,8 +314,11 @@ async def test_status_command_prints_the_table_of_a_running_server(
     assert "cannot get the status" in err
 
 
-async def test_status_command_reads_only_the_server_section(lb: Balancer, tmp_path: Path) -> None:
+async def test_status_command_reads_only_the_server_section(
+    lb_status: tuple[Balancer, dict[str, Any]], tmp_path: Path
+) -> None:
     """The operator's shell lacks the server's secrets: ``status`` needs only host and port."""
+    lb, _ = lb_status
     unset = "CODEXLB_TEST_NEVER_SET_0123"
     assert unset not in os.environ
     host, port = lb.url.removeprefix("http://").rsplit(":", 1)
@@ -325,11 +332,11 @@ async def test_status_command_reads_only_the_server_section(lb: Balancer, tmp_pa
     with pytest.raises(ConfigError, match=unset):
         load_config(path)  # what the server itself would say about this file
 
-    env = {"CODEXLB_KEY": CLIENT_KEYS["alice"]}
+    env = {"CODEXLB_ADMIN_KEY": ADMIN_KEY}
     code, out, err = await codexlb("status", "--config", str(path), "--json", env=env)
 
     assert code == 0, err
-    assert [e["name"] for e in json.loads(out)["accounts"]] == ["a", "b", "c"]
+    assert [e["name"] for e in json.loads(out)["accounts"]] == ["a", "b", "c", "p", "r"]
 
 
 async def test_status_command_names_the_file_and_key_of_a_bad_server_section(
