@@ -21,7 +21,6 @@ finish and release it normally, and so the status view can show it.
 
 from __future__ import annotations
 
-import email.utils
 import itertools
 import logging
 import time
@@ -30,7 +29,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from codexlb import balancer
+from codexlb import balancer, reported
 from codexlb.config import AccountConfig, Config, RoutingConfig
 from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, PoolBusy, UpstreamUnavailable, UsageLimitReached
@@ -48,12 +47,6 @@ configuration, still finishing the requests it carries), ``disabled`` (by the op
 ``unusable`` (credentials refused or unreadable), ``rate_limited`` (a 429 cooldown, or a usage
 window at 100% until its reset), ``cooling_down`` (backing off after errors), ``busy`` (at its
 ``max_inflight``), else ``ok``."""
-
-
-_USAGE_HEADERS = tuple(
-    (f"x-codex-{window}-used-percent", f"x-codex-{window}-reset-at")
-    for window in ("primary", "secondary")
-)
 
 
 @dataclass(slots=True)
@@ -427,7 +420,7 @@ class Pool:
     ) -> None:
         now = self._clock()
         self.observe_headers(account, headers)
-        until = rate_limit_reset(headers, error, now)
+        until = reported.rate_limit_reset(headers, error, now)
         if until is None:
             until = now + self._routing.default_rate_limit_cooldown_seconds
         learned = account.learned
@@ -461,26 +454,17 @@ class Pool:
 
     def observe_headers(self, account: Account, headers: Mapping[str, str]) -> None:
         """Learn usage from the ``x-codex-{primary,secondary}-*`` headers, when present."""
-        for window, (used_name, reset_name) in zip(
-            (account.primary, account.secondary), _USAGE_HEADERS, strict=True
-        ):
-            used = _float(headers.get(used_name))
-            if used is not None:
-                window.used_percent = used
-                window.resets_at = _float(headers.get(reset_name)) or 0.0
+        self._learn_usage(account, reported.header_windows(headers, self._clock()))
 
     def observe_rate_limits(self, account: Account, event: Mapping[str, Any]) -> None:
         """Learn usage from a WebSocket ``codex.rate_limits`` event."""
-        limits = event.get("rate_limits")
-        if not isinstance(limits, Mapping):
-            return
-        for window, prefix in ((account.primary, "primary"), (account.secondary, "secondary")):
-            values = limits.get(prefix)
-            if isinstance(values, Mapping):
-                used = _float(values.get("used_percent"))
-                if used is not None:
-                    window.used_percent = used
-                    window.resets_at = _float(values.get("reset_at")) or 0.0
+        self._learn_usage(account, reported.event_windows(event, self._clock()))
+
+    def _learn_usage(self, account: Account, windows: Mapping[str, tuple[float, float]]) -> None:
+        for name, (used_percent, resets_at) in windows.items():
+            window = account.primary if name == "primary" else account.secondary
+            window.used_percent = used_percent
+            window.resets_at = resets_at
 
     # -- affinity -------------------------------------------------------------------------
 
@@ -548,44 +532,6 @@ def _only_busy(candidate: balancer.Candidate, now: float) -> bool:
     """Ineligible only because of its ``max_inflight``."""
     idle = candidate._replace(inflight=0)
     return idle.eligible(now)
-
-
-def rate_limit_reset(
-    headers: Mapping[str, str], error: Mapping[str, Any] | None, now: float
-) -> float | None:
-    """When a rate-limited account may be tried again, from whatever the upstream said."""
-    if error is not None:
-        resets_at = _float(error.get("resets_at"))
-        if resets_at is not None and resets_at > now:
-            return resets_at
-        resets_in = _float(error.get("resets_in_seconds"))
-        if resets_in is not None and resets_in > 0:
-            return now + resets_in
-    retry_after = headers.get("retry-after")
-    if retry_after:
-        seconds = _float(retry_after)
-        if seconds is not None:
-            return now + max(seconds, 0.0)
-        try:
-            return email.utils.parsedate_to_datetime(retry_after).timestamp()
-        except (TypeError, ValueError):
-            pass
-    resets = [
-        _float(headers.get(f"x-codex-{prefix}-reset-at"))
-        for prefix in ("primary", "secondary")
-        if (_float(headers.get(f"x-codex-{prefix}-used-percent")) or 0.0) >= 100.0
-    ]
-    known = [t for t in resets if t is not None and t > now]
-    return max(known) if known else None
-
-
-def _float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _fmt_time(epoch: float) -> str:
