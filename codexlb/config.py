@@ -167,6 +167,12 @@ class TimeoutsConfig(_Section):
 class LimitsConfig(_Section):
     max_body_bytes: int = Field(default=64 * MIB, ge=64 * MIB)
     """Largest request body or WebSocket message accepted (at least 64 MiB)."""
+    max_upstream_event_bytes: int = Field(default=64 * MIB, ge=MIB)
+    """Largest single upstream event (an SSE event, a WebSocket frame) codexlb buffers; a
+    larger one fails the attempt as a broken upstream."""
+    max_upstream_response_bytes: int = Field(default=256 * MIB, ge=MIB)
+    """Most bytes of one upstream response codexlb relays and observes; past it the attempt
+    fails as a broken upstream, so that an endless stream cannot grow memory without bound."""
 
 
 class LoggingConfig(_Section):

@@ -11,6 +11,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+
+from codexlb.config import TimeoutsConfig
+from codexlb.token_endpoint import RefreshUnavailable, request_refresh
+from codexlb.upstream import Upstream
 
 from codexlb.testing.fake_upstream import Fault
 from tests.harness import (
@@ -19,6 +24,7 @@ from tests.harness import (
     Fake,
     auth,
     config_data,
+    eventually,
     make_config,
     running_fake,
     serve,
@@ -178,3 +184,201 @@ async def test_hostile_rate_limits_events_leave_the_pool_serving(
     for account in status["accounts"]:
         for window in account["usage"].values():
             assert 0 <= window["used_percent"] <= 100
+
+
+# -- 4. redirects ------------------------------------------------------------------------------
+
+
+class Redirector:
+    """Two servers on loopback: one answers every request with a redirect to the other, which
+    records whatever reaches it."""
+
+    def __init__(self, status: int = 307) -> None:
+        self.status = status
+        self.reached: list[dict[str, str]] = []
+        self.url = ""
+        self._runners: list[web.AppRunner] = []
+
+    async def start(self) -> None:
+        target_url = await self._serve(self._record)
+        self._target = target_url
+        self.url = await self._serve(self._redirect)
+
+    async def close(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+
+    async def _serve(self, handler: Any) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.status, headers={"Location": self._target + request.path})
+
+    async def _record(self, request: web.Request) -> web.Response:
+        self.reached.append(dict(request.headers))
+        return web.json_response({"access_token": "stolen", "models": []})
+
+
+@pytest.fixture
+async def redirector() -> AsyncIterator[Redirector]:
+    server = Redirector()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def test_the_token_endpoint_is_not_followed_through_a_redirect(
+    redirector: Redirector,
+) -> None:
+    upstream = Upstream(TimeoutsConfig())
+    await upstream.start()
+    try:
+        with pytest.raises(RefreshUnavailable) as refused:
+            await request_refresh(upstream.session, redirector.url + "/oauth/token", "rt-secret")
+    finally:
+        await upstream.close()
+    assert redirector.reached == []
+    assert "rt-secret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("route", ["models", "http", "ws"])
+async def test_no_upstream_request_follows_a_redirect(
+    route: str,
+    redirector: Redirector,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = config_data(redirector.url, f"sqlite+aiosqlite:///{tmp_path / 'lb.db'}", accounts=TWO)
+    async with serve(make_config(data, tmp_path)) as lb:
+        if route == "models":
+            async with http.get(lb.url + "/backend-api/codex/models", headers=auth()) as response:
+                answer = {"status": response.status, **await response.json()}
+        else:
+            answer = await turn(http, lb, route, "where to?")
+    assert redirector.reached == []
+    assert answer.get("status") == 502, answer
+    assert answer["error"]["type"] == "upstream_error" or answer["error"].get("code"), answer
+    assert "tok-a" not in caplog.text
+
+
+# -- 2. bounded streams ------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+SMALL_LIMITS = {"max_upstream_event_bytes": MIB, "max_upstream_response_bytes": MIB}
+
+
+def output_item_done(transport: str) -> bytes:
+    """One ``response.output_item.done`` of about 64 KiB, framed for ``transport``."""
+    event = {
+        "type": "response.output_item.done",
+        "output_index": 0,
+        "item": {"type": "message", "role": "assistant", "content": [{"text": "z" * 65536}]},
+    }
+    data = json.dumps(event).encode()
+    return data if transport == "ws" else b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n"  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+async def test_an_endless_stream_of_output_ends_at_the_response_limit(
+    transport: str, two: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with serve(lb_config(two, tmp_path, limits=SMALL_LIMITS)) as lb:
+        # 128 MiB over HTTP; over WebSocket, as long as codexlb reads.
+        times = 2048 if transport == "http" else 10**6
+        two.script(Fault.flood(output_item_done(transport), times), account="a")
+        two.set_usage("b", 50)  # a first
+        last = await turn(http, lb, transport, "flood me")
+        await eventually(lambda: two.disconnects >= 1)  # codexlb hung up long before the end
+        after = await turn(http, lb, transport, "and now something normal")
+        await assert_views_render(http, lb)
+
+    assert last.get("type") == "response.failed", last
+    assert last["response"]["error"]["code"] == "stream_incomplete"
+    assert after.get("type") == "response.completed", after
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+async def test_an_event_past_the_event_limit_is_a_broken_upstream(
+    transport: str, two: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # HTTP: an event that never ends (as long as codexlb reads); WebSocket: one delta frame
+    # past the socket's max_msg_size.
+    if transport == "http":
+        unit, times = b"data: " + b"q" * 65536, 10**6
+    else:
+        delta = {"type": "response.output_text.delta", "delta": "q" * (2 * MIB)}
+        unit, times = json.dumps(delta).encode(), 1
+    async with serve(lb_config(two, tmp_path, limits=SMALL_LIMITS)) as lb:
+        for name in ("a", "b"):
+            two.script(Fault.flood(unit, times), account=name)
+        last = await turn(http, lb, transport, "one endless event")
+        async with http.get(lb.url + "/healthz") as response:
+            assert response.status == 200
+        after = await turn(http, lb, transport, "and now something normal")
+
+    assert last.get("status") == 502, last  # nothing was visible: a clean error
+    assert after.get("type") == "response.completed", after
+
+
+# -- 3. odd frames and answers -----------------------------------------------------------------
+
+
+async def test_a_broken_error_frame_is_a_broken_upstream_and_the_socket_stays(
+    two: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with serve(lb_config(two, tmp_path)) as lb:
+        two.script(Fault.raw(b'{"type":"error","status":500,"error": oops'), account="a")
+        two.set_usage("b", 50)  # a first
+        async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
+            first = await ws_turn(ws, {"input": [user_message("one")]})
+            second = await ws_turn(ws, {"input": [user_message("two")]})
+    assert first[-1]["type"] == "response.completed", first[-1]
+    assert second[-1]["type"] == "response.completed", second[-1]
+    assert two.pending_faults == 0
+
+
+@pytest.mark.parametrize("transport", ["http", "ws"])
+@pytest.mark.parametrize(
+    ("status", "body", "shown_status", "shown_code"),
+    [
+        (418, b"<html>I am a teapot</html>", 502, "upstream_error"),
+        (404, b'{"detail": "Not Found"}', 502, "upstream_error"),
+        (400, b'{"error": "nope"}', 502, "upstream_error"),
+        (400, b'{"error": {"message": "Bad thing.", "code": "bad_thing"}}', 400, "bad_thing"),
+    ],
+    ids=["html", "other-json", "error-not-an-object", "openai-shaped-kept"],
+)
+async def test_upstream_error_answers_reach_the_client_openai_shaped(
+    transport: str,
+    status: int,
+    body: bytes,
+    shown_status: int,
+    shown_code: str,
+    two: Fake,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    if transport == "ws":
+        error = json.loads(body).get("error") if body.startswith(b"{") else body.decode()
+        frame = {"type": "error", "status": status, "error": error}
+        fault = Fault.raw(json.dumps(frame).encode())
+    else:
+        fault = Fault.raw(body, status=status, headers={"Content-Type": "text/html"})
+    async with serve(lb_config(two, tmp_path)) as lb:
+        two.script(fault, fault)
+        answer = await turn(http, lb, transport, "what now?")
+    assert answer.get("status") == shown_status, answer
+    assert isinstance(answer["error"], dict), answer
+    assert isinstance(answer["error"]["message"], str)
+    assert answer["error"]["code"] == shown_code
