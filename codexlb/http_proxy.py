@@ -293,7 +293,6 @@ class HttpProxy:
                     )
         raise UpstreamBroken("stream ended before its terminal event")
 
-
     def _events(self, upstream: Http1Response) -> UpstreamEvents:
         return UpstreamEvents(
             upstream, self._idle, max_event_bytes=self._limits.max_upstream_event_bytes

@@ -21,6 +21,7 @@ finish and release it normally, and so the status view can show it.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -37,7 +38,11 @@ from codexlb.refresh import CredentialManager, LiveCredentials
 
 log = logging.getLogger(__name__)
 
-AFFINITY_CAPACITY = 100_000
+AFFINITY_CAPACITY = 20_000
+"""Affinity entries kept; the least recently used goes first."""
+AFFINITY_KEY_LENGTH = 128
+"""A longer affinity key (a client's ``session-id``, ``prompt_cache_key``...) is kept as its
+SHA-256: a client cannot make the pool hold kilobytes per entry."""
 
 AccountState = Literal[
     "draining", "disabled", "unusable", "rate_limited", "cooling_down", "busy", "ok"
@@ -471,6 +476,7 @@ class Pool:
     def remember_affinity(self, key: str | None, account: Account) -> None:
         if key is None or self._routing.affinity_ttl_seconds <= 0:
             return
+        key = _affinity_slot(key)
         self._affinity[key] = (account.name, self._clock() + self._routing.affinity_ttl_seconds)
         self._affinity.move_to_end(key)
         while len(self._affinity) > AFFINITY_CAPACITY:
@@ -479,6 +485,7 @@ class Pool:
     def _affinity_account(self, key: str | None, now: float) -> str | None:
         if key is None:
             return None
+        key = _affinity_slot(key)
         entry = self._affinity.get(key)
         if entry is None:
             return None
@@ -489,6 +496,12 @@ class Pool:
 
     def _any_error_cooldown(self, now: float) -> bool:
         return any(balancer.backing_off(a, now) for a in self.accounts)
+
+
+def _affinity_slot(key: str) -> str:
+    if len(key) <= AFFINITY_KEY_LENGTH:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _update(account: Account, config: Config, account_config: AccountConfig) -> bool:

@@ -13,11 +13,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from codexlb.catalog import CACHE_ENTRIES
 from codexlb.config import TimeoutsConfig
+from codexlb.testing.fake_upstream import Fault
 from codexlb.token_endpoint import RefreshUnavailable, request_refresh
 from codexlb.upstream import Upstream
-
-from codexlb.testing.fake_upstream import Fault
 from tests.harness import (
     ACCOUNTS,
     Balancer,
@@ -280,13 +280,12 @@ SMALL_LIMITS = {"max_upstream_event_bytes": MIB, "max_upstream_response_bytes": 
 
 def output_item_done(transport: str) -> bytes:
     """One ``response.output_item.done`` of about 64 KiB, framed for ``transport``."""
-    event = {
-        "type": "response.output_item.done",
-        "output_index": 0,
-        "item": {"type": "message", "role": "assistant", "content": [{"text": "z" * 65536}]},
-    }
-    data = json.dumps(event).encode()
-    return data if transport == "ws" else b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n"  # type: ignore[operator]
+    kind = "response.output_item.done"
+    item = {"type": "message", "role": "assistant", "content": [{"text": "z" * 65536}]}
+    data = json.dumps({"type": kind, "output_index": 0, "item": item}).encode()
+    if transport == "ws":
+        return data
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
 
 @pytest.mark.parametrize("transport", ["http", "ws"])
@@ -382,3 +381,30 @@ async def test_upstream_error_answers_reach_the_client_openai_shaped(
     assert isinstance(answer["error"], dict), answer
     assert isinstance(answer["error"]["message"], str)
     assert answer["error"]["code"] == shown_code
+
+
+# -- 5. bounded client-keyed caches ------------------------------------------------------------
+
+
+def models_fetches(fake: Fake) -> int:
+    return sum(1 for r in fake.received if r.path.endswith("/models"))
+
+
+async def test_the_model_catalog_is_keyed_by_client_version_only_and_bounded(
+    two: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    url = "/backend-api/codex/models"
+    async with serve(lb_config(two, tmp_path)) as lb:
+
+        async def get(query: str) -> None:
+            async with http.get(lb.url + url + query, headers=auth()) as response:
+                assert response.status == 200
+
+        for n in range(50):  # invented parameters are not part of the key
+            await get(f"?client_version=1.0&junk={n}")
+        assert models_fetches(two) == 1
+        for n in range(CACHE_ENTRIES + 8):  # past the bound: the oldest is evicted
+            await get(f"?client_version=2.{n}")
+        assert models_fetches(two) == 1 + CACHE_ENTRIES + 8
+        await get("?client_version=1.0")
+        assert models_fetches(two) == 2 + CACHE_ENTRIES + 8

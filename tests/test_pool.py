@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from codexlb.config import Config
 from codexlb.credentials import Credentials
 from codexlb.errors import UpstreamUnavailable, UsageLimitReached
-from codexlb.pool import Account, Pool, Reconfiguration
+from codexlb.pool import AFFINITY_CAPACITY, AFFINITY_KEY_LENGTH, Account, Pool, Reconfiguration
 from codexlb.reported import HORIZON_SECONDS, rate_limit_reset
 
 NOW = 1_750_000_000.0
@@ -741,3 +741,19 @@ def test_renewed_credentials_of_another_upstream_account_forget_what_was_learned
 
     assert (a.cooldown_until, a.rate_limited_until, a.last_error) == (0, 0, "rate limited")
     assert choose(pool) == "a"
+
+
+def test_affinity_keys_are_bounded_in_length_and_number() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b", routing={"affinity_ttl_seconds": 60})
+    a, b = pool.accounts
+    long_key = "s" * 8192
+    pool.remember_affinity(long_key, b)
+    with pool.lease(b):  # b is busier: only affinity sends work there
+        assert pool.choose(prefer=None, affinity_key=long_key, exclude=()) is b
+        assert pool.choose(prefer=None, affinity_key="s" * 8191 + "t", exclude=()) is a
+    for n in range(AFFINITY_CAPACITY + 100):
+        pool.remember_affinity(f"{n:08d}" + "k" * 8184, a)
+    entries = pool._affinity
+    assert len(entries) == AFFINITY_CAPACITY
+    assert max(len(key) for key in entries) <= AFFINITY_KEY_LENGTH

@@ -281,9 +281,14 @@ def test_a_long_event_in_small_chunks_is_decoded_in_linear_time(framing: bytes) 
 def test_an_event_past_the_limit_is_refused(size: int) -> None:
     decoder = SSEDecoder(max_event_bytes=4096)
     stream = encode_event(DELTA) + b"data: " + b"y" * 5000
+    pieces = [stream[start : start + size] for start in range(0, len(stream), size)]
+
+    def feed_all() -> None:
+        for piece in pieces:
+            decoder.feed(piece)
+
     with pytest.raises(EventTooLarge):
-        for start in range(0, len(stream), size):
-            decoder.feed(stream[start : start + size])
+        feed_all()
 
 
 def test_events_within_the_limit_pass_whatever_the_chunking() -> None:
