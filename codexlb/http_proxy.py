@@ -287,10 +287,11 @@ class HttpProxy:
                     assert failure is not None
                     if await exchange.judge(account, failure) is not Action.PASS_ON:
                         return None
-                    return web.json_response(
-                        recorder.response or {"error": {"code": failure.code}},
-                        status=200 if recorder.response else 500,
-                    )
+                    if recorder.response:  # response.failed / incomplete: the response itself
+                        return web.json_response(recorder.response)
+                    error = {"error": dict(failure.error)} if failure.error else None
+                    status, shown = shaped_error(failure.reported_status or 500, error)
+                    return web.json_response(shown, status=status)
         raise UpstreamBroken("stream ended before its terminal event")
 
     def _events(self, upstream: Http1Response) -> UpstreamEvents:

@@ -408,3 +408,37 @@ async def test_the_model_catalog_is_keyed_by_client_version_only_and_bounded(
         assert models_fetches(two) == 1 + CACHE_ENTRIES + 8
         await get("?client_version=1.0")
         assert models_fetches(two) == 2 + CACHE_ENTRIES + 8
+
+
+@pytest.mark.parametrize(
+    ("event", "shown_status", "shown_code"),
+    [
+        ({"type": "error", "code": "weird"}, 502, "upstream_error"),
+        (
+            {"type": "error", "error": {"message": "Too long.", "code": "context_length_exceeded"}},
+            400,
+            "context_length_exceeded",
+        ),
+    ],
+    ids=["bare", "openai-shaped"],
+)
+async def test_an_error_event_of_an_assembled_response_is_openai_shaped(
+    event: dict[str, Any],
+    shown_status: int,
+    shown_code: str,
+    two: Fake,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    stream = b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    fault = Fault.raw(stream, headers={"Content-Type": "text/event-stream"})
+    async with serve(lb_config(two, tmp_path)) as lb:
+        two.script(fault, fault)
+        payload = {"model": "gpt-5-codex", "stream": False, "input": [user_message("hi")]}
+        async with http.post(
+            lb.url + "/backend-api/codex/responses", json=payload, headers=auth()
+        ) as response:
+            status, body = response.status, await response.json()
+    assert status == shown_status, body
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["code"] == shown_code
