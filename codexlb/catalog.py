@@ -1,7 +1,9 @@
 """The model catalog: ``GET /backend-api/codex/models`` and ``GET /v1/models``.
 
-Fetched from an available account with the client's query string (Codex sends its
-``client_version``), cached briefly per path and query, and served with the upstream's
+Fetched from an available account with the one query parameter Codex sends,
+``client_version`` (any other is dropped: a client cannot make codexlb fetch and keep a catalog
+per invented query string), cached briefly per path and version in a bounded LRU cache
+(``CACHE_ENTRIES``), and served with the upstream's
 ``ETag`` (or one computed from the body) so Codex's ``If-None-Match`` gets a 304. Codex
 re-fetches whenever a response's ``x-models-etag`` differs from what it has.
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 60.0
 MAX_CATALOG_BYTES = 8 * 1024 * 1024
+CACHE_ENTRIES = 32
+"""Catalogs kept (per path and ``client_version``); the least recently used goes first."""
+MAX_VERSION_LENGTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,22 +49,26 @@ class ModelCatalog:
     def __init__(self, services: Services, keys: ClientKeys) -> None:
         self.services = services
         self.keys = keys
-        self._cache: dict[str, _Entry] = {}
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.keys.scope_for(request.headers.get("Authorization"))
-        key = f"{request.path}?{request.query_string}"
+        query = _upstream_query(request)
+        key = f"{request.path}?{query}"
         entry = self._cache.get(key)
         if entry is None or entry.expires <= time.monotonic():
-            entry = await self._fetch(request)
+            entry = await self._fetch(query)
             self._cache[key] = entry
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
         if request.headers.get("If-None-Match") == entry.etag:
             return web.Response(status=304, headers={"ETag": entry.etag})
         return web.Response(
             body=entry.body, headers={"ETag": entry.etag, "Content-Type": entry.content_type}
         )
 
-    async def _fetch(self, request: web.Request) -> _Entry:
+    async def _fetch(self, query: str) -> _Entry:
         pool = self.services.pool
         tried: set[str] = set()
         for _ in range(pool.routing.max_attempts):
@@ -65,7 +76,7 @@ class ModelCatalog:
             if account is None:
                 break
             tried.add(account.name)
-            entry = await self._fetch_from(account, request.query_string)
+            entry = await self._fetch_from(account, query)
             if entry is not None:
                 return entry
         raise UpstreamUnavailable("No upstream account could serve the model catalog.")
@@ -96,6 +107,14 @@ class ModelCatalog:
             log.warning("account %s: models request failed: %s", account.name, type(exc).__name__)
             return None
         return _Entry(body, etag, content_type, time.monotonic() + CACHE_SECONDS)
+
+
+def _upstream_query(request: web.Request) -> str:
+    """The query string sent upstream: ``client_version`` alone, when the client gave one."""
+    version = request.query.get("client_version")
+    if version is None:
+        return ""
+    return urlencode({"client_version": version[:MAX_VERSION_LENGTH]})
 
 
 def _etag(body: bytes) -> str:

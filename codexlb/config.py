@@ -208,6 +208,12 @@ class LimitsConfig(_Section):
     max_connections: int = Field(default=4096, ge=1)
     """Client connections open at once; more are answered 503 and closed. Lowered at start
     when the process's file-descriptor limit cannot hold them."""
+    max_upstream_event_bytes: int = Field(default=64 * MIB, ge=MIB)
+    """Largest single upstream event (an SSE event, a WebSocket frame) codexlb buffers; a
+    larger one fails the attempt as a broken upstream."""
+    max_upstream_response_bytes: int = Field(default=256 * MIB, ge=MIB)
+    """Most bytes of one upstream response codexlb relays and observes; past it the attempt
+    fails as a broken upstream, so that an endless stream cannot grow memory without bound."""
 
     @model_validator(mode="after")
     def _budget_holds_a_body(self) -> LimitsConfig:

@@ -29,7 +29,7 @@ from codexlb.http1 import Http1Response
 from codexlb.logs import RequestRecord, new_request_id
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
-from codexlb.relay import COMPLETED, FAILED, HOLD, PASS, ResponseRecorder
+from codexlb.relay import BROKEN, COMPLETED, FAILED, HOLD, PASS, ResponseRecorder, shaped_error
 from codexlb.sse import encode_event
 from codexlb.upstream import (
     UpstreamBroken,
@@ -59,6 +59,7 @@ class HttpProxy:
         self.services = services
         self.keys = keys
         self._idle = services.config.timeouts.idle_seconds
+        self._limits = services.config.limits
 
     async def create_response(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "responses", self._attempt)
@@ -191,12 +192,15 @@ class HttpProxy:
         except UpstreamBroken:
             raw = b""
         try:
-            code, error = error_code(json.loads(raw))
+            body = json.loads(raw)
         except ValueError:
-            code, error = None, None
+            body = None
+        code, error = error_code(body)
+        if not 400 <= status <= 599:  # a redirect, say: never followed, a broken upstream
+            log.warning("account %s answered HTTP %d: taken as a bad gateway", account.name, status)
         failure = Failure(
             Phase.STATUS,
-            status=status,
+            status=status if 400 <= status <= 599 else 502,
             code=code,
             message=error.get("message") if error is not None else None,
             headers=upstream.headers,
@@ -204,7 +208,10 @@ class HttpProxy:
         )
         if await exchange.judge(account, failure) is not Action.PASS_ON:
             return None
-        return web.Response(status=status, body=raw, content_type="application/json")
+        shown_status, shown = shaped_error(status, body)
+        if shown is body:
+            return web.Response(status=status, body=raw, content_type="application/json")
+        return web.json_response(shown, status=shown_status)
 
     async def _relay(
         self,
@@ -213,13 +220,15 @@ class HttpProxy:
         account: Account,
         upstream: Http1Response,
     ) -> web.StreamResponse | None:
-        recorder = ResponseRecorder()
+        recorder = ResponseRecorder(max_response_bytes=self._limits.max_upstream_response_bytes)
         sink = _ClientStream(
             request, exchange, relayed_headers(upstream.headers, exchange.request.model)
         )
-        batches = UpstreamEvents(upstream, self._idle)
+        batches = self._events(upstream)
         try:
             while (events := await batches.next_batch()) is not None:
+                if recorder.exceeds(batches.received):
+                    raise UpstreamBroken(_TOO_LARGE)
                 for raw, kind, data in events:
                     step = recorder.observe(kind, data)
                     if step is PASS:
@@ -228,6 +237,8 @@ class HttpProxy:
                     if step is HOLD:
                         sink.hold(raw)
                         continue
+                    if step is BROKEN:
+                        raise UpstreamBroken(recorder.malformed or "malformed event")
                     if step is FAILED:
                         assert recorder.failure is not None
                         if await exchange.judge(account, recorder.failure) is not Action.PASS_ON:
@@ -261,11 +272,17 @@ class HttpProxy:
     async def _assemble(
         self, exchange: Exchange, account: Account, upstream: Http1Response
     ) -> web.Response | None:
-        recorder = ResponseRecorder(streaming=False)
-        batches = UpstreamEvents(upstream, self._idle)
+        recorder = ResponseRecorder(
+            streaming=False, max_response_bytes=self._limits.max_upstream_response_bytes
+        )
+        batches = self._events(upstream)
         while (events := await batches.next_batch()) is not None:
+            if recorder.exceeds(batches.received):
+                raise UpstreamBroken(_TOO_LARGE)
             for _, kind, data in events:
                 step = recorder.observe(kind, data)
+                if step is BROKEN:
+                    raise UpstreamBroken(recorder.malformed or "malformed event")
                 if step is COMPLETED:
                     exchange.request.forget_raw()  # no attempt follows
                     response = await exchange.commit(account, recorder)
@@ -280,11 +297,20 @@ class HttpProxy:
                     assert failure is not None
                     if await exchange.judge(account, failure) is not Action.PASS_ON:
                         return None
-                    return web.json_response(
-                        recorder.response or {"error": {"code": failure.code}},
-                        status=200 if recorder.response else 500,
-                    )
+                    if recorder.response:  # response.failed / incomplete: the response itself
+                        return web.json_response(recorder.response)
+                    error = {"error": dict(failure.error)} if failure.error else None
+                    status, shown = shaped_error(failure.reported_status or 500, error)
+                    return web.json_response(shown, status=status)
         raise UpstreamBroken("stream ended before its terminal event")
+
+    def _events(self, upstream: Http1Response) -> UpstreamEvents:
+        return UpstreamEvents(
+            upstream, self._idle, max_event_bytes=self._limits.max_upstream_event_bytes
+        )
+
+
+_TOO_LARGE = "the response exceeds [limits] max_upstream_response_bytes"
 
 
 class _EventStreamResponse(web.StreamResponse):

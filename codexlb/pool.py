@@ -21,7 +21,7 @@ finish and release it normally, and so the status view can show it.
 
 from __future__ import annotations
 
-import email.utils
+import hashlib
 import itertools
 import logging
 import time
@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from codexlb import balancer
+from codexlb import balancer, reported
 from codexlb.config import AccountConfig, Config, RoutingConfig
 from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, PoolBusy, UpstreamUnavailable, UsageLimitReached
@@ -38,7 +38,11 @@ from codexlb.refresh import CredentialManager, LiveCredentials
 
 log = logging.getLogger(__name__)
 
-AFFINITY_CAPACITY = 100_000
+AFFINITY_CAPACITY = 20_000
+"""Affinity entries kept; the least recently used goes first."""
+AFFINITY_KEY_LENGTH = 128
+"""A longer affinity key (a client's ``session-id``, ``prompt_cache_key``...) is kept as its
+SHA-256: a client cannot make the pool hold kilobytes per entry."""
 
 AccountState = Literal[
     "draining", "disabled", "unusable", "rate_limited", "cooling_down", "busy", "ok"
@@ -48,12 +52,6 @@ configuration, still finishing the requests it carries), ``disabled`` (by the op
 ``unusable`` (credentials refused or unreadable), ``rate_limited`` (a 429 cooldown, or a usage
 window at 100% until its reset), ``cooling_down`` (backing off after errors), ``busy`` (at its
 ``max_inflight``), else ``ok``."""
-
-
-_USAGE_HEADERS = tuple(
-    (f"x-codex-{window}-used-percent", f"x-codex-{window}-reset-at")
-    for window in ("primary", "secondary")
-)
 
 
 @dataclass(slots=True)
@@ -427,7 +425,7 @@ class Pool:
     ) -> None:
         now = self._clock()
         self.observe_headers(account, headers)
-        until = rate_limit_reset(headers, error, now)
+        until = reported.rate_limit_reset(headers, error, now)
         if until is None:
             until = now + self._routing.default_rate_limit_cooldown_seconds
         learned = account.learned
@@ -461,32 +459,24 @@ class Pool:
 
     def observe_headers(self, account: Account, headers: Mapping[str, str]) -> None:
         """Learn usage from the ``x-codex-{primary,secondary}-*`` headers, when present."""
-        for window, (used_name, reset_name) in zip(
-            (account.primary, account.secondary), _USAGE_HEADERS, strict=True
-        ):
-            used = _float(headers.get(used_name))
-            if used is not None:
-                window.used_percent = used
-                window.resets_at = _float(headers.get(reset_name)) or 0.0
+        self._learn_usage(account, reported.header_windows(headers, self._clock()))
 
     def observe_rate_limits(self, account: Account, event: Mapping[str, Any]) -> None:
         """Learn usage from a WebSocket ``codex.rate_limits`` event."""
-        limits = event.get("rate_limits")
-        if not isinstance(limits, Mapping):
-            return
-        for window, prefix in ((account.primary, "primary"), (account.secondary, "secondary")):
-            values = limits.get(prefix)
-            if isinstance(values, Mapping):
-                used = _float(values.get("used_percent"))
-                if used is not None:
-                    window.used_percent = used
-                    window.resets_at = _float(values.get("reset_at")) or 0.0
+        self._learn_usage(account, reported.event_windows(event, self._clock()))
+
+    def _learn_usage(self, account: Account, windows: Mapping[str, tuple[float, float]]) -> None:
+        for name, (used_percent, resets_at) in windows.items():
+            window = account.primary if name == "primary" else account.secondary
+            window.used_percent = used_percent
+            window.resets_at = resets_at
 
     # -- affinity -------------------------------------------------------------------------
 
     def remember_affinity(self, key: str | None, account: Account) -> None:
         if key is None or self._routing.affinity_ttl_seconds <= 0:
             return
+        key = _affinity_slot(key)
         self._affinity[key] = (account.name, self._clock() + self._routing.affinity_ttl_seconds)
         self._affinity.move_to_end(key)
         while len(self._affinity) > AFFINITY_CAPACITY:
@@ -495,6 +485,7 @@ class Pool:
     def _affinity_account(self, key: str | None, now: float) -> str | None:
         if key is None:
             return None
+        key = _affinity_slot(key)
         entry = self._affinity.get(key)
         if entry is None:
             return None
@@ -505,6 +496,12 @@ class Pool:
 
     def _any_error_cooldown(self, now: float) -> bool:
         return any(balancer.backing_off(a, now) for a in self.accounts)
+
+
+def _affinity_slot(key: str) -> str:
+    if len(key) <= AFFINITY_KEY_LENGTH:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _update(account: Account, config: Config, account_config: AccountConfig) -> bool:
@@ -548,44 +545,6 @@ def _only_busy(candidate: balancer.Candidate, now: float) -> bool:
     """Ineligible only because of its ``max_inflight``."""
     idle = candidate._replace(inflight=0)
     return idle.eligible(now)
-
-
-def rate_limit_reset(
-    headers: Mapping[str, str], error: Mapping[str, Any] | None, now: float
-) -> float | None:
-    """When a rate-limited account may be tried again, from whatever the upstream said."""
-    if error is not None:
-        resets_at = _float(error.get("resets_at"))
-        if resets_at is not None and resets_at > now:
-            return resets_at
-        resets_in = _float(error.get("resets_in_seconds"))
-        if resets_in is not None and resets_in > 0:
-            return now + resets_in
-    retry_after = headers.get("retry-after")
-    if retry_after:
-        seconds = _float(retry_after)
-        if seconds is not None:
-            return now + max(seconds, 0.0)
-        try:
-            return email.utils.parsedate_to_datetime(retry_after).timestamp()
-        except (TypeError, ValueError):
-            pass
-    resets = [
-        _float(headers.get(f"x-codex-{prefix}-reset-at"))
-        for prefix in ("primary", "secondary")
-        if (_float(headers.get(f"x-codex-{prefix}-used-percent")) or 0.0) >= 100.0
-    ]
-    known = [t for t in resets if t is not None and t > now]
-    return max(known) if known else None
-
-
-def _float(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _fmt_time(epoch: float) -> str:

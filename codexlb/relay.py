@@ -8,12 +8,20 @@ with a ``Step``::
     PASS       send it (with what was held, the first time)
     COMPLETED  commit the snapshot, then send it
     FAILED     a failure event: ``recorder.failure`` says what it was, for the verdict
+    BROKEN     an event that cannot be what its type says (a failure or terminal event
+               that is not JSON): the attempt ends as a broken upstream (``recorder.broken``)
 
 and keeps what the exchange needs: whether output is visible yet, the output items in
 ``output_index`` order, the terminal response. It also writes the two endings codexlb adds
 itself: ``response.failed`` with ``stream_incomplete`` for a stream that broke off after
 visible output, and with the code of a refused snapshot. Nothing else is parsed: most events
 (the deltas) are passed on by their type alone.
+
+It also decides the bounds of what an upstream may send (``exceeds``): the transports count
+the bytes of a response as they arrive (HTTP per batch of events, WebSocket per frame; a single
+event is bounded by the SSE decoder and the socket's ``max_msg_size``), and a response past
+``max_response_bytes`` ends as a broken upstream. ``shaped_error`` is the one rule for what a
+client sees of an upstream error answer: S1.4's shape, always.
 """
 
 from __future__ import annotations
@@ -58,9 +66,17 @@ class Step(Enum):
     COMPLETED = auto()
     FAILED = auto()
     """``response.failed`` / ``response.incomplete`` / ``error``: see ``failure``."""
+    BROKEN = auto()
+    """A failure or terminal event that is not JSON: see ``broken``."""
 
 
-HOLD, PASS, COMPLETED, FAILED = Step.HOLD, Step.PASS, Step.COMPLETED, Step.FAILED
+HOLD, PASS, COMPLETED, FAILED, BROKEN = (
+    Step.HOLD,
+    Step.PASS,
+    Step.COMPLETED,
+    Step.FAILED,
+    Step.BROKEN,
+)
 """The steps by plain name, for the per-event code: on Python 3.11 each ``Step.X`` goes
 through ``EnumType.__getattr__``, about a thousand instructions."""
 
@@ -68,10 +84,22 @@ through ``EnumType.__getattr__``, about a thousand instructions."""
 class ResponseRecorder:
     """Watches one attempt's events; parses only the few it must."""
 
-    __slots__ = ("_created", "failure", "output_items", "response", "streaming", "visible")
+    __slots__ = (
+        "_created",
+        "failure",
+        "malformed",
+        "max_response_bytes",
+        "output_items",
+        "response",
+        "streaming",
+        "visible",
+    )
 
-    def __init__(self, *, streaming: bool = True) -> None:
+    def __init__(self, *, streaming: bool = True, max_response_bytes: int | None = None) -> None:
         self.streaming = streaming
+        self.max_response_bytes = max_response_bytes
+        self.malformed: str | None = None
+        """Why the last ``BROKEN`` step was taken."""
         """When false (an assembled response) nothing reaches the client before the end."""
         self.visible = False
         self._created: EventData | None = None
@@ -92,20 +120,24 @@ class ResponseRecorder:
             return PASS if self.visible else HOLD
         if kind == "response.output_item.done":
             self.visible = self.streaming
-            payload = _json_object(event)
-            index = payload.get("output_index")
-            item = payload.get("item")
+            done = _json_object(event) or {}
+            index = done.get("output_index")
+            item = done.get("item")
             if item is not None:
                 self.output_items[index if isinstance(index, int) else len(self.output_items)] = (
                     item
                 )
             return PASS
+        payload = _json_object(event)
+        if payload is None:
+            self.malformed = f"a {kind} event that is not JSON"
+            return BROKEN
         if kind == "response.completed":
-            response = _json_object(event).get("response")
+            response = payload.get("response")
             self.response = response if isinstance(response, dict) else {}
             return COMPLETED
         if kind in ("response.failed", "response.incomplete"):
-            response = _json_object(event).get("response")
+            response = payload.get("response")
             self.response = response if isinstance(response, dict) else {}
             error = self.response.get("error")
             self.failure = Failure(
@@ -118,7 +150,6 @@ class ResponseRecorder:
             )
             return FAILED
         # The one left: "error".
-        payload = _json_object(event)
         error = payload.get("error")
         code = error.get("code") if isinstance(error, dict) else payload.get("code")
         status = payload.get("status")
@@ -134,12 +165,18 @@ class ResponseRecorder:
         )
         return FAILED
 
+    def exceeds(self, received: int) -> bool:
+        """Whether ``received`` bytes of this response are past the limit: then the attempt
+        ends as ``broken("...")``."""
+        limit = self.max_response_bytes
+        return limit is not None and received > limit
+
     def started_response(self) -> dict[str, Any]:
         """The response object as far as known: the terminal one, else the created one."""
         if self.response is not None:
             return self.response
         if self._created is not None:
-            response = _json_object(self._created).get("response")
+            response = (_json_object(self._created) or {}).get("response")
             if isinstance(response, dict):
                 return response
         return {}
@@ -168,12 +205,30 @@ class ResponseRecorder:
         return Failure(Phase.BREAK, message=reason, visible=self.visible)
 
 
-def _json_object(event: EventData) -> dict[str, Any]:
+def _json_object(event: EventData) -> dict[str, Any] | None:
+    """The event's JSON object (``{}`` for other JSON), ``None`` when it is not JSON."""
     try:
         payload = orjson.loads(event) if isinstance(event, bytes) else event.json()
     except ValueError:
-        return {}
+        return None
     return payload if isinstance(payload, dict) else {}
+
+
+def shaped_error(status: int, body: Any) -> tuple[int, dict[str, Any]]:
+    """What a client sees of an upstream error answer it is given (S1.4): the upstream's own
+    status and body when the body is an OpenAI error (``{"error": {"message": ...}}``) and the
+    status an error status; otherwise a 502 ``upstream_error`` that names the status."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if 400 <= status <= 599 and isinstance(error, dict) and isinstance(error.get("message"), str):
+        return status, body
+    return 502, {
+        "error": {
+            "message": f"The upstream answered with an unexpected HTTP {status}.",
+            "type": "server_error",
+            "code": "upstream_error",
+            "param": None,
+        }
+    }
 
 
 def _message(error: Any) -> str | None:

@@ -27,16 +27,73 @@ _KNOWN_HEADS: dict[bytes, str] = {}
 _KNOWN_HEADS_LIMIT = 256
 
 
+class EventTooLarge(ValueError):
+    """An event grew past the decoder's ``max_event_bytes`` without its blank line."""
+
+
 class SSEDecoder:
-    """Splits a byte stream into events; keeps the unfinished tail between ``feed`` calls."""
+    """Splits a byte stream into events; keeps the unfinished tail between ``feed`` calls.
 
-    __slots__ = ("_buffer",)
+    Each byte is scanned for a separator once: an unfinished event waits in a buffer that
+    grows by the new bytes only, and only those are searched, so an event that arrives in a
+    million pieces costs what it costs in one. ``max_event_bytes`` bounds that buffer
+    (``EventTooLarge``).
+    """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    __slots__ = ("_buffer", "_max_event", "_scanned")
+
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self._buffer = bytearray()
+        self._scanned = 0
+        """How much of ``_buffer`` is known to hold no complete separator."""
+        self._max_event = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buffer = self._buffer + chunk if self._buffer else chunk
+        if self._buffer:
+            buffer = self._buffer
+            buffer += chunk
+            start = max(self._scanned - 3, 0)  # a separator may straddle the old end
+            if (
+                buffer.find(b"\n\n", start) < 0
+                and buffer.find(b"\r\r", start) < 0
+                and buffer.find(b"\r\n\r\n", start) < 0
+            ):
+                self._scanned = len(buffer)
+                self._check_size()
+                return []
+            whole = bytes(buffer)
+            buffer.clear()
+        else:
+            whole = chunk
+        events = self._split(whole)
+        self._check_size()
+        return events
+
+    def flush(self) -> list[Event]:
+        """The last event of a stream that ended without its blank line, if any."""
+        tail = bytes(self._buffer)
+        self._buffer.clear()
+        self._scanned = 0
+        if not tail.strip():
+            return []
+        return [_parse_block(tail, tail.rstrip(b"\r\n"))]
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer.strip())
+
+    def _check_size(self) -> None:
+        if self._max_event is not None and len(self._buffer) > self._max_event:
+            self._buffer.clear()
+            self._scanned = 0
+            raise EventTooLarge(f"an event exceeds {self._max_event} bytes")
+
+    def _keep(self, tail: bytes) -> None:
+        """Keep ``tail`` (which holds no separator) for the next ``feed``."""
+        self._buffer += tail
+        self._scanned = len(tail)
+
+    def _split(self, buffer: bytes) -> list[Event]:
         # ``find`` rather than ``in``: for bytes, ``in`` first tries its operand as an integer
         # and formats an error message for each miss.
         if buffer.find(b"\r") >= 0:
@@ -44,7 +101,9 @@ class SSEDecoder:
         # The usual framing: blocks end with a blank line, most are ``event: <type>`` then
         # one ``data:`` line.
         blocks = buffer.split(b"\n\n")
-        self._buffer = blocks.pop()
+        tail = blocks.pop()
+        if tail:
+            self._keep(tail)
         events: list[Event] = []
         for block in blocks:
             head, separator, data = block.partition(b"\ndata: ")
@@ -59,17 +118,6 @@ class SSEDecoder:
                 events.append(_parse_block(block + b"\n\n", block))
         return events
 
-    def flush(self) -> list[Event]:
-        """The last event of a stream that ended without its blank line, if any."""
-        tail, self._buffer = self._buffer, b""
-        if not tail.strip():
-            return []
-        return [_parse_block(tail, tail.rstrip(b"\r\n"))]
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._buffer.strip())
-
     def _feed_any_framing(self, buffer: bytes) -> list[Event]:
         events: list[Event] = []
         start = 0
@@ -79,7 +127,8 @@ class SSEDecoder:
                 break
             events.append(_parse_block(buffer[start : end + separator_length], buffer[start:end]))
             start = end + separator_length
-        self._buffer = buffer[start:]
+        if start < len(buffer):
+            self._keep(buffer[start:])
         return events
 
 

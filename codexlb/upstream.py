@@ -27,7 +27,7 @@ from yarl import URL
 from codexlb.config import TimeoutsConfig
 from codexlb.http1 import ConnectFailed, Http1Client, Http1Error, Http1Response, remember
 from codexlb.pool import Account
-from codexlb.sse import Event, SSEDecoder
+from codexlb.sse import Event, EventTooLarge, SSEDecoder
 
 HOP_BY_HOP = frozenset(
     {
@@ -74,6 +74,31 @@ class UpstreamConnectError(UpstreamError):
 
 class UpstreamBroken(UpstreamError):
     """An upstream answer ended, failed or went silent before it was whole."""
+
+
+class RedirectRefused(aiohttp.ClientError):
+    """An upstream (API, model catalog, token endpoint) answered with a redirect. None is ever
+    followed: the request carried credentials that must not travel to another address."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"redirect (HTTP {status}) refused")
+        self.status = status
+
+
+async def refuse_redirects(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """The session's middleware: a redirect answer fails the request as ``RedirectRefused``
+    (an ``aiohttp.ClientError``, so every caller already treats it as an upstream failure),
+    before aiohttp could follow it with the request's headers, tokens included."""
+    response = await handler(request)
+    if response.status in _REDIRECTS:
+        response.release()
+        raise RedirectRefused(response.status)
+    return response
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class UpstreamRefused(UpstreamError):
@@ -197,6 +222,7 @@ class Upstream:
             ),
             skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),
+            middlewares=(refuse_redirects,),
         )
 
     async def close(self) -> None:
@@ -288,13 +314,17 @@ class UpstreamEvents:
     """The upstream's events, one list per arrival, then ``None``; ``UpstreamBroken`` on
     failure. (A plain object, not an async generator: one is made for every response.)"""
 
-    __slots__ = ("_decoder", "_ended", "_idle", "_upstream")
+    __slots__ = ("_decoder", "_ended", "_idle", "_upstream", "received")
 
-    def __init__(self, upstream: Http1Response, idle_timeout: float) -> None:
+    def __init__(
+        self, upstream: Http1Response, idle_timeout: float, *, max_event_bytes: int | None = None
+    ) -> None:
         self._upstream = upstream
         self._idle = idle_timeout
-        self._decoder = SSEDecoder()
+        self._decoder = SSEDecoder(max_event_bytes)
         self._ended = False
+        self.received = 0
+        """Bytes of the stream read so far (the recorder decides when that is too many)."""
 
     async def next_batch(self) -> list[Event] | None:
         while not self._ended:
@@ -305,7 +335,11 @@ class UpstreamEvents:
             if chunk is None:
                 self._ended = True
                 return self._decoder.flush() or None
-            events = self._decoder.feed(chunk)
+            self.received += len(chunk)
+            try:
+                events = self._decoder.feed(chunk)
+            except EventTooLarge as exc:
+                raise UpstreamBroken(f"{exc} ([limits] max_upstream_event_bytes)") from exc
             if events:
                 return events
         return None

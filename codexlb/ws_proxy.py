@@ -47,7 +47,7 @@ from codexlb.failover import KEEPS_SOCKET, Action, Failure, Phase
 from codexlb.logs import RequestRecord, new_request_id
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
-from codexlb.relay import COMPLETED, FAILED, HOLD, PASS, ResponseRecorder
+from codexlb.relay import BROKEN, COMPLETED, FAILED, HOLD, PASS, ResponseRecorder, shaped_error
 from codexlb.sse import type_member
 from codexlb.upstream import (
     UpstreamConnectError,
@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLIENT_HEARTBEAT_SECONDS = 30.0
+UPSTREAM_CLOSE_SECONDS = 2.0
+"""Longest wait for an upstream socket's closing handshake before the connection is cut."""
 ENDED = frozenset(
     {
         aiohttp.WSMsgType.CLOSE,
@@ -373,7 +375,7 @@ class ClientSocket:
             account,
             "/responses",
             self.forwarded,
-            max_msg_size=self.services.config.limits.max_body_bytes,
+            max_msg_size=self.services.config.limits.max_upstream_event_bytes,
         )
         self.services.metrics.websockets.labels("upstream").inc()
         self.account = account
@@ -385,14 +387,21 @@ class ClientSocket:
         if upstream is not None:
             self.services.metrics.websockets.labels("upstream").dec()
             if not upstream.closed:
-                await upstream.close()
+                # aiohttp reads until the peer's close frame, each read with its own time-out:
+                # an upstream that keeps sending would hold this forever. Past the bound the
+                # connection is cut.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(UPSTREAM_CLOSE_SECONDS):
+                        await upstream.close()
 
     async def _relay(self, exchange: Exchange, account: Account, message: str) -> int | None:
         """Send one request on the upstream socket and relay its events to the client: the
         status for the log line, or ``None`` to try again."""
         upstream = self.upstream
         assert upstream is not None
-        recorder = ResponseRecorder()
+        limits = self.services.config.limits
+        recorder = ResponseRecorder(max_response_bytes=limits.max_upstream_response_bytes)
+        received_size = 0
         held: list[str] = []
         idle = self.services.config.timeouts.idle_seconds
         try:
@@ -410,13 +419,21 @@ class ClientSocket:
             if received.type != TEXT:
                 continue  # binary frames carry nothing for the client
             frame = Frame(received.data)
+            received_size += len(frame.text)  # characters: at least a quarter of the bytes
+            if recorder.exceeds(received_size):
+                reason = "the response exceeds [limits] max_upstream_response_bytes"
+                return await self._broken(exchange, account, recorder, reason)
             kind = frame.type
             if kind == "codex.rate_limits":
-                exchange.observe_rate_limits(account, frame.json())
+                with contextlib.suppress(ValueError):
+                    exchange.observe_rate_limits(account, frame.json())
             step = recorder.observe(kind, frame)
             if step is HOLD:
                 held.append(frame.text)
                 continue
+            if step is BROKEN:
+                reason = recorder.malformed or "malformed event"
+                return await self._broken(exchange, account, recorder, reason)
             text = frame.text
             if step is FAILED:
                 failure = recorder.failure
@@ -485,8 +502,12 @@ def error_event(error: CodexLBError) -> str:
 
 
 def _with_status(frame: Frame, status: int | None) -> str:
-    """An upstream ``error`` event, given a ``status`` when it has none (Codex ignores those)."""
+    """An upstream ``error`` event as the client gets it (S1.4, the same rule as HTTP's
+    ``relay.shaped_error``): with a ``status`` when it has none (Codex ignores those), and a 502
+    ``upstream_error`` in place of one that carries no OpenAI error object."""
     payload = frame.json()
-    if not isinstance(payload, dict) or isinstance(payload.get("status"), int):
+    own = payload.get("status") if isinstance(payload, dict) else None
+    shown_status, shown = shaped_error(own if type(own) is int else status or 500, payload)
+    if shown is payload and type(own) is int:
         return frame.text
-    return orjson.dumps({**payload, "status": status or 500}).decode()
+    return orjson.dumps({**shown, "type": "error", "status": shown_status}).decode()

@@ -16,7 +16,8 @@ from multidict import CIMultiDict
 from codexlb.config import Config
 from codexlb.credentials import Credentials
 from codexlb.errors import UpstreamUnavailable, UsageLimitReached
-from codexlb.pool import Account, Pool, Reconfiguration, rate_limit_reset
+from codexlb.pool import AFFINITY_CAPACITY, AFFINITY_KEY_LENGTH, Account, Pool, Reconfiguration
+from codexlb.reported import HORIZON_SECONDS, rate_limit_reset
 
 NOW = 1_750_000_000.0
 
@@ -112,6 +113,23 @@ HTTP_DATE = email.utils.formatdate(NOW + 90, usegmt=True)
             headers(x_codex_primary_used_percent="100", x_codex_primary_reset_at=str(NOW - 5)),
             None,
         ),
+        ({"resets_at": 1e300}, headers(), NOW + HORIZON_SECONDS),
+        ({"resets_at": float("nan"), "resets_in_seconds": 1e300}, headers(), NOW + HORIZON_SECONDS),
+        ({"resets_at": float("inf")}, headers(retry_after="nan"), None),
+        (None, headers(retry_after="inf"), None),
+        (None, headers(retry_after="1e400"), None),
+        (None, headers(retry_after="99999999999"), NOW + HORIZON_SECONDS),
+        (None, headers(retry_after="Fri, 31 Dec 9999 23:59:59 GMT"), NOW + HORIZON_SECONDS),
+        (
+            None,
+            headers(x_codex_primary_used_percent="100", x_codex_primary_reset_at="9.5e19"),
+            NOW + HORIZON_SECONDS,
+        ),
+        (
+            None,
+            headers(x_codex_primary_used_percent="nan", x_codex_primary_reset_at=str(NOW + 60)),
+            None,
+        ),
     ],
     ids=[
         "error-resets_at",
@@ -132,6 +150,15 @@ HTTP_DATE = email.utils.formatdate(NOW + 90, usegmt=True)
         "only-secondary-full",
         "not-full",
         "full-reset-passed",
+        "resets_at-far-clamped",
+        "resets_in-far-clamped",
+        "non-finite-ignored",
+        "retry-after-inf",
+        "retry-after-overflow",
+        "retry-after-far-clamped",
+        "retry-after-far-date-clamped",
+        "window-reset-far-clamped",
+        "window-nan-ignored",
     ],
 )
 def test_rate_limit_reset(
@@ -714,3 +741,19 @@ def test_renewed_credentials_of_another_upstream_account_forget_what_was_learned
 
     assert (a.cooldown_until, a.rate_limited_until, a.last_error) == (0, 0, "rate limited")
     assert choose(pool) == "a"
+
+
+def test_affinity_keys_are_bounded_in_length_and_number() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a", "b", routing={"affinity_ttl_seconds": 60})
+    a, b = pool.accounts
+    long_key = "s" * 8192
+    pool.remember_affinity(long_key, b)
+    with pool.lease(b):  # b is busier: only affinity sends work there
+        assert pool.choose(prefer=None, affinity_key=long_key, exclude=()) is b
+        assert pool.choose(prefer=None, affinity_key="s" * 8191 + "t", exclude=()) is a
+    for n in range(AFFINITY_CAPACITY + 100):
+        pool.remember_affinity(f"{n:08d}" + "k" * 8184, a)
+    entries = pool._affinity
+    assert len(entries) == AFFINITY_CAPACITY
+    assert max(len(key) for key in entries) <= AFFINITY_KEY_LENGTH

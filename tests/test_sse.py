@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import orjson
 import pytest
 
-from codexlb.sse import Event, SSEDecoder, encode_event
+from codexlb.sse import Event, EventTooLarge, SSEDecoder, encode_event
 
 CREATED = {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}
 DELTA = {"type": "response.output_text.delta", "delta": "héllo\nworld"}
@@ -258,3 +259,43 @@ def test_encode_event_round_trip(payload: dict[str, Any]) -> None:
     assert kind == payload["type"]
     assert orjson.loads(data) == payload
     assert json.loads(data) == payload
+
+
+@pytest.mark.parametrize("framing", [b"\n\n", b"\r\n\r\n"])
+def test_a_long_event_in_small_chunks_is_decoded_in_linear_time(framing: bytes) -> None:
+    """32 MiB in 16 KiB pieces: each byte is scanned once (a decoder that re-scans or copies
+    the whole unfinished event per piece takes tens of seconds here)."""
+    piece = b"x" * (16 * 1024)
+    decoder = SSEDecoder()
+    started = time.perf_counter()
+    assert decoder.feed(b"data: ") == []
+    for _ in range(2048):
+        assert decoder.feed(piece) == []
+    (event,) = decoder.feed(framing)
+    elapsed = time.perf_counter() - started
+    assert len(event[2]) == 32 * 1024 * 1024
+    assert elapsed < 2.0, f"{elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_an_event_past_the_limit_is_refused(size: int) -> None:
+    decoder = SSEDecoder(max_event_bytes=4096)
+    stream = encode_event(DELTA) + b"data: " + b"y" * 5000
+    pieces = [stream[start : start + size] for start in range(0, len(stream), size)]
+
+    def feed_all() -> None:
+        for piece in pieces:
+            decoder.feed(piece)
+
+    with pytest.raises(EventTooLarge):
+        feed_all()
+
+
+def test_events_within_the_limit_pass_whatever_the_chunking() -> None:
+    decoder = SSEDecoder(max_event_bytes=len(STREAM))
+    events = [event for _ in range(50) for event in decoder.feed(STREAM)]
+    assert [kind for _, kind, _ in events] == [
+        "response.created",
+        "response.output_text.delta",
+        "response.completed",
+    ] * 50

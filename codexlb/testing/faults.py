@@ -11,6 +11,10 @@ authenticates pops one and suffers it (see `FakeUpstream`). The kinds:
     drop_after       sends N events, then drops the connection without any terminator
     stall_after      sends N events, then holds the response open until the peer hangs up
     failed           ``response.created`` then ``response.failed``
+    raw              an answer given byte for byte: status, headers, body (WebSocket: one
+                     text frame with the body, whatever the status)
+    flood            ``response.created``, then one unit of bytes (WebSocket: one text frame)
+                     over and over, never a terminal event
 
 `UpstreamError` is the rendering shared by faults and the fake's own validation errors: one
 value gives the HTTP answer and the WebSocket ``error`` event.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +37,8 @@ FaultKind = Literal[
     "drop_after",
     "stall_after",
     "failed",
+    "raw",
+    "flood",
 ]
 
 PRIMARY_WINDOW_MINUTES = 300
@@ -165,6 +172,8 @@ class Fault:
     retry_after: float | None = None
     seconds: float = 0.0
     events: int = 0
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def status(
@@ -252,6 +261,22 @@ class Fault:
     def failed(cls, code: str = "server_error") -> Fault:
         """Stream ``response.created`` then ``response.failed`` with ``response.error.code``."""
         return cls("failed", code=code)
+
+    @classmethod
+    def raw(
+        cls, body: bytes, *, status: int = 200, headers: Mapping[str, str] | None = None
+    ) -> Fault:
+        """Answer with exactly ``status``, ``headers`` and ``body``, as a misbehaving upstream
+        (or a proxy in front of it) might. Over WebSocket: ``body`` as one text frame."""
+        return cls("raw", http_status=status, body=body, headers=tuple((headers or {}).items()))
+
+    @classmethod
+    def flood(cls, unit: bytes, times: int) -> Fault:
+        """``response.created``, then ``unit`` ``times`` times and nothing else (HTTP: raw
+        stream bytes, written as they are; WebSocket: a text frame each), then a hang-up."""
+        if times < 0:
+            raise ValueError("times must be >= 0")
+        return cls("flood", body=unit, events=times)
 
     @property
     def is_error(self) -> bool:

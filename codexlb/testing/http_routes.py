@@ -46,6 +46,10 @@ async def _arrive(state: UpstreamState, request: web.Request) -> _Arrival | web.
         previous = body.get("previous_response_id") if isinstance(body, dict) else None
         error = fault.error(now=time.time(), previous_response_id=previous)
         return error_response(error, request_id)
+    if fault is not None and fault.kind == "raw":
+        return web.Response(
+            status=fault.http_status or 200, body=fault.body, headers=dict(fault.headers)
+        )
     return _Arrival(account, body, request_id, fault)
 
 
@@ -77,6 +81,8 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
     try:
         if fault is not None and fault.kind == "slow_first_byte":
             await state.wait_closing(fault.seconds)
+        if fault is not None and fault.kind == "flood":
+            return await _flood(state, request, reply_headers, response_events[0], fault)
         if fault is None or fault.kind not in ("drop_after", "stall_after", "slow_finish"):
             response = web.Response(body=events.encode_sse(response_events), headers=reply_headers)
             response.enable_chunked_encoding()
@@ -100,6 +106,28 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
     except asyncio.CancelledError:
         state.count_disconnect()
         raise
+
+
+async def _flood(
+    state: UpstreamState,
+    request: web.Request,
+    headers: Mapping[str, str],
+    created: Mapping[str, Any],
+    fault: Fault,
+) -> web.StreamResponse:
+    """``response.created``, then ``fault.body`` ``fault.events`` times, then a hang-up; stops
+    early once the peer has gone."""
+    stream = web.StreamResponse(headers=headers)
+    await stream.prepare(request)
+    try:
+        await stream.write(events.encode_sse([created]))
+        for _ in range(fault.events):
+            await stream.write(fault.body)
+    except ConnectionError:
+        state.count_disconnect()
+        return stream
+    drop_connection(request)
+    return stream
 
 
 async def compact(state: UpstreamState, request: web.Request) -> web.StreamResponse:

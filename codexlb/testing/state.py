@@ -116,6 +116,8 @@ class UpstreamState:
         self.closing = asyncio.Event()
         self._faults: list[tuple[str | None, Fault]] = []
         self._used = {account.name: account.used_percent for account in accounts}
+        self._headers: dict[str, dict[str, str]] = {}
+        self._rate_limits: dict[str, Any] = {}
         now = int(time.time())
         self._primary_reset_at = now + PRIMARY_WINDOW_MINUTES * 60
         self._secondary_reset_at = now + SECONDARY_WINDOW_MINUTES * 60
@@ -141,6 +143,20 @@ class UpstreamState:
         if account not in self._used:
             raise KeyError(account)
         self._used[account] = used_percent
+
+    def set_headers(self, account: str, headers: Mapping[str, str]) -> None:
+        """Send ``headers`` (over the usual rate-limit headers) on the account's later answers
+        and WebSocket handshakes: whatever values a test wants codexlb to survive."""
+        if account not in self._used:
+            raise KeyError(account)
+        self._headers[account] = dict(headers)
+
+    def set_rate_limits(self, account: str, rate_limits: Any) -> None:
+        """Send ``rate_limits`` as the ``rate_limits`` member of the account's later
+        ``codex.rate_limits`` frames."""
+        if account not in self._used:
+            raise KeyError(account)
+        self._rate_limits[account] = rate_limits
 
     def requests_for(self, account: str) -> list[ReceivedRequest]:
         """The received requests that authenticated as ``account``, in arrival order."""
@@ -279,7 +295,7 @@ class UpstreamState:
         )
 
     def rate_limit_headers(self, account: str) -> dict[str, str]:
-        return {
+        headers = {
             "x-codex-primary-used-percent": f"{self._used[account]:g}",
             "x-codex-primary-window-minutes": str(PRIMARY_WINDOW_MINUTES),
             "x-codex-primary-reset-at": str(self._primary_reset_at),
@@ -287,10 +303,12 @@ class UpstreamState:
             "x-codex-secondary-window-minutes": str(SECONDARY_WINDOW_MINUTES),
             "x-codex-secondary-reset-at": str(self._secondary_reset_at),
         }
+        headers.update(self._headers.get(account, {}))
+        return headers
 
     def rate_limits_frame(self, account: str) -> dict[str, Any]:
         """The ``codex.rate_limits`` frame sent before each response over WebSocket."""
-        return {
+        frame: dict[str, Any] = {
             "type": "codex.rate_limits",
             "plan_type": "pro",
             "rate_limits": {
@@ -307,6 +325,9 @@ class UpstreamState:
             },
             "credits": None,
         }
+        if account in self._rate_limits:
+            frame["rate_limits"] = self._rate_limits[account]
+        return frame
 
     def count_disconnect(self) -> None:
         """Count a peer hang-up mid-response, unless the fake itself is shutting down."""

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from aiohttp import WSMessage, WSMsgType, web
 
 from codexlb.testing import events
-from codexlb.testing.faults import openai_error
+from codexlb.testing.faults import Fault, openai_error
 from codexlb.testing.http_routes import (
     MODELS_ETAG,
     drop_connection,
@@ -117,6 +117,10 @@ class _Session:
         )
         if problem is not None:
             return await self._send([events.encode_json(problem.ws_event())])
+        if fault is not None and fault.kind == "raw":
+            return await self._send([fault.body.decode("utf-8", "replace")])
+        if fault is not None and fault.kind == "flood":
+            return await self._flood(body, fault)
         if fault is not None and fault.kind == "drop_after" and fault.events == 0:
             drop_connection(self.request)
             return False
@@ -147,6 +151,20 @@ class _Session:
         if last["type"] == "response.completed":
             self.last_response_id = last["response"]["id"]
         return True
+
+    async def _flood(self, body: Mapping[str, object], fault: Fault) -> bool:
+        """``response.created``, then ``fault.body`` as a text frame ``fault.events`` times,
+        then the socket drops. Always False: the socket is over."""
+        created = self.state.plan_events(body, self.account, None)[0]
+        unit = fault.body.decode("utf-8", "replace")
+        self.responding = True
+        if await self._send([events.encode_json(created)]):
+            for _ in range(fault.events):
+                if not await self._send([unit]):
+                    self.state.count_disconnect()
+                    return False
+        drop_connection(self.request)
+        return False
 
     async def _stall(self) -> bool:
         """Hold a stalled response until the socket closes; frames that arrive meanwhile are
