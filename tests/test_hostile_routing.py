@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,43 @@ async def test_an_account_refused_twice_is_tried_again_and_comes_back(
                 assert done.get("type") == "response.completed", done
         assert a.state(pool.now()) == "ok"
         assert a.retry_at == 0.0
+
+
+# -- client sockets and upstream sockets ---------------------------------------------------------
+
+
+async def test_client_sockets_open_upstream_sockets_early_only_up_to_the_cap(
+    fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data = config_data(
+        fake.url,
+        f"sqlite+aiosqlite:///{tmp_path / 'lb.db'}",
+        routing={"early_websockets_per_key": 2},
+    )
+    async with serve(make_config(data, tmp_path)) as lb, AsyncExitStack() as stack:
+        sockets = [
+            await stack.enter_async_context(http.ws_connect(ws_url(lb.url), headers=auth()))
+            for _ in range(6)
+        ]
+        assert len(fake.handshakes) == 2
+        # The early ones relayed the upstream's handshake headers; the others none.
+        assert [ws._response.headers.get("x-models-etag") is not None for ws in sockets] == [
+            True,
+            True,
+            False,
+            False,
+            False,
+            False,
+        ]
+        # Another key has its own count.
+        await stack.enter_async_context(http.ws_connect(ws_url(lb.url), headers=auth("bob")))
+        assert len(fake.handshakes) == 3
+
+        for n, ws in enumerate(sockets):
+            events = await ws_turn(ws, {"input": [user_message(f"turn {n}")]})
+            assert events[-1]["type"] == "response.completed", events[-1]
+        assert len(fake.handshakes) == 7
+
+        # Sockets that carried a request no longer count: a new one connects early again.
+        await stack.enter_async_context(http.ws_connect(ws_url(lb.url), headers=auth()))
+        assert len(fake.handshakes) == 8
