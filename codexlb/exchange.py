@@ -259,9 +259,11 @@ class Exchange:
             self._rate_limited_only = False
             pool.give_up(self.request_id)
             metrics.attempt(account.name, "error")
-            log.warning(
-                "request %s: %s on account %s, as on another account before: the upstream "
-                "cannot process it; no more failover, no account held responsible",
+            # A request already known to fail everywhere is logged more quietly.
+            log.log(
+                logging.INFO if self._server_failed_on == account.name else logging.WARNING,
+                "request %s: %s on account %s; it failed so on another account too: the "
+                "upstream cannot process it; no more failover, no account held responsible",
                 self.record.request_id,
                 failure.describe(),
                 account.name,

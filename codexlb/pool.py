@@ -444,6 +444,8 @@ class Pool:
                 account.removed = False
             elif self.credentials.record(name) is not account.live:
                 reloaded.append(name)
+                account.refused = None  # refused credentials are no longer the record's
+                account.retry_at = account.retry_delay = 0.0
             account.live = self.credentials.record(name)
             if _update(account, config, account_config):
                 changed.append(name)
