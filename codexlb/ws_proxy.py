@@ -275,10 +275,13 @@ class ClientSocket:
         eligible and the client key is under its count of such sockets (``EarlySockets``);
         returns the upstream handshake headers to relay. Failures are left to the first
         ``response.create``."""
-        account = handshake_account(self.services, self.affinity_key)
-        if account is None or not self.early.reserve(self.scope):
+        if not self.early.reserve(self.scope):
             return {}
         self._early_reserved = True
+        account = handshake_account(self.services, self.affinity_key)
+        if account is None:
+            self._release_early()
+            return {}
         await self.services.credentials.ensure_fresh(account.name)
         if not await self._connect_early_to(account):
             self._release_early()
