@@ -425,8 +425,8 @@ def learn_headers(services: Services, account: Account, headers: Mapping[str, st
 async def reauthorize(services: Services, account: Account, sent: Credentials) -> bool:
     """After the upstream answered 401 to ``sent``: refresh the account's token (S5); whether
     it was renewed, so that the same account may be tried again. Nothing to refresh with makes
-    the account unusable until its credentials change; a refresh that failed for a transient
-    reason cools it down."""
+    the account unusable until its credentials change or a later request tries it again
+    (``Pool.unauthorized``); a refresh that failed for a transient reason cools it down."""
     try:
         renewed = await services.credentials.refresh_after_401(account.name, sent.access_token)
     except RefreshUnavailable as exc:
