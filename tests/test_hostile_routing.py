@@ -241,8 +241,9 @@ def test_a_handshake_does_not_try_refused_credentials() -> None:
 # -- credentials refused twice ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("transport", ["http", "ws"])
 async def test_an_account_refused_twice_is_tried_again_and_comes_back(
-    fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+    transport: str, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     data = config_data(
         fake.url,
@@ -265,7 +266,7 @@ async def test_an_account_refused_twice_is_tried_again_and_comes_back(
         n = 0
         while refused() == 0:
             n += 1
-            done = await turn(http, lb, "http", f"while a is refused {n}", "alice")
+            done = await turn(http, lb, transport, f"while a is refused {n}", "alice")
             assert done.get("type") == "response.completed", done
         assert a.state(pool.now()) == "unusable"
 
@@ -273,7 +274,7 @@ async def test_an_account_refused_twice_is_tried_again_and_comes_back(
         started = time.monotonic()
         while time.monotonic() - started < 1.5:
             n += 1
-            done = await turn(http, lb, "http", f"while a is refused {n}", "alice")
+            done = await turn(http, lb, transport, f"while a is refused {n}", "alice")
             assert done.get("type") == "response.completed", done
         assert 2 <= refused() <= 4, refused()
         assert a.state(pool.now()) == "unusable"
@@ -282,7 +283,7 @@ async def test_an_account_refused_twice_is_tried_again_and_comes_back(
         async with asyncio.timeout(10):
             while not fake.requests_for("a"):
                 n += 1
-                done = await turn(http, lb, "http", f"after a recovered {n}", "alice")
+                done = await turn(http, lb, transport, f"after a recovered {n}", "alice")
                 assert done.get("type") == "response.completed", done
         assert a.state(pool.now()) == "ok"
         assert a.retry_at == 0.0
