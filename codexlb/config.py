@@ -176,6 +176,14 @@ class RoutingConfig(_Section):
     max_error_cooldown_seconds: float = Field(default=120.0, gt=0)
     default_rate_limit_cooldown_seconds: float = Field(default=60.0, gt=0)
     """Cooldown after a 429 that names no reset time."""
+    unauthorized_retry_seconds: float = Field(default=600.0, ge=0)
+    """After the upstream refused an account's credentials even fresh (a second 401), one
+    request tries them again after this long, then after twice as long each time they are
+    refused again; 0: never (unusable until the credentials change)."""
+    max_unauthorized_retry_seconds: float = Field(default=86400.0, gt=0)
+    early_websockets_per_key: int = Field(default=4, ge=0)
+    """Upstream sockets one client key may have opened at its WebSocket handshakes that carry
+    no request yet; past it a client socket connects upstream at its first request."""
 
 
 class SnapshotsConfig(_Section):

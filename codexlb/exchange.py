@@ -14,6 +14,7 @@ frame bytes; they touch neither the pool nor the store.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,11 +22,13 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
+
 from codexlb.credentials import Credentials
-from codexlb.errors import SnapshotNotStored
+from codexlb.errors import SnapshotNotStored, UpstreamUnavailable
 from codexlb.failover import Action, Failure, verdict
 from codexlb.payload import CreateRequest
-from codexlb.pool import Account
+from codexlb.pool import Account, RequestId
 from codexlb.provenance import keys_of, latest_owner, readable_by
 from codexlb.relay import ResponseRecorder
 from codexlb.replay import rebuild_input, strip_reasoning
@@ -90,6 +93,10 @@ class Exchange:
         self._refreshed: set[str] = set()
         """Accounts whose 401 this exchange already answered with a refresh (once each)."""
         self._retry_on: Account | None = None
+        self._server_failed_on: str | None = None
+        """The first account this request met a server failure on (``failover.GIVE_UP``)."""
+        self._given_up = False
+        self._request_id: RequestId | None = None
 
     async def run(
         self,
@@ -166,6 +173,10 @@ class Exchange:
         answered with a rate limit do not count against ``max_attempts``: a 429 never reaches
         a client while an eligible account is left untried (S4).
         """
+        if self._given_up:
+            raise UpstreamUnavailable(
+                "The upstream could not process this request: it failed on more than one account."
+            )
         retry, self._retry_on = self._retry_on, None
         if retry is not None:
             self._attempt_on(retry)
@@ -218,24 +229,45 @@ class Exchange:
         gets the failure, or the response ends as ``stream_incomplete``); after any other
         the attempt returns ``None`` and ``run`` tries again as decided here. ``sent``: the
         credentials the failed connection was opened with, when not this attempt's."""
+        pool = self.services.pool
+        implicated = failure.implicates_request
         failure = replace(
             failure,
             live_anchor=self.live,
             reasoning_stripped=self._strip_reasoning,
             refreshed=account.name in self._refreshed,
             reconnected=self._reconnected,
+            suspect=implicated
+            and (
+                self._server_failed_on not in (None, account.name) or pool.suspect(self.request_id)
+            ),
         )
         action = verdict(failure)
         metrics = self.services.metrics
-        pool = self.services.pool
+        if implicated and self._server_failed_on is None:
+            self._server_failed_on = account.name
         if action is Action.PASS_ON:
             metrics.attempt(account.name, "client_error")
             self.record.failed_with = failure.reported_status
         elif action is Action.BREAK:
-            self._failed(account, failure)
+            self._failed(account, failure, implicated=implicated)
             self.record.failed_with = BROKEN_STREAM_STATUS
         elif action is Action.COOL_DOWN:
-            self._failed(account, failure)
+            self._failed(account, failure, implicated=implicated)
+        elif action is Action.GIVE_UP:
+            self._given_up = True
+            self._rate_limited_only = False
+            pool.give_up(self.request_id)
+            metrics.attempt(account.name, "error")
+            # A request already known to fail everywhere is logged more quietly.
+            log.log(
+                logging.INFO if self._server_failed_on == account.name else logging.WARNING,
+                "request %s: %s on account %s; it failed so on another account too: the "
+                "upstream cannot process it; no more failover, no account held responsible",
+                self.record.request_id,
+                failure.describe(),
+                account.name,
+            )
         elif action is Action.RATE_LIMITED:
             self._rate_limited.add(account.name)
             pool.rate_limited(account, headers=failure.headers, error=failure.error)
@@ -308,6 +340,8 @@ class Exchange:
     def succeeded(self, account: Account) -> None:
         """``account`` served this request: its error streak ends, the affinity is kept."""
         self.services.pool.succeeded(account)
+        if self._request_id is not None:  # it met a server failure on the way
+            self.services.pool.served(self._request_id)
         self.services.pool.remember_affinity(self.affinity_key, account)
         self.services.metrics.attempt(account.name, "ok")
 
@@ -354,16 +388,33 @@ class Exchange:
         self._tried.discard(account.name)
         self._retry_on = account
 
-    def _failed(self, account: Account, failure: Failure) -> None:
+    @property
+    def request_id(self) -> RequestId:
+        """What makes another request "the same request" as this one (``pool.RequestId``): a
+        digest of the client key's scope and the body, computed on the first failure that
+        needs it, never on the way of a request that meets none."""
+        if self._request_id is None:
+            digest = hashlib.blake2b(self.scope.encode(), digest_size=16)
+            digest.update(b"\0")
+            raw = self.request.raw
+            digest.update(raw if raw is not None else orjson.dumps(self.request.body))
+            self._request_id = digest.digest()
+        return self._request_id
+
+    def _failed(self, account: Account, failure: Failure, *, implicated: bool) -> None:
+        """A failure held against ``account``: a server failure counts once per request."""
         self._rate_limited_only = False
-        self.services.pool.failed(account, failure.describe())
+        request = self.request_id if implicated else None
+        self.services.pool.failed(account, failure.describe(), request=request)
         self.services.metrics.attempt(account.name, "error")
 
 
 def handshake_account(services: Services, affinity_key: str | None) -> Account | None:
     """The account for an upstream socket opened at a client's WebSocket handshake, before
     any request: the one a new conversation would get."""
-    return services.pool.choose(prefer=None, affinity_key=affinity_key, exclude=())
+    return services.pool.choose(
+        prefer=None, affinity_key=affinity_key, exclude=(), retry_refused=False
+    )
 
 
 def learn_headers(services: Services, account: Account, headers: Mapping[str, str]) -> None:
@@ -374,8 +425,8 @@ def learn_headers(services: Services, account: Account, headers: Mapping[str, st
 async def reauthorize(services: Services, account: Account, sent: Credentials) -> bool:
     """After the upstream answered 401 to ``sent``: refresh the account's token (S5); whether
     it was renewed, so that the same account may be tried again. Nothing to refresh with makes
-    the account unusable until its credentials change; a refresh that failed for a transient
-    reason cools it down."""
+    the account unusable until its credentials change or a later request tries it again
+    (``Pool.unauthorized``); a refresh that failed for a transient reason cools it down."""
     try:
         renewed = await services.credentials.refresh_after_401(account.name, sent.access_token)
     except RefreshUnavailable as exc:

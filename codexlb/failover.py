@@ -12,15 +12,24 @@ the ``Action`` that ``verdict`` gives it::
     event               websocket_connection_limit_reached (first)      RECONNECT, then NEXT
     status / handshake  401 (first time for the account)                REFRESH, then UNUSABLE
     status / event      429, or a rate-limit code                       RATE_LIMITED
+    end / status/event  a server failure of a suspect request           GIVE_UP
     connect / end       (no answer, or a stream that broke off)         COOL_DOWN
     handshake           any other refusal of the upgrade                COOL_DOWN
     status / event      5xx, 403, 408, or a retryable code              COOL_DOWN
     status / event      anything else: the client's own mistake         PASS_ON
 
-Every action but ``PASS_ON`` and ``BREAK`` is invisible to the client: the request is tried
-again, on the same account (``REFRESH``, ``REPLAY``, ``RECONNECT``, ``WITHOUT_REASONING``) or on
-the next one. ``tests/test_failover.py`` holds the table, a row per upstream behaviour of
-PROTOCOL.md §5.
+Every action but ``PASS_ON``, ``BREAK`` and ``GIVE_UP`` is invisible to the client: the
+request is tried again, on the same account (``REFRESH``, ``REPLAY``, ``RECONNECT``,
+``WITHOUT_REASONING``) or on the next one. ``tests/test_failover.py`` holds the table, a row per
+upstream behaviour of PROTOCOL.md §5.
+
+A *server failure* (``Failure.implicates_request``: a 5xx or a retryable code, or a stream that
+broke off before output) may be the request's doing as much as the account's: an upstream that
+cannot process a request fails it on every account. So a request that already met one on
+another account (``suspect``) stops there (``GIVE_UP``: the client gets S1.4's 502 and the
+account is not held responsible) instead of cooling down account after account. A connect error,
+a refused handshake, a 403 or a 408 happen before the upstream read the request, or speak of the
+account: they fail over up to ``max_attempts`` as before.
 """
 
 from __future__ import annotations
@@ -86,6 +95,9 @@ class Action(Enum):
     """The socket reached its lifetime: a new one on the same account, with replay."""
     WITHOUT_REASONING = auto()
     """The account cannot read reasoning in the input: the same account without any."""
+    GIVE_UP = auto()
+    """A server failure of a request that met one on another account too: the request is the
+    likely cause. No failover, no cooldown; the client gets a 502 (S1.4 ``upstream_error``)."""
 
 
 KEEPS_SOCKET = frozenset({Action.REPLAY, Action.WITHOUT_REASONING})
@@ -116,6 +128,19 @@ class Failure:
     """The account's token was already refreshed for this request."""
     reconnected: bool = False
     """The socket was already renewed for this request."""
+    suspect: bool = False
+    """The request already met a server failure on another account (in this exchange, or
+    recently when a client sent the same request before: ``Pool.suspect``)."""
+
+    @property
+    def implicates_request(self) -> bool:
+        """A server failure: one the request itself may have caused (see the module)."""
+        if self.phase is Phase.BREAK:
+            return True
+        if self.phase is Phase.STATUS or self.phase is Phase.EVENT:
+            status = self.status
+            return (status is not None and status >= 500) or self.code in RETRYABLE_CODES
+        return False
 
     @property
     def reported_status(self) -> int | None:
@@ -155,6 +180,8 @@ def verdict(failure: Failure) -> Action:
         return Action.UNUSABLE if failure.refreshed else Action.REFRESH
     if status == 429 or code in RATE_LIMIT_CODES:
         return Action.RATE_LIMITED
+    if failure.suspect and failure.implicates_request:
+        return Action.GIVE_UP
     if phase in (Phase.CONNECT, Phase.BREAK, Phase.HANDSHAKE):
         return Action.COOL_DOWN
     if status is not None and (status >= 500 or status in FAILING_OVER_STATUSES):

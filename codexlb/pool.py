@@ -12,6 +12,11 @@ credentials (``Pool.unauthorized``); what was learned (cooldowns, usage) belongs
 identity the credentials name (an API key, a ChatGPT account id) and is forgotten when they
 name another.
 
+Error cooldowns count *requests*, not attempts (see ``Pool.failed``): an upstream that cannot
+process one request fails it on every account, and a client repeating it must not cool down the
+pool. Credentials refused even fresh (a second 401) take an account out, but not for good: one
+request tries them again after ``unauthorized_retry_seconds``, doubling (``Pool.unauthorized``).
+
 ``reconfigure`` applies a reloaded configuration (S6) without losing what was learned: an
 account is identified by its name, and an unchanged name keeps its ``Account`` object (so its
 cooldowns, usage, error streak and in-flight count survive). A removed account leaves the
@@ -24,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
@@ -43,6 +49,15 @@ AFFINITY_CAPACITY = 20_000
 AFFINITY_KEY_LENGTH = 128
 """A longer affinity key (a client's ``session-id``, ``prompt_cache_key``...) is kept as its
 SHA-256: a client cannot make the pool hold kilobytes per entry."""
+FAILED_REQUESTS_REMEMBERED = 16
+"""Requests an account remembers failing since its last success (``Learned.failed_requests``)."""
+SUSPECTS_CAPACITY = 4096
+SUSPECT_SECONDS = 600.0
+"""How long a request that failed on two accounts stays suspect (``Pool.give_up``)."""
+
+RequestId = bytes
+"""What makes two requests "the same request" (``exchange.request_id``): a digest of the
+client key's scope and the body it sent."""
 
 AccountState = Literal[
     "draining", "disabled", "unusable", "rate_limited", "cooling_down", "busy", "ok"
@@ -77,6 +92,9 @@ class Learned:
     rate_limited_until: float = 0.0
     """The part of ``cooldown_until`` owed to a rate limit (the rest is error back-off)."""
     error_streak: int = 0
+    failed_requests: list[RequestId] = field(default_factory=list)
+    """The requests that met a server failure on it since its last success, the latest
+    ``FAILED_REQUESTS_REMEMBERED``: a request failing again adds nothing to the streak."""
     primary: UsageWindow = field(default_factory=UsageWindow)
     secondary: UsageWindow = field(default_factory=UsageWindow)
 
@@ -91,7 +109,12 @@ class Account:
     """The credential manager's record of this account: read, never copied."""
     inflight: int = 0
     refused: Credentials | None = None
-    """The credentials the upstream refused for good: unusable while the record holds them."""
+    """The credentials the upstream refused even fresh: unusable while the record holds them,
+    but for one request now and then (``retry_at``)."""
+    retry_at: float = 0.0
+    """When one request may try the refused credentials again (0: never)."""
+    retry_delay: float = 0.0
+    """The wait before that try; doubles each time they are refused again."""
     failure: str | None = None
     """The last failure seen on the account (a rate limit, an error)."""
     removed: bool = False
@@ -280,6 +303,9 @@ class Pool:
         self._draining: dict[str, Account] = {}
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._turns = itertools.count()
+        self._suspects: OrderedDict[RequestId, float] = OrderedDict()
+        self._next_retry = math.inf
+        """The earliest ``retry_at`` of an account with refused credentials."""
         for account_config in config.accounts:
             self._accounts[account_config.name] = self._new_account(config, account_config)
 
@@ -305,9 +331,21 @@ class Pool:
         return self._accounts.get(name)
 
     def choose(
-        self, *, prefer: str | None, affinity_key: str | None, exclude: Collection[str]
+        self,
+        *,
+        prefer: str | None,
+        affinity_key: str | None,
+        exclude: Collection[str],
+        retry_refused: bool = True,
     ) -> Account | None:
+        """The account for an attempt (``balancer.choose``). With ``retry_refused``, an account
+        whose refused credentials are due to be tried again (``unauthorized``) comes first,
+        for this one attempt."""
         now = self._clock()
+        if retry_refused and now >= self._next_retry:
+            retried = self._retry_refused(now, exclude)
+            if retried is not None:
+                return retried
         affinity = self._affinity_account(affinity_key, now)
         name = balancer.choose(
             list(self._accounts.values()),
@@ -334,6 +372,29 @@ class Pool:
         removed account lets it go.
         """
         return Lease(self, account)
+
+    def _retry_refused(self, now: float, exclude: Collection[str]) -> Account | None:
+        """The account whose refused credentials are due to be tried again, if any; its next
+        try is pushed out at once, so that one request at a time tries them."""
+        due = None
+        for account in self._accounts.values():
+            if not account.retry_at:
+                continue
+            if account.refused is not account.credentials:  # new ones: usable anyway
+                account.retry_at = 0.0
+            elif account.retry_at <= now and account.name not in exclude and due is None:
+                account.retry_at = now + account.retry_delay
+                if account.config.enabled and account.credentials.usable:
+                    due = account
+        self._next_retry = min(
+            (a.retry_at for a in self._accounts.values() if a.retry_at), default=math.inf
+        )
+        if due is not None:
+            log.warning(
+                "account %s: one request tries the credentials the upstream refused again",
+                due.name,
+            )
+        return due
 
     def _new_account(self, config: Config, account_config: AccountConfig) -> Account:
         base_url = config.account_base_url(account_config)
@@ -381,6 +442,8 @@ class Pool:
                 account.removed = False
             elif self.credentials.record(name) is not account.live:
                 reloaded.append(name)
+                account.refused = None  # refused credentials are no longer the record's
+                account.retry_at = account.retry_delay = 0.0
             account.live = self.credentials.record(name)
             if _update(account, config, account_config):
                 changed.append(name)
@@ -415,10 +478,14 @@ class Pool:
 
     def succeeded(self, account: Account) -> None:
         """The account served a request: its error streak and back-off end (a rate limit's
-        cooldown stays)."""
+        cooldown stays); credentials it was refused are accepted again."""
         learned = account.learned
         learned.error_streak = 0
+        if learned.failed_requests:
+            learned.failed_requests.clear()
         learned.cooldown_until = min(learned.cooldown_until, learned.rate_limited_until)
+        if account.refused is not None:
+            self._accepted(account)
 
     def rate_limited(
         self, account: Account, *, headers: Mapping[str, str], error: Mapping[str, Any] | None
@@ -434,9 +501,33 @@ class Pool:
         account.failure = "rate limited"
         log.warning("account %s is rate limited until %s", account.name, _fmt_time(until))
 
-    def failed(self, account: Account, reason: str) -> None:
-        """A 5xx, a connect error or a broken stream: exponential cooldown."""
+    def failed(self, account: Account, reason: str, *, request: RequestId | None = None) -> None:
+        """A 5xx, a connect error or a broken stream: exponential cooldown.
+
+        ``request``: the request that met a server failure, one it may have caused itself
+        (``failover.Failure.implicates_request``). Its streak then counts distinct requests:
+        the same request failing on the account again since its last success adds nothing, as
+        outlier detection in production proxies counts consecutive errors, not retries of one
+        call. "The same request" is the same body from the same client key (``RequestId``):
+        Codex and a client that repeats a request resend it byte for byte. A client crafting a
+        new body each time counts each, but each is tried on two accounts at most
+        (``failover.Action.GIVE_UP``) and only the first is held responsible.
+        """
         learned = account.learned
+        if request is not None:
+            failed = learned.failed_requests
+            if request in failed:
+                account.failure = reason
+                log.info(
+                    "account %s failed (%s) on a request that failed on it before; "
+                    "not held against the account",
+                    account.name,
+                    reason,
+                )
+                return
+            failed.append(request)
+            if len(failed) > FAILED_REQUESTS_REMEMBERED:
+                del failed[0]
         delay = min(
             self._routing.error_cooldown_seconds * 2 ** min(learned.error_streak, 32),
             self._routing.max_error_cooldown_seconds,
@@ -448,14 +539,63 @@ class Pool:
 
     def unauthorized(self, account: Account) -> None:
         """The upstream refused the account's credentials even fresh: unusable until the
-        credential manager holds others (a reload, a newer ``auth.json``)."""
+        credential manager holds others (a reload, a newer ``auth.json``), but for one request
+        after ``unauthorized_retry_seconds`` (doubling, up to the maximum, each time they are
+        refused again), so that an account whose upstream recovered comes back by itself."""
+        first = account.refused is None
         account.refused = account.credentials
         account.failure = None  # what failed before does not outlive these credentials
+        routing = self._routing
+        if not routing.unauthorized_retry_seconds:
+            account.retry_at = 0.0
+            log.error(
+                "account %s: upstream refused its credentials (401); it takes no new work "
+                "until its credentials change",
+                account.name,
+            )
+            return
+        delay = routing.unauthorized_retry_seconds
+        if not first and account.retry_delay:
+            delay = min(account.retry_delay * 2, routing.max_unauthorized_retry_seconds)
+        account.retry_delay = delay
+        account.retry_at = self._clock() + delay
+        self._next_retry = min(self._next_retry, account.retry_at)
         log.error(
             "account %s: upstream refused its credentials (401); it takes no new work "
-            "until its credentials change",
+            "until its credentials change, but for one request in %.0fs",
             account.name,
+            delay,
         )
+
+    def _accepted(self, account: Account) -> None:
+        """The upstream served an account with the credentials it refused before."""
+        account.refused = None
+        account.retry_at = account.retry_delay = 0.0
+        log.warning("account %s: the upstream accepts its credentials again", account.name)
+
+    # -- requests that fail everywhere ----------------------------------------------------
+
+    def suspect(self, request: RequestId) -> bool:
+        """Whether ``request`` failed on two accounts recently (``give_up``)."""
+        until = self._suspects.get(request)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._suspects[request]
+            return False
+        return True
+
+    def give_up(self, request: RequestId) -> None:
+        """``request`` met a server failure on two accounts: for ``SUSPECT_SECONDS`` the same
+        request is tried on one account only and held against none (``failover.GIVE_UP``)."""
+        self._suspects[request] = self._clock() + SUSPECT_SECONDS
+        self._suspects.move_to_end(request)
+        while len(self._suspects) > SUSPECTS_CAPACITY:
+            self._suspects.popitem(last=False)
+
+    def served(self, request: RequestId) -> None:
+        """``request`` was served after all: no longer suspect."""
+        self._suspects.pop(request, None)
 
     def observe_headers(self, account: Account, headers: Mapping[str, str]) -> None:
         """Learn usage from the ``x-codex-{primary,secondary}-*`` headers, when present."""

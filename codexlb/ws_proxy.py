@@ -2,9 +2,11 @@
 
 One ``ClientSocket`` per client connection runs in the handler's coroutine and is the only
 owner of its upstream socket: it opens one at the client's handshake (so the upstream's 101
-headers reach the client), bound to one account, and replaces it (after a failure, or when the
-conversation must move to another account) only from that coroutine. Responses run one at a
-time in arrival order.
+headers reach the client), bound to one account, unless its client key already holds
+``early_websockets_per_key`` such sockets that carry no request yet (``EarlySockets``: opening
+client sockets must not open upstream sockets without bound); it replaces it (after a
+failure, or when the conversation must move to another account) only from that coroutine.
+Responses run one at a time in arrival order.
 
 Each ``response.create`` is one ``Exchange``: the socket supplies the attempt (connect if the
 account has no open socket here, send, relay the frames) and hands every upstream failure to
@@ -149,6 +151,7 @@ class WsProxy:
         self.services = services
         self.keys = keys
         self._sockets: set[ClientSocket] = set()
+        self._early = EarlySockets(services)
         self._draining = False
 
     async def shutdown(self, app: web.Application) -> None:
@@ -165,7 +168,7 @@ class WsProxy:
             limit=self.services.config.limits.max_body_bytes,
             compress=self.services.config.server.websocket_compression,
         )
-        socket = ClientSocket(self.services, client, scope, request.headers)
+        socket = ClientSocket(self.services, client, scope, request.headers, self._early)
         self._sockets.add(socket)
         try:
             # The upstream's 101 carries headers Codex reads (turn state, models ETag, rate
@@ -187,6 +190,44 @@ class WsProxy:
         return client
 
 
+class EarlySockets:
+    """Upstream sockets opened at client handshakes that carried no request yet, counted per
+    client key and bounded by ``[routing] early_websockets_per_key``: a client opening many
+    sockets gets upstream sockets for the first few only; the others connect at their first
+    request (their handshake then relays no upstream headers; Codex reads the same rate limits
+    from the ``codex.rate_limits`` event of each response)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._idle: dict[str, int] = {}
+        self._capped: set[str] = set()
+        """Keys at the cap, logged once until they fall below it."""
+
+    def reserve(self, scope: str) -> bool:
+        """Whether a handshake of ``scope`` may open an upstream socket; ``release`` it then."""
+        idle = self._idle.get(scope, 0)
+        if idle >= self.services.pool.routing.early_websockets_per_key:
+            if scope not in self._capped:
+                self._capped.add(scope)
+                log.info(
+                    "client key %s holds %d upstream sockets that carry no request yet: its "
+                    "new sockets connect upstream at their first request",
+                    scope or "(open access)",
+                    idle,
+                )
+            return False
+        self._idle[scope] = idle + 1
+        return True
+
+    def release(self, scope: str) -> None:
+        idle = self._idle[scope] - 1
+        if idle:
+            self._idle[scope] = idle
+        else:
+            del self._idle[scope]
+        self._capped.discard(scope)
+
+
 class ClientSocket:
     """One client connection and the upstream socket it owns."""
 
@@ -196,8 +237,12 @@ class ClientSocket:
         client: web.WebSocketResponse,
         scope: str,
         headers: Mapping[str, str],
+        early: EarlySockets,
     ) -> None:
         self.services = services
+        self.early = early
+        self._early_reserved = False
+        """This socket counts in ``early`` until its first request."""
         self.client = client
         self.scope = scope
         self.headers = headers
@@ -259,13 +304,19 @@ class ClientSocket:
 
     async def connect_early(self) -> Mapping[str, str]:
         """Open the upstream socket before the client's handshake completes, if an account is
-        eligible; returns the upstream handshake headers to relay. Failures are left to the
-        first ``response.create``."""
+        eligible and the client key is under its count of such sockets (``EarlySockets``);
+        returns the upstream handshake headers to relay. Failures are left to the first
+        ``response.create``."""
+        if not self.early.reserve(self.scope):
+            return {}
+        self._early_reserved = True
         account = handshake_account(self.services, self.affinity_key)
         if account is None:
+            self._release_early()
             return {}
         await self.services.credentials.ensure_fresh(account.name)
         if not await self._connect_early_to(account):
+            self._release_early()
             return {}
         assert self.upstream is not None
         headers = handshake_headers(self.upstream)
@@ -289,6 +340,7 @@ class ClientSocket:
         return False
 
     async def close(self) -> None:
+        self._release_early()
         await self._drop_upstream()
         await self._close_client()
 
@@ -304,6 +356,11 @@ class ClientSocket:
             await self._on_text(text)
         finally:
             bodies.give(len(text))
+
+    def _release_early(self) -> None:
+        if self._early_reserved:
+            self._early_reserved = False
+            self.early.release(self.scope)
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -323,6 +380,8 @@ class ClientSocket:
             )
             return
         del body["type"]
+        if self._early_reserved:  # its upstream socket is no longer idle
+            self._release_early()
         record = RequestRecord("ws", self.scope, new_request_id(self.headers))
         try:
             request = CreateRequest.from_body(body)

@@ -137,6 +137,30 @@ ROWS: list[tuple[str, Failure, Action]] = [
         Failure(EVENT, code="max_output_tokens", incomplete=True),
         A.PASS_ON,
     ),
+    # -- a request that met a server failure on another account already ----------------------
+    ("HTTP 500, suspect", Failure(STATUS, status=500, suspect=True), A.GIVE_UP),
+    (
+        "error event status 503, suspect",
+        Failure(EVENT, status=503, code="server_error", suspect=True),
+        A.GIVE_UP,
+    ),
+    (
+        "response.failed server_error, suspect",
+        Failure(EVENT, code="server_error", suspect=True),
+        A.GIVE_UP,
+    ),
+    ("stream broke off, suspect", Failure(BREAK, message="eof", suspect=True), A.GIVE_UP),
+    ("connect error, suspect", Failure(CONNECT, message="refused", suspect=True), A.COOL_DOWN),
+    ("handshake answered 500, suspect", Failure(HANDSHAKE, status=500, suspect=True), A.COOL_DOWN),
+    ("HTTP 403, suspect", Failure(STATUS, status=403, suspect=True), A.COOL_DOWN),
+    ("HTTP 429, suspect", Failure(STATUS, status=429, suspect=True), A.RATE_LIMITED),
+    ("HTTP 401, suspect", Failure(STATUS, status=401, suspect=True), A.REFRESH),
+    (
+        "HTTP 400, suspect",
+        Failure(STATUS, status=400, code="invalid_request", suspect=True),
+        A.PASS_ON,
+    ),
+    ("broke off after output, suspect", Failure(BREAK, visible=True, suspect=True), A.BREAK),
     # -- output already visible: nothing can move any more ------------------------------------
     (
         "response.failed server_error after output",
@@ -181,6 +205,22 @@ def test_every_action_is_reached() -> None:
 )
 def test_the_status_a_failure_is_counted_with(failure: Failure, status: int | None) -> None:
     assert failure.reported_status == status
+
+
+@pytest.mark.parametrize(
+    ("failure", "implicated"),
+    [
+        (Failure(STATUS, status=502), True),
+        (Failure(EVENT, code="overloaded"), True),
+        (Failure(BREAK), True),
+        (Failure(CONNECT), False),
+        (Failure(HANDSHAKE, status=503), False),
+        (Failure(STATUS, status=403), False),
+        (Failure(EVENT, code="max_output_tokens", incomplete=True), False),
+    ],
+)
+def test_which_failures_the_request_may_have_caused(failure: Failure, implicated: bool) -> None:
+    assert failure.implicates_request is implicated
 
 
 def test_status_for_codes() -> None:

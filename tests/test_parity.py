@@ -72,3 +72,16 @@ async def test_a_request_the_upstream_refuses_is_passed_on_and_cools_nothing(
     assert types == (["HTTP 400"] if transport == "http" else ["error"])
     pool = lb.services.pool
     assert {a.state(pool.now()) for a in pool.accounts} == {"ok"}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_request_failing_on_two_accounts_ends_there_with_a_502(
+    transport: str, fake: Fake, lb: Balancer, http: aiohttp.ClientSession
+) -> None:
+    fake.script(Fault.status(500), Fault.status(502), Fault.status(503))
+
+    types = await turn(http, lb, transport)
+
+    assert types == (["HTTP 502"] if transport == "http" else ["error"])
+    assert fake.pending_faults == 1  # the third account was not tried
+    assert sorted(a.error_streak for a in lb.services.pool.accounts) == [0, 0, 1]

@@ -624,6 +624,7 @@ def test_changed_credentials_make_an_unauthorized_account_usable_again() -> None
     assert a.usable
     assert a.last_error is None
     assert a.credentials.access_token == "at-a-2"
+    assert (a.refused, a.retry_at) == (None, 0.0)  # no longer tried as refused ones
     assert a.cooldown_until == NOW + 100  # the same upstream account: its rate limit stands
     assert a.state(clock.now) == "rate_limited"
 

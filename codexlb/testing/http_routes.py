@@ -41,7 +41,7 @@ async def _arrive(state: UpstreamState, request: web.Request) -> _Arrival | web.
     request_id = events.new_id("req")
     if account is None:
         return error_response(unauthorized(), request_id)
-    fault = state.take_fault(account.name)
+    fault = state.take_fault(account.name, body=body)
     if fault is not None and fault.is_error:
         previous = body.get("previous_response_id") if isinstance(body, dict) else None
         error = fault.error(now=time.time(), previous_response_id=previous)

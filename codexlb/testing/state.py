@@ -115,6 +115,7 @@ class UpstreamState:
         self.sockets: set[web.WebSocketResponse] = set()
         self.closing = asyncio.Event()
         self._faults: list[tuple[str | None, Fault]] = []
+        self._poisons: dict[str, Fault] = {}
         self._used = {account.name: account.used_percent for account in accounts}
         self._headers: dict[str, dict[str, str]] = {}
         self._rate_limits: dict[str, Any] = {}
@@ -132,6 +133,12 @@ class UpstreamState:
         if account is not None and account not in self.accounts:
             raise KeyError(account)
         self._faults.extend((account, fault) for fault in faults)
+
+    def poison(self, text: str, fault: Fault) -> None:
+        """Make every response request whose last user text is ``text`` suffer ``fault``, on
+        every account, every time: a request the upstream cannot process. Queued faults
+        (``script``) come first."""
+        self._poisons[text] = fault
 
     @property
     def pending_faults(self) -> int:
@@ -223,8 +230,11 @@ class UpstreamState:
         logger.debug("%s %s account=%s", transport, path, name)
         self.notify()
 
-    def take_fault(self, account: str, *, handshake: bool = False) -> Fault | None:
-        """Pop the first fault queued for ``account`` or for any account.
+    def take_fault(
+        self, account: str, *, handshake: bool = False, body: Any = None
+    ) -> Fault | None:
+        """Pop the first fault queued for ``account`` or for any account; else the poison
+        ``body`` carries (``poison``).
 
         A handshake takes it only if it is a handshake fault; otherwise it stays queued.
         """
@@ -234,6 +244,8 @@ class UpstreamState:
                     return None
                 del self._faults[index]
                 return fault
+        if self._poisons and isinstance(body, dict):
+            return self._poisons.get(events.last_user_text(body.get("input")))
         return None
 
     def check(

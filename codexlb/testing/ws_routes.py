@@ -107,7 +107,7 @@ class _Session:
                 param="type",
             )
             return await self._send([events.encode_json(not_a_request.ws_event())])
-        fault = self.state.take_fault(self.account.name)
+        fault = self.state.take_fault(self.account.name, body=body)
         if fault is not None and fault.is_error:
             previous = body.get("previous_response_id")
             error = fault.error(now=time.time(), previous_response_id=previous)
