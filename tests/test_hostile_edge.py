@@ -191,7 +191,7 @@ async def test_a_half_sent_head_is_closed_after_its_deadline(
 ) -> None:
     caplog.set_level(logging.INFO, "codexlb.edge")
     async with raw_connection(strict.url) as (reader, writer):
-        writer.write(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Le")
+        writer.write(b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
         assert await closed_by_server(reader, 5) == b""
     assert "no complete request head within 0.5 s" in caplog.text
 
@@ -200,7 +200,7 @@ async def test_a_head_trickled_on_a_kept_alive_connection_is_closed_too(
     strict: Balancer,
 ) -> None:
     async with raw_connection(strict.url) as (reader, writer):
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert (await reader.readuntil(HEAD_END)).startswith(b"HTTP/1.1 200")
         await reader.readexactly(len(b'{"status": "ok"}'))
         writer.write(b"GET /healthz HTTP/1.1\r\n")
@@ -217,7 +217,8 @@ async def test_a_half_sent_body_is_answered_408_and_closed(strict: Balancer) -> 
     async with raw_connection(strict.url) as (reader, writer):
         writer.write(
             (
-                f"POST {CODEX_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"POST {CODEX_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\n"
                 f"Authorization: {auth()['Authorization']}\r\nContent-Length: 1000\r\n\r\n"
                 '{"model": "m", '
             ).encode()
@@ -230,7 +231,7 @@ async def test_a_half_sent_body_is_answered_408_and_closed(strict: Balancer) -> 
 
 async def test_an_idle_kept_alive_connection_is_closed(strict: Balancer) -> None:
     async with raw_connection(strict.url) as (reader, writer):
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = await closed_by_server(reader, 5)
     assert answer.startswith(b"HTTP/1.1 200")
 
@@ -341,7 +342,8 @@ async def test_bodies_over_the_budget_in_flight_are_refused_with_503(
             # A body announced and half sent holds its bytes in the budget ...
             writer.write(
                 (
-                    f"POST {CODEX_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"POST {CODEX_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    "Content-Type: application/json\r\n"
                     f"Authorization: {auth()['Authorization']}\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n"
                 ).encode()

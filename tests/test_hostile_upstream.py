@@ -20,6 +20,7 @@ from codexlb.token_endpoint import RefreshUnavailable, request_refresh
 from codexlb.upstream import Upstream
 from tests.harness import (
     ACCOUNTS,
+    ADMIN_KEY,
     Balancer,
     Fake,
     auth,
@@ -58,9 +59,10 @@ async def turn(
 
 async def assert_views_render(http: aiohttp.ClientSession, lb: Balancer) -> dict[str, Any]:
     """``/status`` and ``/metrics`` answer 200; the status document."""
-    async with http.get(lb.url + "/metrics") as response:
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with http.get(lb.url + "/metrics", headers=admin) as response:
         assert response.status == 200, await response.text()
-    async with http.get(lb.url + "/status", headers=auth()) as response:
+    async with http.get(lb.url + "/status", headers=admin) as response:
         assert response.status == 200, await response.text()
         status: dict[str, Any] = await response.json()
     return status
@@ -68,6 +70,7 @@ async def assert_views_render(http: aiohttp.ClientSession, lb: Balancer) -> dict
 
 def lb_config(fake: Fake, tmp_path: Path, **sections: dict[str, Any]) -> Any:
     data = config_data(fake.url, f"sqlite+aiosqlite:///{tmp_path / 'lb.db'}", accounts=TWO)
+    data["admin"] = {"key": ADMIN_KEY}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return make_config(data, tmp_path)

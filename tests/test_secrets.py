@@ -98,15 +98,15 @@ async def test_no_secret_in_logs_errors_or_metrics(
 
 MALFORMED = (
     # A header line without a colon, after the key.
-    b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(key)s\r\n"
+    b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %(key)s\r\n"
     b"Broken header %(key)s\r\n\r\n",
     # A length that is not a number, and a body quoting the key.
-    b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(key)s\r\n"
+    b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %(key)s\r\n"
     b'Content-Length: 12x\r\n\r\n{"input": "%(key)s"}',
     # A control character in a header value.
-    b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(key)s\x01\r\n\r\n",
+    b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %(key)s\x01\r\n\r\n",
     # A chunk size that is not hexadecimal, in a body quoting the key.
-    b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %(key)s\r\n"
+    b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %(key)s\r\n"
     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     b'zz %(key)s\r\n{"input": "%(key)s"}\r\n0\r\n\r\n',
     # A request line that is not HTTP, carrying the key.
@@ -136,7 +136,7 @@ async def test_malformed_requests_leave_one_short_line_without_their_bytes(
         # leaves the body waiting, so the body's deadline answers.
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(
-            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
             b"Expect: 100-continue\r\n\r\n" % key
         )
