@@ -384,7 +384,7 @@ class ClientSocket:
             self._release_early()
         record = RequestRecord("ws", self.scope, new_request_id(self.headers))
         try:
-            request = CreateRequest.from_body(body)
+            request = CreateRequest.from_body(body, text)
             exchange = Exchange(
                 self.services,
                 scope=self.scope,
