@@ -31,6 +31,8 @@ from codexlb.errors import Forbidden, UnsupportedMediaType, shown
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+HOSTS_REMEMBERED = 64
+"""Good ``Host`` values kept as sent (each with its port): a few per client in practice."""
 
 
 class RequestGuard:
@@ -39,23 +41,32 @@ class RequestGuard:
         self._own_host = _bracketed(server.host.lower())
         self._hosts = LOOPBACK_NAMES | {self._own_host} if server.is_loopback else None
         """The host names a loopback bind answers to; ``None``: any (a non-loopback bind)."""
+        self._hosts_passed: set[str] = set()
+        """``Host`` values already found good, as sent: a client repeats one on every request."""
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = request.headers
         host = headers.get("Host")
-        if host is not None and self._hosts is not None and _name(host) not in self._hosts:
-            raise Forbidden(
-                f"Host '{shown(host)}' is not one this server answers to.",
-                code="host_not_allowed",
-            )
+        if host is not None and self._hosts is not None and host not in self._hosts_passed:
+            if _name(host) not in self._hosts:
+                raise Forbidden(
+                    f"Host '{shown(host)}' is not one this server answers to.",
+                    code="host_not_allowed",
+                )
+            if len(self._hosts_passed) < HOSTS_REMEMBERED:
+                self._hosts_passed.add(host)
         origin = headers.get("Origin")
         if origin is not None and not self._allows(origin, host):
             raise Forbidden(
                 f"Origin '{shown(origin)}' is not allowed; list it in [server] allowed_origins.",
                 code="origin_not_allowed",
             )
-        if request.body_exists and request.content_type != "application/json":
+        if (
+            request.body_exists
+            and headers.get("Content-Type") != "application/json"  # as clients send it
+            and request.content_type != "application/json"
+        ):
             raise UnsupportedMediaType(
                 "Send the request body as JSON, with 'Content-Type: application/json'."
             )

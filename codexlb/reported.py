@@ -22,6 +22,9 @@ HORIZON_SECONDS = 7 * 24 * 3600.0
 """The farthest reset time believed: a usage window is at most a week long."""
 
 USAGE_WINDOWS = ("primary", "secondary")
+_WINDOW_HEADERS = tuple(
+    (name, f"x-codex-{name}-used-percent", f"x-codex-{name}-reset-at") for name in USAGE_WINDOWS
+)
 
 
 def number(value: Any) -> float | None:
@@ -66,12 +69,8 @@ def usage_window(used: Any, resets_at: Any, now: float) -> tuple[float, float] |
 def header_windows(headers: Mapping[str, str], now: float) -> dict[str, tuple[float, float]]:
     """The usage windows the ``x-codex-{primary,secondary}-*`` headers report."""
     windows: dict[str, tuple[float, float]] = {}
-    for name in USAGE_WINDOWS:
-        window = usage_window(
-            headers.get(f"x-codex-{name}-used-percent"),
-            headers.get(f"x-codex-{name}-reset-at"),
-            now,
-        )
+    for name, used, resets_at in _WINDOW_HEADERS:
+        window = usage_window(headers.get(used), headers.get(resets_at), now)
         if window is not None:
             windows[name] = window
     return windows
