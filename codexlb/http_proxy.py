@@ -196,11 +196,13 @@ class HttpProxy:
         except ValueError:
             body = None
         code, error = error_code(body)
+        failed_status = status
         if not 400 <= status <= 599:  # a redirect, say: never followed, a broken upstream
             log.warning("account %s answered HTTP %d: taken as a bad gateway", account.name, status)
+            failed_status = 502
         failure = Failure(
             Phase.STATUS,
-            status=status if 400 <= status <= 599 else 502,
+            status=failed_status,
             code=code,
             message=error.get("message") if error is not None else None,
             headers=upstream.headers,

@@ -380,8 +380,7 @@ class ClientSocket:
             )
             return
         del body["type"]
-        if self._early_reserved:  # its upstream socket is no longer idle
-            self._release_early()
+        self._release_early()  # its upstream socket, if early, is no longer idle
         record = RequestRecord("ws", self.scope, new_request_id(self.headers))
         try:
             request = CreateRequest.from_body(body, text)
