@@ -17,7 +17,7 @@ import asyncio
 import collections
 import functools
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeVar, cast
 
 import httptools
@@ -290,7 +290,7 @@ class Http1Client:
         """
         if self._closed:
             raise ConnectFailed("client is closed")
-        origin = _origin(url)
+        origin = origin_of(url)
         request = _request_head(url, headers, len(body))
         for attempt in range(2):
             connection = self._idle_connection(origin) if attempt == 0 else None
@@ -342,39 +342,58 @@ class Http1Client:
             pool.append(connection)
 
     async def _connect(self, origin: Origin) -> _Connection:
-        scheme, host, port = origin
-        context = None
-        if scheme == "https":
-            context = self._ssl or ssl.create_default_context()
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                _, connection = await loop.create_connection(
-                    _Connection, host, port, ssl=context, server_hostname=host if context else None
-                )
-        except TimeoutError:
-            raise ConnectFailed(f"connecting to {host}:{port} timed out") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectFailed(f"cannot connect to {host}:{port}: {exc}") from exc
-        return connection
+        return await open_connection(_Connection, origin, self._connect_timeout, self._ssl)
 
 
-def _origin(url: URL) -> Origin:
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+async def open_connection(
+    factory: Callable[[], P], origin: Origin, seconds: float, context: ssl.SSLContext | None
+) -> P:
+    """A TCP (TLS for https) connection to ``origin`` with ``factory``'s protocol;
+    ``ConnectFailed`` when none opens in ``seconds``."""
+    scheme, host, port = origin
+    context = (context or _default_context()) if scheme == "https" else None
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(seconds):
+            _, protocol = await loop.create_connection(
+                factory, host, port, ssl=context, server_hostname=host if context else None
+            )
+    except TimeoutError:
+        raise ConnectFailed(f"connecting to {host}:{port} timed out") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConnectFailed(f"cannot connect to {host}:{port}: {exc}") from exc
+    return protocol
+
+
+@functools.cache
+def _default_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def origin_of(url: URL) -> Origin:
     if url.scheme not in ("http", "https") or url.host is None:
         raise ConnectFailed(f"unsupported upstream URL {url}")
     return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
 
 
 def _request_head(url: URL, headers: Mapping[str, str], length: int) -> bytes:
+    head = f"{_request_line(url)}{header_fields(headers)}Content-Length: {length}\r\n\r\n"
+    # aiohttp decodes incoming header bytes as UTF-8 with surrogateescape: this restores them.
+    return head.encode("utf-8", "surrogateescape")
+
+
+def header_fields(headers: Mapping[str, str]) -> str:
+    """``headers`` as the lines of a request head; ``ConnectFailed`` if one would break it."""
     fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     # Each field adds one CR and one LF; any more came from inside a name or value.
     count = len(headers)
     if fields.count("\n") != count or fields.count("\r") != count or "\x00" in fields:
         name = next(name for name, value in headers.items() if _BREAKS.intersection(name + value))
         raise ConnectFailed(f"header {name!r} holds a line break")
-    head = f"{_request_line(url)}{fields}Content-Length: {length}\r\n\r\n"
-    # aiohttp decodes incoming header bytes as UTF-8 with surrogateescape: this restores them.
-    return head.encode("utf-8", "surrogateescape")
+    return fields
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,8 +1,8 @@
 """The connections towards the upstream accounts, and the one boundary of their errors.
 
-Streamed POSTs go through the lean ``http1`` client (the relay's hot path); WebSockets through
-one ``aiohttp.ClientSession``. Whatever the two clients raise becomes, here and only here, one
-of::
+Streamed POSTs go through the lean ``http1`` client and WebSockets through the lean
+``websocket`` client (the relay's hot paths); the model catalog and token refreshes through one
+``aiohttp.ClientSession``. Whatever the clients raise becomes, here and only here, one of::
 
     UpstreamError
      ├── UpstreamConnectError   no answer: connect failure, time-out before a response head
@@ -16,18 +16,18 @@ or a time-out as the end of the socket.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Mapping
 
 import aiohttp
-from aiohttp import web
 from yarl import URL
 
+from codexlb import websocket
 from codexlb.config import TimeoutsConfig
 from codexlb.http1 import ConnectFailed, Http1Client, Http1Error, Http1Response, remember
 from codexlb.pool import Account
 from codexlb.sse import Event, EventTooLarge, SSEDecoder
+from codexlb.websocket import UpstreamSocket
 
 HOP_BY_HOP = frozenset(
     {
@@ -61,7 +61,6 @@ would pick an organization or project for the account's credentials."""
 
 
 WEBSOCKET_BETA = "responses_websockets=2026-02-06"
-WEBSOCKET_HEARTBEAT_SECONDS = 30.0
 
 
 class UpstreamError(Exception):
@@ -139,54 +138,6 @@ def relayed_headers(headers: Mapping[str, str], model: str | None) -> dict[str, 
     return relayed
 
 
-# -- aiohttp shim ---------------------------------------------------------------------------
-# The two places that reach into aiohttp's private attributes (pyproject.toml keeps aiohttp
-# below its next major version). tests/test_ws_proxy.py checks both through real sockets:
-# test_upstream_handshake_headers_reach_the_client and
-# test_deflate_when_enabled_is_negotiated_but_events_go_out_uncompressed.
-
-
-def handshake_headers(upstream: aiohttp.ClientWebSocketResponse) -> Mapping[str, str]:
-    """The headers of an upstream WebSocket's 101 answer: aiohttp keeps the handshake's
-    response privately (a public ``response``, should a version add one, is taken first)."""
-    response = getattr(upstream, "response", None) or upstream._response
-    return response.headers
-
-
-COMPRESS_LARGER_THAN = 64 * 1024
-"""Messages codexlb sends are compressed only above this size (one-shot, see below)."""
-
-
-def send_uncompressed_by_default(
-    ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
-) -> None:
-    """Keep permessage-deflate for what the peer sends, but send small messages plain.
-
-    A persistent deflate context costs 100-250 KiB of memory per socket and CPU per frame,
-    while codexlb's own messages are mostly small events. RFC 7692 lets any message go
-    uncompressed (RSV1 clear) on a connection that negotiated the extension; large ones are
-    still compressed, each with a context of its own (``compress_for``). aiohttp has no public
-    switch for this, hence the writer attribute.
-    """
-    writer = ws._writer
-    if writer is not None:
-        writer.compress = 0
-
-
-# -- end of the aiohttp shim -------------------------------------------------------------------
-
-
-def compress_for(
-    ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, message: str
-) -> int | None:
-    """The ``compress`` argument for sending ``message``: a one-shot context when it is large
-    and the connection negotiated permessage-deflate."""
-    negotiated = ws.compress
-    if negotiated and len(message) > COMPRESS_LARGER_THAN:
-        return int(negotiated)
-    return None
-
-
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The client's headers that travel upstream (SPEC S1.3, PROTOCOL §2)."""
     forwarded: dict[str, str] = {}
@@ -206,7 +157,7 @@ def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
 class Upstream:
     def __init__(self, timeouts: TimeoutsConfig, *, websocket_compression: bool = False) -> None:
         self._timeouts = timeouts
-        self._websocket_compression = 15 if websocket_compression else 0
+        self._websocket_compression = websocket_compression
         self._session: aiohttp.ClientSession | None = None
         self._http: Http1Client | None = None
 
@@ -266,30 +217,25 @@ class Upstream:
 
     async def websocket(
         self, account: Account, path: str, headers: Mapping[str, str], *, max_msg_size: int
-    ) -> aiohttp.ClientWebSocketResponse:
+    ) -> UpstreamSocket:
         """Open a Responses WebSocket to ``account`` (offering permessage-deflate if set)."""
         request_headers = {k: v for k, v in headers.items() if k.lower() != "openai-beta"}
         request_headers.update(account.credentials.auth_headers())
         request_headers["OpenAI-Beta"] = WEBSOCKET_BETA
-        url = "ws" + account.base_url.removeprefix("http") + path
         try:
-            async with asyncio.timeout(self._timeouts.connect_seconds):
-                upstream = await self.session.ws_connect(
-                    url,
-                    headers=request_headers,
-                    compress=self._websocket_compression,
-                    heartbeat=WEBSOCKET_HEARTBEAT_SECONDS,
-                    max_msg_size=max_msg_size,
-                    autoclose=False,
-                )
-        except aiohttp.WSServerHandshakeError as exc:
-            raise UpstreamRefused(exc.status, exc.headers or {}) from exc
-        except TimeoutError as exc:
-            raise UpstreamConnectError("WebSocket handshake timed out") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
-        send_uncompressed_by_default(upstream)
-        return upstream
+            return await websocket.connect(
+                _url(account.base_url, path),
+                request_headers,
+                connect_seconds=self._timeouts.connect_seconds,
+                max_message_bytes=max_msg_size,
+                offer_deflate=self._websocket_compression,
+            )
+        except websocket.HandshakeRefused as exc:
+            if exc.status in _REDIRECTS:
+                raise UpstreamConnectError(f"redirect (HTTP {exc.status}) refused") from exc
+            raise UpstreamRefused(exc.status, exc.headers) from exc
+        except ConnectFailed as exc:
+            raise UpstreamConnectError(str(exc)) from exc
 
 
 @functools.lru_cache(maxsize=1024)

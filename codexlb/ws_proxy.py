@@ -46,20 +46,22 @@ from codexlb.exchange import (
     reauthorize,
 )
 from codexlb.failover import KEEPS_SOCKET, Action, Failure, Phase
+from codexlb.frames import TEXT as TEXT_FRAME
+from codexlb.frames import server_frame
+from codexlb.http1 import remember
 from codexlb.logs import RequestRecord, new_request_id
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
 from codexlb.relay import BROKEN, COMPLETED, FAILED, HOLD, PASS, ResponseRecorder, shaped_error
+from codexlb.shim import ClientFrames, send_uncompressed_by_default
 from codexlb.sse import type_member
 from codexlb.upstream import (
     UpstreamConnectError,
     UpstreamRefused,
-    compress_for,
     forward_headers,
-    handshake_headers,
     relayed_headers,
-    send_uncompressed_by_default,
 )
+from codexlb.websocket import SocketClosed, UpstreamSocket
 
 if TYPE_CHECKING:
     from codexlb.app import Services
@@ -117,31 +119,26 @@ class ClientGone(Exception):
     """The client socket closed; its upstream work stops."""
 
 
-class Frame:
-    """One upstream text frame; its JSON is parsed once, when first needed."""
+_TYPES: dict[bytes, str] = {}
+"""Event types seen before, decoded (a stream repeats a handful)."""
 
-    __slots__ = ("_parsed", "text")
 
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self._parsed: Any = None
-
-    def json(self) -> Any:
-        if self._parsed is None:
-            self._parsed = orjson.loads(self.text)
-        return self._parsed
-
-    @property
-    def type(self) -> str | None:
-        # The upstream writes "type" first; read it without parsing the whole frame.
-        if self.text.startswith('{"type":"'):
-            end = self.text.find('"', 9)
-            if end > 0:
-                return self.text[9:end]
-        try:
-            return type_member(self.json())
-        except orjson.JSONDecodeError:
-            return None
+def event_type(payload: bytes) -> str | None:
+    """An upstream event's type. The upstream writes ``type`` first: it is read from the
+    bytes, and the event is parsed only when it does not start that way."""
+    if payload.startswith(b'{"type":"'):
+        end = payload.find(b'"', 9, 137)
+        if end > 0:
+            raw = payload[9:end]
+            kind = _TYPES.get(raw)
+            if kind is not None:
+                return kind
+            if b"\\" not in raw:
+                return remember(_TYPES, raw, raw.decode())
+    try:
+        return type_member(orjson.loads(payload))
+    except orjson.JSONDecodeError:
+        return None
 
 
 class WsProxy:
@@ -176,6 +173,7 @@ class WsProxy:
             client.headers.update(await socket.connect_early())
             await client.prepare(request)
             send_uncompressed_by_default(client)
+            socket.frames = ClientFrames(client)
             gauge = self.services.metrics.websockets.labels("client")
             gauge.inc()
             try:
@@ -248,7 +246,9 @@ class ClientSocket:
         self.headers = headers
         self.forwarded = forward_headers(headers)
         self.affinity_key = headers.get("session-id") or headers.get("thread-id")
-        self.upstream: aiohttp.ClientWebSocketResponse | None = None
+        self.frames: ClientFrames | None = None
+        """Where frames to the client are written, once its socket is prepared."""
+        self.upstream: UpstreamSocket | None = None
         self.account: Account | None = None
         self.sent = Credentials()
         """The credentials the upstream socket was opened with."""
@@ -319,7 +319,7 @@ class ClientSocket:
             self._release_early()
             return {}
         assert self.upstream is not None
-        headers = handshake_headers(self.upstream)
+        headers = self.upstream.headers
         learn_headers(self.services, account, headers)
         return relayed_headers(headers, model=None)
 
@@ -444,84 +444,94 @@ class ClientSocket:
         self.last_response_id = None
         if upstream is not None:
             self.services.metrics.websockets.labels("upstream").dec()
-            if not upstream.closed:
-                # aiohttp reads until the peer's close frame, each read with its own time-out:
-                # an upstream that keeps sending would hold this forever. Past the bound the
-                # connection is cut.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(UPSTREAM_CLOSE_SECONDS):
-                        await upstream.close()
+            await upstream.close(UPSTREAM_CLOSE_SECONDS)
 
     async def _relay(self, exchange: Exchange, account: Account, message: str) -> int | None:
         """Send one request on the upstream socket and relay its events to the client: the
-        status for the log line, or ``None`` to try again."""
+        status for the log line, or ``None`` to try again.
+
+        The frames that arrived together are relayed together: each is looked at by its type
+        (``event_type``), and those the client may see go out as they came, in one write.
+        """
         upstream = self.upstream
         assert upstream is not None
         limits = self.services.config.limits
         recorder = ResponseRecorder(max_response_bytes=limits.max_upstream_response_bytes)
+        observe = recorder.observe
+        record = exchange.record
         received_size = 0
-        held: list[str] = []
+        held: list[bytes] = []
+        """Frames kept back (``HOLD``), as head and payload."""
         idle = self.services.config.timeouts.idle_seconds
         try:
-            await upstream.send_str(message, compress=compress_for(upstream, message))
+            await upstream.send_text(message.encode())
         except ConnectionError:
             return await self._broken(exchange, account, recorder, "upstream socket closed")
         while True:
             try:
-                received = await upstream.receive(timeout=idle)
+                batch = await upstream.receive(idle)
+            except SocketClosed as exc:
+                reason = f"{exc} before the terminal event"
+                return await self._broken(exchange, account, recorder, reason)
             except TimeoutError:
-                received = None
-            if received is None or received.type in ENDED:
-                reason = "upstream socket closed before the terminal event"
+                reason = "the upstream went silent before the terminal event"
                 return await self._broken(exchange, account, recorder, reason)
-            if received.type != TEXT:
-                continue  # binary frames carry nothing for the client
-            frame = Frame(received.data)
-            received_size += len(frame.text)  # characters: at least a quarter of the bytes
-            if recorder.exceeds(received_size):
-                reason = "the response exceeds [limits] max_upstream_response_bytes"
-                return await self._broken(exchange, account, recorder, reason)
-            kind = frame.type
-            if kind == "codex.rate_limits":
-                with contextlib.suppress(ValueError):
-                    exchange.observe_rate_limits(account, frame.json())
-            step = recorder.observe(kind, frame)
-            if step is HOLD:
-                held.append(frame.text)
-                continue
-            if step is BROKEN:
-                reason = recorder.malformed or "malformed event"
-                return await self._broken(exchange, account, recorder, reason)
-            text = frame.text
-            if step is FAILED:
-                failure = recorder.failure
-                assert failure is not None
-                action = await exchange.judge(account, failure, sent=self.sent)
-                if action is not Action.PASS_ON:
-                    if action not in KEEPS_SOCKET:
-                        await self._drop_upstream()
-                    return None
-                self.last_response_id = None
-                if kind == "error":
-                    text = _with_status(frame, failure.reported_status)
-            elif step is COMPLETED:
-                try:
-                    await exchange.commit(account, recorder)
-                except SnapshotNotStored as exc:
-                    if not recorder.visible:
-                        raise  # nothing sent yet: an error event
-                    text = orjson.dumps(recorder.failed_event(exc.code, exc.message)).decode()
-                response_id = (recorder.response or {}).get("id")
-                self.last_response_id = response_id if isinstance(response_id, str) else None
-            if held:
-                exchange.record.mark_first_byte()
-                for earlier in held:
-                    await self._send_text(earlier)
-                held.clear()
-            exchange.record.mark_first_byte()
-            await self._send_text(text)
-            if step is not PASS:
+            out: list[bytes] = []
+            for opcode, head, payload in batch:
+                if opcode != TEXT_FRAME:
+                    continue  # binary frames carry nothing for the client
+                received_size += len(payload)
+                if recorder.exceeds(received_size):
+                    await self._write(out, record)
+                    reason = "the response exceeds [limits] max_upstream_response_bytes"
+                    return await self._broken(exchange, account, recorder, reason)
+                kind = event_type(payload)
+                if kind == "codex.rate_limits":
+                    with contextlib.suppress(ValueError):
+                        exchange.observe_rate_limits(account, orjson.loads(payload))
+                step = observe(kind, payload)
+                if step is HOLD:
+                    held += (head, payload)
+                    continue
+                if step is PASS:
+                    if held:
+                        out += held
+                        held.clear()
+                    out += (head, payload)
+                    continue
+                # The attempt ends here: what came before goes out first.
+                await self._write(out, record)
+                out = []
+                if step is BROKEN:
+                    reason = recorder.malformed or "malformed event"
+                    return await self._broken(exchange, account, recorder, reason)
+                if step is FAILED:
+                    failure = recorder.failure
+                    assert failure is not None
+                    action = await exchange.judge(account, failure, sent=self.sent)
+                    if action is not Action.PASS_ON:
+                        if action not in KEEPS_SOCKET:
+                            await self._drop_upstream()
+                        return None
+                    self.last_response_id = None
+                    if kind == "error":
+                        shown = _with_status(payload, failure.reported_status)
+                        if shown is not payload:
+                            head, payload = b"", server_frame(shown)
+                elif step is COMPLETED:
+                    try:
+                        await exchange.commit(account, recorder)
+                    except SnapshotNotStored as exc:
+                        if not recorder.visible:
+                            raise  # nothing sent yet: an error event
+                        event = recorder.failed_event(exc.code, exc.message)
+                        head, payload = b"", server_frame(orjson.dumps(event))
+                    response_id = (recorder.response or {}).get("id")
+                    self.last_response_id = response_id if isinstance(response_id, str) else None
+                await self._write([*held, head, payload], record)
                 return 200
+            if out:
+                await self._write(out, record)
 
     async def _broken(
         self, exchange: Exchange, account: Account, recorder: ResponseRecorder, reason: str
@@ -532,17 +542,24 @@ class ClientSocket:
         await self._drop_upstream()
         if await exchange.judge(account, recorder.broken(reason)) is not Action.BREAK:
             return None
-        await self._send_text(orjson.dumps(recorder.incomplete_event()).decode())
+        await self._write([server_frame(orjson.dumps(recorder.incomplete_event()))])
         return 200
 
-    async def _send_text(self, text: str) -> None:
+    async def _write(self, frames: list[bytes], record: RequestRecord | None = None) -> None:
+        """Write whole frames to the client in one write (the first one of a response is
+        its ``record``'s first byte)."""
+        if not frames:
+            return
+        if record is not None:
+            record.mark_first_byte()
+        assert self.frames is not None
         try:
-            await self.client.send_str(text)
+            await self.frames.write(b"".join(frames) if len(frames) > 1 else frames[0])
         except ConnectionError as exc:
             raise ClientGone from exc
 
     async def _send_error(self, error: CodexLBError) -> None:
-        await self._send_text(error_event(error))
+        await self._write([server_frame(error_event(error).encode())])
 
 
 def error_event(error: CodexLBError) -> str:
@@ -559,13 +576,14 @@ def error_event(error: CodexLBError) -> str:
     return orjson.dumps(event).decode()
 
 
-def _with_status(frame: Frame, status: int | None) -> str:
+def _with_status(payload: bytes, status: int | None) -> bytes:
     """An upstream ``error`` event as the client gets it (S1.4, the same rule as HTTP's
     ``relay.shaped_error``): with a ``status`` when it has none (Codex ignores those), and a 502
-    ``upstream_error`` in place of one that carries no OpenAI error object."""
-    payload = frame.json()
-    own = payload.get("status") if isinstance(payload, dict) else None
-    shown_status, shown = shaped_error(own if type(own) is int else status or 500, payload)
-    if shown is payload and type(own) is int:
-        return frame.text
-    return orjson.dumps({**shown, "type": "error", "status": shown_status}).decode()
+    ``upstream_error`` in place of one that carries no OpenAI error object. ``payload`` itself
+    when it is shown as it came."""
+    event = orjson.loads(payload)
+    own = event.get("status") if isinstance(event, dict) else None
+    shown_status, shown = shaped_error(own if type(own) is int else status or 500, event)
+    if shown is event and type(own) is int:
+        return payload
+    return orjson.dumps({**shown, "type": "error", "status": shown_status})
