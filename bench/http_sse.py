@@ -59,6 +59,7 @@ Correctness
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import re
@@ -73,7 +74,7 @@ import aiohttp
 if __package__ in (None, ""):  # run as ``python bench/http_sse.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Servers, Side, cpu_seconds, execute, render_environment, render_footer
+from bench.common import Errors, Servers, Side, execute, render_environment, render_footer
 from bench.levels import (
     Names,
     Outcome,
@@ -89,7 +90,11 @@ from bench.levels import (
 )
 
 NAMES = Names(
-    unit="requests", per_unit="request", first="ttfb", first_column="TTFB", rate_column="req/s"
+    unit="requests",
+    per_unit="request",
+    first="first_output",
+    first_column="first",
+    rate_column="req/s",
 )
 
 BODY = json.dumps(
@@ -103,6 +108,9 @@ BODY = json.dumps(
 ).encode()
 HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 COMPLETED_EVENT = b"event: response.completed\n"
+EVENT_LINE = b"event: "
+NOT_OUTPUT = frozenset({b"response.created", b"response.in_progress"})
+"""Events before any output, which codexlb may hold back until output comes."""
 
 REQUEST_TIMEOUT_SECONDS = 30.0
 
@@ -111,7 +119,8 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 
 
 async def one_request(session: aiohttp.ClientSession, target: Target, index: int) -> Outcome:
-    """(TTFB, total) in seconds, or what went wrong."""
+    """(first output event, total) in seconds and the events received, or what went
+    wrong."""
     headers = target.headers_for(index)
     start = time.perf_counter()
     try:
@@ -119,24 +128,44 @@ async def one_request(session: aiohttp.ClientSession, target: Target, index: int
             if response.status != 200:
                 body = await response.read()
                 return f"HTTP {response.status}: {body[:300]!r}"
-            ttfb: float | None = None
+            first: float | None = None
             total: float | None = None
             buffer = bytearray()
+            searched = scanned = 0  # events are looked for only in what is new
             async for chunk in response.content.iter_any():
-                if ttfb is None:
-                    ttfb = time.perf_counter() - start
                 buffer += chunk
+                if first is None:
+                    seen, scanned = output_seen(buffer, scanned)
+                    if seen:
+                        first = time.perf_counter() - start
                 if total is None:
-                    begin = buffer.find(COMPLETED_EVENT)
-                    if begin >= 0 and buffer.find(b"\n\n", begin) >= 0:
+                    begin = buffer.find(COMPLETED_EVENT, searched)
+                    if begin < 0:
+                        searched = max(0, len(buffer) - len(COMPLETED_EVENT))
+                    elif buffer.find(b"\n\n", begin) >= 0:
                         total = time.perf_counter() - start
     except (aiohttp.ClientError, TimeoutError) as exc:
         return f"{type(exc).__name__}: {exc}"
-    if ttfb is None or total is None:
+    if first is None or total is None:
         last = re.findall(rb"event: (\S+)", buffer)[-1:] or [b"(none)"]
         return f"stream ended without response.completed: last event {last[0].decode()}"
     problem = check_completed(bytes(buffer[buffer.find(COMPLETED_EVENT) :]))
-    return problem if problem else (ttfb, total)
+    return problem if problem else (first, total, buffer.count(b"\n\n"))
+
+
+def output_seen(buffer: bytearray, start: int) -> tuple[bool, int]:
+    """Whether ``buffer[start:]`` holds the ``event:`` line of an output event (one not in
+    `NOT_OUTPUT`), and where to look next time."""
+    while True:
+        begin = buffer.find(EVENT_LINE, start)
+        if begin < 0:
+            return False, max(start, len(buffer) - len(EVENT_LINE))
+        end = buffer.find(b"\n", begin)
+        if end < 0:
+            return False, begin
+        if bytes(buffer[begin + len(EVENT_LINE) : end]) not in NOT_OUTPUT:
+            return True, end
+        start = end
 
 
 def check_completed(tail: bytes) -> str | None:
@@ -172,10 +201,15 @@ class HttpRun(Run):
     async def level(
         self, concurrency: int, count: int, rounds: int, warmup: int
     ) -> dict[Side, SideResult]:
-        async with new_session(concurrency) as direct, new_session(concurrency) as through:
-            sessions: dict[Side, aiohttp.ClientSession] = {"direct": direct, "through": through}
+        async with contextlib.AsyncExitStack() as stack:
+            sessions: dict[Side, aiohttp.ClientSession] = {
+                side: await stack.enter_async_context(new_session(concurrency))
+                for side in self.sides
+            }
             batch = functools.partial(self.batch, sessions, concurrency)
-            return await interleave(batch, SideResult, concurrency, count, rounds, warmup)
+            return await interleave(
+                batch, SideResult, self.sides, concurrency, count, rounds, warmup
+            )
 
     async def batch(
         self,
@@ -187,9 +221,9 @@ class HttpRun(Run):
         result: SideResult | None,
     ) -> None:
         send = functools.partial(one_request, sessions[side], self.targets[side])
-        cpu_before = cpu_seconds(self.codexlb.pid)
+        cpu_before = self.proxy_cpu(side)
         outcomes, wall = await closed_loop([send] * min(concurrency, count), self.sent, count)
-        cpu = cpu_seconds(self.codexlb.pid) - cpu_before
+        cpu = self.proxy_cpu(side) - cpu_before
         self.sent += count
         self.tally(side, phase, outcomes)
         if result is not None:
@@ -203,9 +237,13 @@ def render(report: dict[str, Any]) -> str:
     settings = report["settings"]
     out = [
         f"codexlb HTTP/SSE benchmark: {settings['requests']} requests per side per level in "
-        f"{settings['rounds']} alternating rounds, warm-up {settings['warmup']} per side",
+        f"{settings['rounds']} rotating rounds, warm-up {settings['warmup']} per side; "
+        "every event written as its own chunk by the fake upstream",
         render_environment(report),
-        "latencies in ms; added = through minus direct at the same percentile",
+        "latencies in ms from sending the request: first = first output event (not "
+        "response.created or response.in_progress), total = response.completed, 1st-end = "
+        "from the one to the other; added = through a proxy minus direct at the same "
+        "percentile",
     ]
     for level in report["levels"]:
         out += render_level(NAMES, level)
@@ -217,8 +255,8 @@ def render(report: dict[str, Any]) -> str:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    def start(servers: Servers) -> HttpRun:
-        return HttpRun(targets(servers, HEADERS), servers.codexlb, servers.fake)
+    def start(servers: Servers, errors: Errors) -> HttpRun:
+        return HttpRun(targets(servers, HEADERS), servers, errors)
 
     return await run_levels(args, NAMES, start, {})
 
@@ -228,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="bench/http_sse.py",
         description="Latency and throughput of codexlb versus the fake upstream, over HTTP/SSE.",
     )
-    add_level_arguments(parser, NAMES, concurrency_help="e.g. 1,16,64")
+    add_level_arguments(parser, NAMES, concurrency_help="e.g. 1,16,64", default_count=4000)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     return execute(lambda: run(args), render, as_json=args.json)

@@ -78,11 +78,12 @@ import contextlib
 import functools
 import itertools
 import json
+import os
 import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,8 +93,10 @@ if __package__ in (None, ""):  # run as ``python bench/ws.py``: make ``bench`` i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    PROXIES,
     SIDES,
     BenchError,
+    Errors,
     ProcessStats,
     Servers,
     Side,
@@ -143,6 +146,11 @@ IDLE_PAUSE_SECONDS = 2.0
 CODEXLB_CLIENT_PING_SECONDS = 30.0
 """codexlb's heartbeat on client sockets (``ws_proxy.CLIENT_HEARTBEAT_SECONDS``)."""
 FD_MARGIN = 256
+CHAININGS = ("unchained", "chained")
+SOCKETS_PER_PAIR = 2
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+CPU_SHARES = ("codexlb", "nginx", "fake_upstream", "load_generator", "other")
+"""Who used the machine's CPU during a side's rounds, in the report's keys."""
 
 
 # -- one socket ------------------------------------------------------------------------------
@@ -198,9 +206,10 @@ class Channel:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 await ws.close()
 
-    async def turn(self, index: int) -> tuple[float, float] | str:
-        """(first output, total) in seconds, or what went wrong; the socket is opened first
-        if needed, outside the timing, and closed after a failure."""
+    async def turn(self, index: int) -> Outcome:
+        """(first output, total) in seconds and the frames of the turn, or what went wrong;
+        the socket is opened first if needed, outside the timing, and closed after a
+        failure."""
         problem = await self.open()
         if problem is not None:
             return problem
@@ -213,10 +222,10 @@ class Channel:
         if isinstance(outcome, str):
             await self.close()
             return outcome
-        first, total, self.previous_response_id = outcome
+        first, total, frames, self.previous_response_id = outcome
         self.last_completed = time.perf_counter()
         self.chained += 1
-        return first, total
+        return first, total, frames
 
 
 def create_message(index: int, previous_response_id: str | None) -> str:
@@ -233,9 +242,9 @@ def create_message(index: int, previous_response_id: str | None) -> str:
 
 async def send_turn(
     ws: aiohttp.ClientWebSocketResponse, message: str
-) -> tuple[float, float, str] | str:
-    """Send one turn and read its events: (first output, total, response id), or what went
-    wrong."""
+) -> tuple[float, float, int, str] | str:
+    """Send one turn and read its events: (first output, total, frames, response id), or
+    what went wrong."""
     first: float | None = None
     frames = 0
     start = time.perf_counter()
@@ -266,7 +275,7 @@ async def send_turn(
     response_id = completed_id(text)
     if response_id is None:
         return f"malformed or unsuccessful response.completed: {text[:300]}"
-    return first, total, response_id
+    return first, total, frames, response_id
 
 
 def event_type(text: str) -> str | None:
@@ -322,54 +331,62 @@ def new_session() -> aiohttp.ClientSession:
 class SideCpuResult(SideResult):
     """A `SideResult` that also shares out the machine's CPU time during the side's rounds."""
 
-    fake_cpu_seconds: float = 0.0
-    load_generator_cpu_seconds: float = 0.0
-    other_cpu_seconds: float = 0.0
-    """The machine's busy time minus the three processes': other processes, and kernel work
-    not charged to a process (loopback softirqs)."""
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    """By process (`CPU_SHARES`) during the side's rounds; *other* is the machine's busy time
+    minus the processes': other processes, and kernel work not charged to a process (loopback
+    softirqs)."""
 
-    def add_cpu(self, codexlb: float, fake: float, own: float, machine: float) -> None:
-        """Pool the CPU seconds a batch took from the fake, this process and the machine
-        (codexlb's own go to `add`)."""
-        self.fake_cpu_seconds += fake
-        self.load_generator_cpu_seconds += own
-        self.other_cpu_seconds += max(0.0, machine - codexlb - fake - own)
+    def add_cpu(self, used: Mapping[str, float], machine: float) -> None:
+        """Pool the CPU seconds a batch took from each process and the machine."""
+        for name, seconds in used.items():
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + seconds
+        other = max(0.0, machine - sum(used.values()))
+        self.cpu_seconds["other"] = self.cpu_seconds.get("other", 0.0) + other
 
     def extra_summary(self) -> dict[str, Any]:
         return {
             "cpu_share_of_core": {
-                "codexlb": ratio(self.codexlb_cpu_seconds, self.wall_seconds),
-                "fake_upstream": ratio(self.fake_cpu_seconds, self.wall_seconds),
-                "load_generator": ratio(self.load_generator_cpu_seconds, self.wall_seconds),
-                "other": ratio(self.other_cpu_seconds, self.wall_seconds),
+                name: ratio(self.cpu_seconds.get(name, 0.0), self.wall_seconds)
+                for name in CPU_SHARES
             }
         }
 
 
 @dataclass
 class WsRun(Run):
-    """`Run` over WebSockets: ``concurrency`` sockets per side and level, then the idle-socket
-    phase (`idle`) after the levels."""
+    """`Run` over WebSockets: ``concurrency`` sockets per side and level, turns unchained or
+    chained (`variants`), then the idle-socket phase (`idle`) after the levels."""
 
+    chainings: Sequence[str]
     chain: int
     compress: bool
     idle_sockets: int
+    turns_per_conversation: int = field(default=1, init=False)
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{"chaining": chaining} for chaining in self.chainings]
+
+    def use_variant(self, variant: Mapping[str, Any]) -> None:
+        self.turns_per_conversation = self.chain if variant["chaining"] == "chained" else 1
 
     async def level(
         self, concurrency: int, count: int, rounds: int, warmup: int
     ) -> dict[Side, SideCpuResult]:
-        async with new_session() as direct, new_session() as through:
-            sessions = {"direct": direct, "through": through}
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = {side: await stack.enter_async_context(new_session()) for side in self.sides}
             channels = {
-                side: self.channels(side, sessions[side], concurrency, self.chain) for side in SIDES
+                side: self.channels(side, sessions[side], concurrency, self.turns_per_conversation)
+                for side in self.sides
             }
             try:
-                for side in SIDES:
+                for side in self.sides:
                     await self.open_all(side, channels[side], "handshake")
                 batch = functools.partial(self.batch, channels)
-                return await interleave(batch, SideCpuResult, concurrency, count, rounds, warmup)
+                return await interleave(
+                    batch, SideCpuResult, self.sides, concurrency, count, rounds, warmup
+                )
             finally:
-                for side in SIDES:
+                for side in self.sides:
                     await asyncio.gather(*(channel.close() for channel in channels[side]))
 
     def after_level(self) -> dict[str, Any]:
@@ -419,25 +436,29 @@ class WsRun(Run):
     ) -> None:
         """``count`` turns, each channel's worker taking the next index as it comes free."""
         turns = [channel.turn for channel in channels[side][:count]]
-        cpu_before = self.cpu_now()
+        cpu_before, machine_before = self.cpu_now(), machine_busy_seconds()
         outcomes, wall = await closed_loop(turns, self.sent, count)
-        used = [b - a for a, b in zip(cpu_before, self.cpu_now(), strict=True)]
-        lb_cpu, fake_cpu, own_cpu, machine = used
+        cpu_after, machine = self.cpu_now(), machine_busy_seconds() - machine_before
+        used = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
         self.sent += count
         self.tally(side, phase, outcomes)
         if result is None:
             return
-        result.add(outcomes, wall, lb_cpu, count)
-        result.add_cpu(lb_cpu, fake_cpu, own_cpu, machine)
+        proxy_cpu = used[PROXIES[side]] if side in PROXIES else 0.0
+        result.add(outcomes, wall, proxy_cpu, count)
+        result.add_cpu(used, machine)
 
-    def cpu_now(self) -> tuple[float, float, float, float]:
-        """CPU seconds so far of codexlb, the fake upstream, this process and the machine."""
-        return (
-            cpu_seconds(self.codexlb.pid),
-            cpu_seconds(self.fake.pid),
-            time.process_time(),
-            machine_busy_seconds(),
-        )
+    def cpu_now(self) -> dict[str, float]:
+        """CPU seconds so far of codexlb, nginx (if it runs), the fake upstream and this
+        process."""
+        now = {
+            "codexlb": self.proxy_cpu("through"),
+            "fake_upstream": cpu_seconds(self.fake.pid),
+            "load_generator": time.process_time(),
+        }
+        if "nginx" in self.sides:
+            now["nginx"] = self.proxy_cpu("nginx")
+        return now
 
     async def idle(self, count: int) -> dict[str, Any]:
         """The idle-socket phase (see the module docstring)."""
@@ -468,6 +489,8 @@ class WsRun(Run):
             "idle": after.summary(),
             "after_second_turns": after_again.summary(),
             "codexlb_kib_per_socket_pair": round((after.lb_rss_kib - before.lb_rss_kib) / count, 1),
+            "codexlb_socket_fds_per_pair": round((after.lb_sockets - before.lb_sockets) / count, 2),
+            "kernel_tcp_kib_per_socket_pair": round((after.tcp_kib - before.tcp_kib) / count, 1),
             "load_generator_kib_per_client_socket": round(
                 (after.own_rss_kib - before.own_rss_kib) / count, 1
             ),
@@ -502,6 +525,8 @@ class IdleSample:
     lb_sockets: int
     fake_sockets: int
     own_rss_kib: int
+    tcp_kib: int
+    """The kernel's memory for TCP buffers, all sockets of the machine (``/proc/net/sockstat``)."""
 
     @classmethod
     def read(cls, codexlb_pid: int, fake_pid: int) -> IdleSample:
@@ -510,6 +535,7 @@ class IdleSample:
             open_sockets(codexlb_pid),
             open_sockets(fake_pid),
             memory_kib("self")["VmRSS"],
+            kernel_tcp_kib(),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -518,7 +544,17 @@ class IdleSample:
             "codexlb_socket_fds": self.lb_sockets,
             "fake_upstream_socket_fds": self.fake_sockets,
             "load_generator_rss_mib": round(self.own_rss_kib / 1024, 1),
+            "kernel_tcp_kib": self.tcp_kib,
         }
+
+
+def kernel_tcp_kib() -> int:
+    """``mem`` of the ``TCP:`` line of ``/proc/net/sockstat`` (pages) in KiB."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        fields = line.split()
+        if fields[:1] == ["TCP:"] and "mem" in fields:
+            return int(fields[fields.index("mem") + 1]) * PAGE_KIB
+    return 0
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -537,20 +573,23 @@ def raise_fd_limit(needed: int) -> int:
 
 def render(report: dict[str, Any]) -> str:
     settings = report["settings"]
-    compress = "offered" if settings["compress"] else "not offered"
+    compress = "on" if settings["compress"] else "off"
     out = [
         f"codexlb WebSocket benchmark: {settings['turns']} turns per side per level in "
-        f"{settings['rounds']} alternating rounds, warm-up {settings['warmup']} per side; "
-        f"chains of {settings['chain']} turns; permessage-deflate {compress} by the client",
+        f"{settings['rounds']} rotating rounds, warm-up {settings['warmup']} per side; "
+        f"chained turns in conversations of {settings['chain']}; permessage-deflate {compress} "
+        "on both legs of every side; every event its own frame",
         render_environment(report),
         "latencies in ms from sending response.create; first = first output event (not "
-        "codex.rate_limits, response.created or response.in_progress); added = through minus "
-        "direct at the same percentile",
+        "codex.rate_limits, response.created or response.in_progress); 1st-end = from it to "
+        "response.completed; added = through a proxy minus direct at the same percentile",
     ]
     for level in report["levels"]:
         rss = f"; RSS {level['codexlb_rss_mib_at_end']:.1f} MiB after the level"
-        out += render_level(NAMES, level, heading_note=" (sockets per side)", cpu_note=rss)
-        shares = "; ".join(cpu_shares(side, level[side]) for side in SIDES)
+        out += render_level(NAMES, level, heading_note="sockets per side", cpu_note=rss)
+        sides = [side for side in SIDES if side in level]
+        with_nginx = "nginx" in level
+        shares = "; ".join(cpu_shares(s, level[s], with_nginx=with_nginx) for s in sides)
         out.append(f"  CPU, % of one core: {shares}")
     out += [
         "",
@@ -562,11 +601,12 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def cpu_shares(side: Side, summary: dict[str, Any]) -> str:
+def cpu_shares(side: Side, summary: dict[str, Any], *, with_nginx: bool) -> str:
     """Who used the cores during one side's rounds (with N CPUs, N x 100% is all of them)."""
     shares = summary["cpu_share_of_core"]
     names = {
         "codexlb": "codexlb",
+        "nginx": "nginx",
         "fake_upstream": "fake",
         "load_generator": "load generator",
         "other": "other",
@@ -574,6 +614,7 @@ def cpu_shares(side: Side, summary: dict[str, Any]) -> str:
     parts = [
         f"{label} {cell(None if shares[key] is None else 100 * shares[key], 0, '.0f')}"
         for key, label in names.items()
+        if key != "nginx" or with_nginx
     ]
     return f"{side} rounds " + ", ".join(parts)
 
@@ -590,9 +631,12 @@ def render_idle(idle: dict[str, Any]) -> list[str]:
         f"  codexlb RSS {before['codexlb_rss_mib']:.1f} -> {after['codexlb_rss_mib']:.1f} MiB "
         f"after a {IDLE_PAUSE_SECONDS:g} s pause: {idle['codexlb_kib_per_socket_pair']:.1f} KiB "
         "per socket pair (client + upstream)",
-        f"  socket fds: codexlb {before['codexlb_socket_fds']} -> {after['codexlb_socket_fds']}, "
+        f"  socket fds: codexlb {before['codexlb_socket_fds']} -> {after['codexlb_socket_fds']} "
+        f"({idle['codexlb_socket_fds_per_pair']:.2f} per pair: client + upstream = 2), "
         f"fake upstream {before['fake_upstream_socket_fds']} -> "
-        f"{after['fake_upstream_socket_fds']}",
+        f"{after['fake_upstream_socket_fds']}; kernel TCP buffers (whole machine) "
+        f"{before['kernel_tcp_kib']} -> {after['kernel_tcp_kib']} KiB: "
+        f"{idle['kernel_tcp_kib_per_socket_pair']:.1f} KiB per pair",
         f"  load generator RSS {before['load_generator_rss_mib']:.1f} -> "
         f"{after['load_generator_rss_mib']:.1f} MiB: "
         f"{idle['load_generator_kib_per_client_socket']:.1f} KiB per client socket",
@@ -603,6 +647,11 @@ def render_idle(idle: dict[str, Any]) -> list[str]:
         f"p99 {cell(second['total_ms']['p99'], 0)} ms); codexlb RSS then "
         f"{again['codexlb_rss_mib']:.1f} MiB",
     ]
+    if idle["codexlb_socket_fds_per_pair"] < SOCKETS_PER_PAIR:
+        lines.append(
+            "  warning: codexlb holds fewer than 2 sockets per idle client: not every client "
+            "socket kept its upstream socket, so the memory per pair leaves some out"
+        )
     if idle["longest_idle_seconds"] > CODEXLB_CLIENT_PING_SECONDS:
         lines.append(
             f"  warning: a socket sat idle {idle['longest_idle_seconds']:.0f} s, past codexlb's "
@@ -615,20 +664,35 @@ def render_idle(idle: dict[str, Any]) -> list[str]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    raise_fd_limit(2 * args.idle + 2 * max(args.concurrency) + FD_MARGIN)
+    raise_fd_limit(2 * args.idle + 4 * max(args.concurrency) + FD_MARGIN)
 
-    def start(servers: Servers) -> WsRun:
+    def start(servers: Servers, errors: Errors) -> WsRun:
         return WsRun(
             targets(servers, WEBSOCKET_BETA),
-            servers.codexlb,
-            servers.fake,
+            servers,
+            errors,
+            chainings=args.chaining,
             chain=args.chain,
             compress=args.compress,
             idle_sockets=args.idle,
         )
 
-    settings = {"chain": args.chain, "idle": args.idle, "compress": args.compress}
+    settings = {
+        "chaining": args.chaining,
+        "chain": args.chain,
+        "idle": args.idle,
+        "compress": args.compress,
+    }
     return await run_levels(args, NAMES, start, settings)
+
+
+def chaining_list(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or any(value not in CHAININGS for value in values):
+        raise argparse.ArgumentTypeError(
+            f"expected {' or '.join(CHAININGS)} (or both, comma-separated), got {text!r}"
+        )
+    return values
 
 
 def non_negative(text: str) -> int:
@@ -644,12 +708,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Latency, throughput and idle-socket memory of codexlb versus the fake "
         "upstream, in Responses WebSocket mode.",
     )
-    add_level_arguments(parser, NAMES, concurrency_help="sockets per side, e.g. 1,16,64")
+    add_level_arguments(
+        parser, NAMES, concurrency_help="sockets per side, e.g. 1,16,64", default_count=2000
+    )
+    parser.add_argument(
+        "--chaining",
+        type=chaining_list,
+        default=list(CHAININGS),
+        help="unchained (a new conversation every turn), chained (previous_response_id on "
+        "the same socket, as Codex does) or both (default unchained,chained)",
+    )
     parser.add_argument(
         "--chain",
         type=positive,
         default=20,
-        help="turns per conversation before a fresh one (default 20)",
+        help="chained turns per conversation before a fresh one (default 20)",
     )
     parser.add_argument(
         "--idle",
@@ -659,9 +732,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compress",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="offer permessage-deflate from the client sockets, as Codex does",
+        action="store_true",
+        help="permessage-deflate on both legs of every side: offered by the client sockets "
+        "(as Codex does), accepted by the fake upstream, and codexlb's [server] and "
+        "[upstream] websocket_compression on (default: off everywhere)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
