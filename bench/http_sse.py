@@ -1,58 +1,67 @@
-"""HTTP/SSE benchmark: the latency and throughput cost of codexlb in front of an upstream.
+"""HTTP/SSE benchmark: the latency, throughput and CPU cost of codexlb in front of an upstream,
+beside nginx as a plain proxy hop.
 
-Run: ``.venv/bin/python bench/http_sse.py [--requests N] [--concurrency 1,16,64] [--json]``.
+Run: ``.venv/bin/python bench/http_sse.py [--requests N] [--deltas 20,300]
+[--concurrency 1,16,64] [--no-nginx | --nginx PATH] [--json]``.
 
 Processes
-    Three processes on 127.0.0.1, each on its own event loop: the fake upstream
-    (``python -m codexlb.testing.fake_upstream``, three ChatGPT accounts), ``codexlb serve`` on a
-    temporary config (the same three accounts, client keys on, SQLite in a temporary directory,
-    INFO logging to a file as an operator would run it), and this process, which generates the
-    load with one ``aiohttp.ClientSession`` per side. Both servers are stopped at the end, also
-    on an error, Ctrl-C or SIGTERM.
+    Per response shape (``--deltas``), freshly started: the fake upstream (``python -m
+    codexlb.testing.fake_upstream``, three ChatGPT accounts), ``codexlb serve`` on a temporary
+    config (the same three accounts, client keys on, SQLite in a temporary directory, INFO
+    logging to a file as an operator would run it), nginx where it is installed (``nginx.py``:
+    one worker, ``proxy_pass`` to the fake, no buffering; ``apt-get install nginx-light``),
+    and this process, which generates the load with one ``aiohttp.ClientSession`` per side.
+    All are stopped at the end, also on an error, Ctrl-C or SIGTERM. Without nginx the run
+    says so and measures the other two sides.
 
 One request
-    ``POST /backend-api/codex/responses`` with a one-message streaming body; the fake answers
-    with a 13-event SSE stream (about 5 kB). Clocks start just before the request is sent.
-    *TTFB* stops at the first chunk of the response body; *total* stops when the whole
-    ``response.completed`` event has arrived. codexlb commits the response's snapshot to SQLite
-    before it forwards ``response.completed`` (SPEC S2), so *total* includes that commit. After
+    ``POST /backend-api/codex/responses`` with a one-message streaming body. The fake answers
+    as the real upstream streams: every SSE event its own HTTP chunk, written on its own, with
+    ``--deltas`` text deltas (about four characters each) in the message, so 10 + deltas
+    events. Clocks start just before the request is sent. *first* stops when the first output
+    event (neither ``response.created`` nor ``response.in_progress``, which codexlb may hold
+    back) has arrived; *total* when the whole ``response.completed`` event has; *1st-end* is
+    the one to the other. codexlb commits the response's snapshot to SQLite before it forwards
+    ``response.completed`` (SPEC S2), so *total* includes that commit. After
     ``response.completed`` the body is read to its end, outside the timing, so that the
     connection is kept alive (Codex itself may hang up instead).
 
 Sides
     *direct*: straight to the fake upstream with an account's own token (rotating over the
     three accounts). *through*: to codexlb with a client key; codexlb picks the account,
-    relays the stream and stores the snapshot. The fake does the same work for both sides.
+    relays the stream and stores the snapshot. *nginx*: to nginx with the accounts' own tokens,
+    which passes every request on to the fake as it is. The fake does the same work for all.
 
 Interleaving
-    For each concurrency C, each side gets its own session (one connector, keep-alive,
-    ``limit=C``) and C workers (a closed loop: each worker sends its next request when the
-    previous one completes). After a warm-up on both sides, ``--rounds`` rounds each run
-    ``N / rounds`` requests on one side, then the same number on the other, alternating which
-    side goes first. Samples and wall time are pooled per side over the rounds, so drift in
-    machine load, CPU frequency or the growing SQLite file hits both sides alike.
+    For each response shape and concurrency C, each side gets its own session (one connector,
+    keep-alive, ``limit=C``) and C workers (a closed loop: each worker sends its next request
+    when the previous one completes). After a warm-up on every side, ``--rounds`` rounds each
+    run ``N / rounds`` requests on one side, then on the next, rotating which side goes first
+    (`levels.round_order`). Samples and wall time are pooled per side over the rounds, so drift
+    in machine load, CPU frequency or the growing SQLite file hits every side alike.
 
 The numbers
-    *added* is through minus direct at the same percentile (a difference of percentiles, not
-    a percentile of differences: requests are not paired). *req/s* is completed requests over
-    the side's pooled wall time; the *ratio* through/direct is the share of the direct
-    throughput left when codexlb is in the path (1.0: no cost). In a closed loop throughput
-    is about C / mean latency, so at C=1 the ratio mirrors latency and at high C it shows
-    whose CPU saturates first. *codexlb CPU* is the user+system time (``/proc/PID/stat``) the
-    codexlb process spent during the through rounds, per request and as a share of one core:
-    near 100% means its single event loop is the bottleneck (the end-of-run split between the
-    event-loop thread and the other threads, aiosqlite's, says which). *Peak RSS* is codexlb's
-    ``VmHWM`` at the end of the run.
+    *added* is a proxy's side minus direct at the same percentile (a difference of
+    percentiles, not a percentile of differences: requests are not paired). *req/s* is
+    completed requests over the side's pooled wall time; a proxy's *throughput* is its side's
+    share of the direct throughput (1.0: no cost). In a closed loop throughput is about C /
+    mean latency, so at C=1 the ratio mirrors latency and at high C it shows whose CPU
+    saturates first. A proxy's *CPU* is the user+system time (``/proc/PID/stat``; nginx's
+    master and worker together) it spent during its side's rounds, per request, per relayed
+    event and as a share of one core: near 100% means its single event loop is the bottleneck.
+    *Peak RSS* is ``VmHWM`` at the end of each set of servers (nginx: master plus worker).
 
 Caveats
-    On a 2-core machine the load generator, the fake and codexlb share the cores, and the
+    On a 2-core machine the load generator, the fake and the proxy share the cores, and the
     direct side has one process fewer competing for them: absolute numbers belong to this
-    machine. Compare runs of the same machine, or the ratios.
+    machine. Compare runs of the same machine, or the ratios. A proxy that merges events
+    which arrive together into fewer, larger writes saves the load generator work, so its
+    side can be faster than direct.
 
 Correctness
     Every response must be 200 and end with ``response.completed`` (status ``completed``,
     nothing after it), the SQLite file must hold at least one snapshot per response completed
-    through codexlb, and both servers must survive the run. Otherwise the run says so loudly
+    through codexlb, and every server must survive the run. Otherwise the run says so loudly
     and exits 1 (2 if a server does not start, 130 on Ctrl-C, 143 on SIGTERM).
 """
 

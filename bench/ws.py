@@ -1,63 +1,77 @@
-"""WebSocket-mode benchmark: the cost of codexlb in front of an upstream, per turn and per
-idle socket.
+"""WebSocket-mode benchmark: the cost of codexlb in front of an upstream, per turn, per
+relayed event and per idle socket, beside nginx as a plain proxy hop.
 
-Run: ``.venv/bin/python bench/ws.py [--turns N] [--concurrency 1,16,64] [--idle N] [--json]``.
+Run: ``.venv/bin/python bench/ws.py [--turns N] [--deltas 20,300] [--concurrency 1,16,64]
+[--chaining unchained,chained] [--compress] [--idle N] [--no-nginx | --nginx PATH] [--json]``.
 
 Processes
-    As in ``http_sse.py`` (`bench.common.serving`): the fake upstream, ``codexlb serve`` and
-    this process, the load generator, on 127.0.0.1. This process first raises its soft
-    open-file limit to the hard limit; both servers inherit it (``--idle 2000`` needs about
+    As in ``http_sse.py`` (`bench.common.serving`, ``nginx.py``): per response shape
+    (``--deltas``) a fresh fake upstream, ``codexlb serve`` and nginx where it is installed,
+    and this process, the load generator, on 127.0.0.1. This process first raises its soft
+    open-file limit to the hard limit; the servers inherit it (``--idle 2000`` needs about
     4,000 descriptors in codexlb).
 
 One turn
-    ``GET /backend-api/codex/responses`` upgraded once per socket, with permessage-deflate
-    offered as Codex does (``--no-compress`` to leave it out); each turn is one
-    ``response.create`` text frame and the answer one JSON event a frame: ``codex.rate_limits``,
-    ``response.created``, ``response.in_progress``, ... ``response.completed`` (14 frames, about
-    3 kB). As Codex does, a turn continues the previous response of its socket with
-    ``previous_response_id`` and a one-message delta ``input``; every ``--chain`` turns a socket
-    starts a fresh conversation (full input, no anchor). Through codexlb the anchor is the live
-    one of the socket's upstream socket, so it is forwarded as it is, and codexlb commits every
-    response's snapshot before it forwards ``response.completed``. Sockets are opened before
-    any timing (handshakes are not part of a turn). The clock starts just before the frame is
-    sent. *First* stops at the first event that is output, that is neither
-    ``codex.rate_limits``, ``response.created`` nor ``response.in_progress`` (codexlb holds
-    those two back until output comes); *total* stops at ``response.completed``.
+    ``GET /backend-api/codex/responses`` upgraded once per socket. permessage-deflate is off
+    on both legs of every side: not offered by this process, not accepted by the fake, and
+    codexlb's ``[server]`` and ``[upstream] websocket_compression`` off; ``--compress`` turns
+    it on everywhere (offered as Codex does, accepted by the fake and by codexlb, and offered
+    by codexlb upstream), and a socket that did not negotiate what was asked counts as a
+    failure. Each turn is one ``response.create`` text frame and the answer one JSON event a
+    frame, each written on its own: ``codex.rate_limits``, ``response.created``,
+    ``response.in_progress``, ... ``--deltas`` text deltas ... ``response.completed`` (11 +
+    deltas frames). Turns are *unchained* (each a new conversation on the same socket, full
+    input, no anchor) or *chained* (as Codex does: a turn continues the previous response of
+    its socket with ``previous_response_id`` and a one-message delta ``input``; every
+    ``--chain`` turns a socket starts a fresh conversation); ``--chaining`` picks one or both.
+    Through codexlb the anchor is the live one of the socket's upstream socket, so it is
+    forwarded as it is, and codexlb commits every response's snapshot before it forwards
+    ``response.completed``. Sockets are opened before any timing (handshakes are not part of
+    a turn). The clock starts just before the frame is sent. *first* stops at the first event
+    that is output, that is neither ``codex.rate_limits``, ``response.created`` nor
+    ``response.in_progress`` (codexlb holds those two back until output comes); *total* stops
+    at ``response.completed``; *1st-end* is the one to the other.
 
 Sides and interleaving
     *direct*: sockets straight to the fake upstream, each authenticated as one of its three
     accounts in turn. *through*: sockets to codexlb with a client key; codexlb opens one
-    upstream socket per client socket. For each concurrency C each side opens C sockets, each
-    driven by its own worker doing sequential turns (a closed loop); after a warm-up on both
-    sides, ``--rounds`` rounds each run ``turns / rounds`` turns on one side, then on the
-    other, alternating which side goes first, and samples and wall time are pooled per side.
-    The numbers (*added*, *turns/s*, the through/direct *ratio*, codexlb CPU per turn and as
-    a share of one core) mean what they mean in ``http_sse.py``. The CPU line also gives the
-    fake's, this process's and everything else's share during each side's rounds (*other*:
-    the machine's busy time minus the three processes', that is other processes, whose load
-    makes the run noisy, and kernel work charged to no process): whether the machine's cores,
-    rather than codexlb's one event loop, set the pace. codexlb's RSS is read at the end of
-    each level, and its peak (``VmHWM``) before the idle phase.
+    upstream socket per client socket. *nginx*: sockets to nginx with the accounts' tokens,
+    each upgraded end to end to the fake. For each shape, chaining and concurrency C each side
+    opens C sockets, each driven by its own worker doing sequential turns (a closed loop);
+    after a warm-up on every side, ``--rounds`` rounds each run ``turns / rounds`` turns on one
+    side, then on the next, rotating which side goes first, and samples and wall time are
+    pooled per side. The numbers (*added*, *turns/s*, a proxy's *throughput* over direct, its
+    CPU per turn, per relayed event and as a share of one core) mean what they mean in
+    ``http_sse.py``. The CPU line also gives every process's share during each side's rounds
+    and everything else's (*other*: the machine's busy time minus the processes', that is
+    other processes, whose load makes the run noisy, and kernel work charged to no process,
+    loopback included): whether the machine's cores, rather than a proxy's one event loop, set
+    the pace. codexlb's RSS is read at the end of each level, and its peak (``VmHWM``) before
+    the idle phase.
 
 Idle sockets (``--idle N``)
-    After the levels, with their sockets closed and a pause: codexlb's ``VmRSS``, then N client
-    sockets to codexlb (64 handshakes and first turns at a time, so each has its upstream
-    socket open and a response behind it), then a pause with every socket idle, then
-    ``VmRSS`` again: (after - before) / N is codexlb's memory per socket pair (the client's
-    socket and the upstream one). Freed memory that codexlb's allocator kept from the levels
-    may be reused, so this is a lower bound rather than an overestimate. The socket
-    descriptors of codexlb and of the fake upstream (``/proc/PID/fd``), and this process's
-    own RSS per client socket, are read at the same moments. Then every socket takes one more
-    turn, chained to its first (64 at a time): all N must succeed. codexlb pings an idle
-    client every 30 s and drops it without a pong, which this process only sends when it
-    reads, so the phase warns when a socket sat idle longer than that.
+    After the levels of the last shape, with their sockets closed and a pause: codexlb's
+    ``VmRSS``, then N client sockets to codexlb (64 handshakes and first turns at a time, so
+    each has its upstream socket open and a response behind it), then a pause with every
+    socket idle, then ``VmRSS`` again: (after - before) / N is codexlb's memory per socket
+    pair, its client socket and its upstream socket both (both live in codexlb's process; the
+    socket descriptors of codexlb, two per pair, show that each kept its upstream socket, and
+    the phase warns otherwise). Freed memory that codexlb's allocator kept from the levels may
+    be reused, so this is a lower bound rather than an overestimate. The kernel's TCP buffer
+    memory (``/proc/net/sockstat``, the whole machine: every end of every socket), the
+    descriptors of the fake upstream (``/proc/PID/fd``), and this process's own RSS per client
+    socket are read at the same moments. Then every socket takes one more turn, chained to its
+    first (64 at a time): all N must succeed. codexlb pings an idle client every 30 s and drops
+    it without a pong, which this process only sends when it reads, so the phase warns when a
+    socket sat idle longer than that.
 
 Caveats
-    As in ``http_sse.py``: the three processes share the machine's cores, and the direct side
-    has one process fewer competing for them. With permessage-deflate each socket end keeps a
-    zlib compressor whose touched memory grows with the traffic it has carried (about 100 KiB
-    after a turn, up to about 250 KiB), so memory per idle socket after one or two short turns
-    is a floor for long, busy Codex sessions.
+    As in ``http_sse.py``: the processes share the machine's cores, the direct side has one
+    process fewer competing for them, and a proxy that writes frames which arrive together in
+    one write saves the load generator work. With ``--compress`` each socket end keeps a zlib
+    compressor whose touched memory grows with the traffic it has carried (about 100 KiB after
+    a turn, up to about 250 KiB), so memory per idle socket after one or two short turns is a
+    floor for long, busy Codex sessions.
 
 Correctness
     Every turn must begin with ``codex.rate_limits`` or ``response.created`` (nothing left
@@ -65,7 +79,7 @@ Correctness
     with an id) before a 30 s timeout, without ``error``, ``response.failed`` or
     ``response.incomplete``; a socket that failed a turn is closed and reopened for its next
     turn. The SQLite file must hold a snapshot per turn completed through codexlb, the idle
-    phase must succeed on every socket, and both servers must survive the run. Otherwise the
+    phase must succeed on every socket, and every server must survive the run. Otherwise the
     run says so loudly and exits 1 (2 if a server does not start or the open-file limit is too
     low, 130 on Ctrl-C, 143 on SIGTERM).
 """
@@ -198,6 +212,10 @@ class Channel:
             return "handshake timed out"
         except (aiohttp.ClientError, OSError) as exc:
             return f"handshake failed: {type(exc).__name__}: {exc}"
+        if bool(self.ws.compress) != self.compress:
+            await self.close()
+            wanted = "on" if self.compress else "off"
+            return f"permessage-deflate not as asked: {wanted} wanted, the server said otherwise"
         return None
 
     async def close(self) -> None:
