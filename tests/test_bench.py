@@ -34,11 +34,18 @@ def test_every_side_takes_every_place_alike_over_two_cycles() -> None:
     assert round_order(sides[:2], 0) != round_order(sides[:2], 1)
 
 
-def test_nginx_left_out_or_missing_says_why(tmp_path: Path) -> None:
+def test_nginx_left_out_or_missing_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert nginx.find(None, disabled=True) == nginx.Found(None, "left out (--no-nginx)")
     missing = nginx.find(str(tmp_path / "nginx"), disabled=False)
     assert missing.path is None
     assert "not an executable" in missing.why_not
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(nginx, "FALLBACK_PATH", str(tmp_path / "sbin-nginx"))
+    absent = nginx.find(None, disabled=False)
+    assert absent.path is None
+    assert "apt-get install nginx-light" in absent.why_not
 
 
 @pytest.fixture
