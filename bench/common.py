@@ -2,10 +2,12 @@
 parts of a report, and the command-line plumbing.
 
 Each benchmark (``http_sse.py``, ``ws.py``) starts the fake upstream and ``codexlb serve`` with
-`serving`, drives one *direct* and one *through* side with its own transport (the shape of
-that measurement is in ``levels.py``), and reports through `run_report` / `render_footer`, so
-that the numbers of all benchmarks mean the same thing and a run fails the same way: exit 1
-when a check fails, 2 when a server does not start, 130 on Ctrl-C, 143 on SIGTERM.
+`serving` (the fake streaming a `Shape` of response), and nginx where it is installed
+(``nginx.py``), drives a *direct* side, a *through* side (codexlb) and an *nginx* side with its
+own transport (the shape of that measurement is in ``levels.py``), and reports through
+`run_report` / `render_footer`, so that the numbers of all benchmarks mean the same thing and a
+run fails the same way: exit 1 when a check fails, 2 when a server does not start, 130 on
+Ctrl-C, 143 on SIGTERM.
 
 Both ``python bench/<name>.py`` and ``python -m bench.<name>`` work: a script run directly
 puts the repository root on ``sys.path`` before importing this module.
@@ -33,9 +35,16 @@ from typing import Any, Literal
 
 import aiohttp
 
-Side = Literal["direct", "through"]
-SIDES: tuple[Side, Side] = ("direct", "through")
-LABELS: dict[Side, str] = {"direct": "direct", "through": "through codexlb"}
+Side = Literal["direct", "through", "nginx"]
+SIDES: tuple[Side, ...] = ("direct", "through", "nginx")
+"""Every side a run may have; *nginx* only where nginx is installed."""
+PROXIES: dict[Side, str] = {"through": "codexlb", "nginx": "nginx"}
+"""The proxy in the path of each side but *direct*."""
+LABELS: dict[Side, str] = {
+    "direct": "direct",
+    "through": "through codexlb",
+    "nginx": "through nginx",
+}
 
 HOST = "127.0.0.1"
 RESPONSES_PATH = "/backend-api/codex/responses"
@@ -147,10 +156,34 @@ async def start_server(
         raise
 
 
-def fake_upstream_argv() -> list[str]:
+@dataclass(frozen=True)
+class Shape:
+    """What the fake upstream streams, shaped like the real upstream: every event written on
+    its own (one HTTP chunk or WebSocket frame each), ``deltas`` text deltas per response;
+    ``compress`` turns permessage-deflate on for both WebSocket legs of every side."""
+
+    deltas: int
+    compress: bool = False
+
+    @property
+    def text_length(self) -> int:
+        """The answer's length: about four characters a delta, as a model's tokens."""
+        return CHARACTERS_PER_DELTA * self.deltas
+
+
+CHARACTERS_PER_DELTA = 4
+
+
+def fake_upstream_argv(shape: Shape | None = None) -> list[str]:
+    """The fake's command line; without ``shape``, its default short answer in one write."""
     accounts = [arg for a in ACCOUNTS for arg in ("--account", ":".join(a))]
     module = "codexlb.testing.fake_upstream"
-    return [sys.executable, "-m", module, "--host", HOST, "--port", "0", *accounts]
+    argv = [sys.executable, "-m", module, "--host", HOST, "--port", "0", *accounts]
+    if shape is not None:
+        argv += ["--event-writes", "--deltas", str(shape.deltas)]
+        argv += ["--text-length", str(shape.text_length)]
+        argv += ["--ws-compression", "on" if shape.compress else "off"]
+    return argv
 
 
 def codexlb_argv(config_path: Path) -> list[str]:
@@ -159,15 +192,21 @@ def codexlb_argv(config_path: Path) -> list[str]:
     return [*command, "serve", "--config", str(config_path)]
 
 
-def write_config(path: Path, upstream_url: str, database_path: Path) -> Path:
+def write_config(
+    path: Path, upstream_url: str, database_path: Path, *, compress: bool = False
+) -> Path:
+    """codexlb's configuration; ``compress`` sets ``websocket_compression`` on both legs."""
+    compression = f"websocket_compression = {str(compress).lower()}"
     lines = [
         "[server]",
         f'host = "{HOST}"',
         "port = 0",
+        compression,
         "[database]",
         f"url = {json.dumps(f'sqlite+aiosqlite:///{database_path}')}",
         "[upstream]",
         f"base_url = {json.dumps(f'{upstream_url}/backend-api/codex')}",
+        compression,
         "[logging]",
         'level = "INFO"',
         "[[api_keys]]",
@@ -190,23 +229,30 @@ class Servers:
     fake: Server
     codexlb: Server
     database: Path
+    nginx: Server | None = None
 
 
 @contextlib.asynccontextmanager
 async def serving(
-    tmp: Path, codexlb_under: Sequence[str] = (), start_timeout: float = START_TIMEOUT_SECONDS
+    tmp: Path,
+    codexlb_under: Sequence[str] = (),
+    start_timeout: float = START_TIMEOUT_SECONDS,
+    *,
+    shape: Shape | None = None,
 ) -> AsyncIterator[Servers]:
-    """The fake upstream and codexlb (SQLite and logs in ``tmp``), stopped on the way out
-    whatever happens; a server may also be stopped earlier (`Server.stop` is idempotent).
-    ``codexlb_under`` prefixes codexlb's command line (a profiler, say)."""
+    """The fake upstream (streaming ``shape``) and codexlb (SQLite and logs in ``tmp``),
+    stopped on the way out whatever happens; a server may also be stopped earlier
+    (`Server.stop` is idempotent). ``codexlb_under`` prefixes codexlb's command line (a
+    profiler, say)."""
     database = tmp / "codexlb.db"
     async with contextlib.AsyncExitStack() as servers:
         progress("starting the fake upstream and codexlb")
         fake = await start_server(
-            "fake upstream", fake_upstream_argv(), tmp / "fake.log", FAKE_READY
+            "fake upstream", fake_upstream_argv(shape), tmp / "fake.log", FAKE_READY
         )
         servers.push_async_callback(fake.stop)
-        config = write_config(tmp / "codexlb.toml", fake.url, database)
+        compress = shape is not None and shape.compress
+        config = write_config(tmp / "codexlb.toml", fake.url, database, compress=compress)
         codexlb = await start_server(
             "codexlb",
             [*codexlb_under, *codexlb_argv(config)],
@@ -413,62 +459,80 @@ def environment() -> dict[str, Any]:
 
 @dataclass
 class Closing:
-    """What a run knows once both servers have stopped, for the common part of its report."""
+    """What one set of servers (one `Shape`) left behind once they stopped, for the common
+    part of the report."""
 
     servers: Servers
-    errors: Errors
+    deltas: int
     completed_through: int
     after_start: ProcessStats
     at_end: ProcessStats
     codexlb_exit: int
     fake_cpu_seconds: float
+    nginx_at_end: ProcessStats | None
+    nginx_exit: int | None
+
+
+@dataclass
+class Whole:
+    """What the whole run knows at its end, over every set of servers it started."""
+
+    closings: list[Closing]
+    errors: Errors
     began: float
     """``time.perf_counter()`` at the start of the run."""
     bench_cpu_before: float
     """``time.process_time()`` at the start of the run."""
+    nginx: dict[str, Any]
+    """``path`` of the nginx measured, or None and ``note``: why not."""
 
 
 def run_report(
-    closing: Closing,
+    whole: Whole,
     settings: dict[str, Any],
     results: dict[str, Any],
     failures: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The whole report: ``ok`` and ``failures`` (the common checks, then the benchmark's
     own ``failures``), ``settings``, ``environment``, the benchmark's ``results`` sections,
-    then ``codexlb``, ``fake_upstream``, ``load_generator_cpu_seconds``, ``wall_seconds``,
-    ``snapshots`` and ``errors``."""
-    errors, expected = closing.errors, closing.completed_through
-    snapshots = count_snapshots(closing.servers.database)
-    log = scan_codexlb_log(closing.servers.codexlb.log_path)
+    then ``nginx`` (found or not), ``servers`` (one entry per set of servers, i.e. per
+    ``deltas``: codexlb's and nginx's memory, CPU and exit, the fake's CPU, the snapshots),
+    ``codexlb_peak_rss_mib`` (the highest), ``load_generator_cpu_seconds``, ``wall_seconds``
+    and ``errors``."""
+    errors = whole.errors
     problems = []
     if errors.total:
         problems.append(f"{errors.total} request(s) failed")
-    if not isinstance(snapshots, int) or snapshots < expected:
-        problems.append(f"snapshots stored: {snapshots}, expected at least {expected}")
-    if closing.codexlb_exit != 0:
-        problems.append(f"codexlb exited with code {closing.codexlb_exit} on SIGTERM")
+    servers = []
+    for closing in whole.closings:
+        section = server_section(closing)
+        snapshots = section["snapshots"]["stored"]
+        expected = closing.completed_through
+        if not isinstance(snapshots, int) or snapshots < expected:
+            problems.append(
+                f"deltas {closing.deltas}: snapshots stored: {snapshots}, "
+                f"expected at least {expected}"
+            )
+        if closing.codexlb_exit != 0:
+            problems.append(
+                f"deltas {closing.deltas}: codexlb exited with code {closing.codexlb_exit} "
+                "on SIGTERM"
+            )
+        servers.append(section)
     problems += failures
-    at_end = closing.at_end
     return {
         "ok": not problems,
         "failures": problems,
         "settings": settings,
         "environment": environment(),
         **results,
-        "codexlb": {
-            "peak_rss_mib": round(at_end.peak_rss_mib, 1),
-            "rss_after_start_mib": round(closing.after_start.rss_mib, 1),
-            "rss_at_end_mib": round(at_end.rss_mib, 1),
-            "cpu_seconds": round(at_end.cpu_seconds, 2),
-            "main_thread_cpu_seconds": round(at_end.main_thread_cpu_seconds, 2),
-            "exit_code": closing.codexlb_exit,
-            "log": log,
-        },
-        "fake_upstream": {"cpu_seconds": round(closing.fake_cpu_seconds, 2)},
-        "load_generator_cpu_seconds": round(time.process_time() - closing.bench_cpu_before, 2),
-        "wall_seconds": round(time.perf_counter() - closing.began, 1),
-        "snapshots": {"stored": snapshots, "expected_at_least": expected},
+        "nginx": whole.nginx,
+        "servers": servers,
+        "codexlb_peak_rss_mib": max(
+            (section["codexlb"]["peak_rss_mib"] for section in servers), default=None
+        ),
+        "load_generator_cpu_seconds": round(time.process_time() - whole.bench_cpu_before, 2),
+        "wall_seconds": round(time.perf_counter() - whole.began, 1),
         "errors": {
             "total": errors.total,
             "counts": dict(errors.counts),
@@ -477,38 +541,94 @@ def run_report(
     }
 
 
+def server_section(closing: Closing) -> dict[str, Any]:
+    at_end, nginx_at_end = closing.at_end, closing.nginx_at_end
+    nginx = None
+    if nginx_at_end is not None and closing.servers.nginx is not None:
+        nginx = {
+            "peak_rss_mib": round(nginx_at_end.peak_rss_mib, 1),
+            "rss_at_end_mib": round(nginx_at_end.rss_mib, 1),
+            "cpu_seconds": round(nginx_at_end.cpu_seconds, 2),
+            "exit_code": closing.nginx_exit,
+            "log": scan_nginx_log(closing.servers.nginx.log_path),
+        }
+    return {
+        "deltas": closing.deltas,
+        "codexlb": {
+            "peak_rss_mib": round(at_end.peak_rss_mib, 1),
+            "rss_after_start_mib": round(closing.after_start.rss_mib, 1),
+            "rss_at_end_mib": round(at_end.rss_mib, 1),
+            "cpu_seconds": round(at_end.cpu_seconds, 2),
+            "main_thread_cpu_seconds": round(at_end.main_thread_cpu_seconds, 2),
+            "exit_code": closing.codexlb_exit,
+            "log": scan_codexlb_log(closing.servers.codexlb.log_path),
+        },
+        "nginx": nginx,
+        "fake_upstream": {"cpu_seconds": round(closing.fake_cpu_seconds, 2)},
+        "snapshots": {
+            "stored": count_snapshots(closing.servers.database),
+            "expected_at_least": closing.completed_through,
+        },
+    }
+
+
+def scan_nginx_log(path: Path) -> dict[str, Any]:
+    """nginx's error log: lines at ``warn`` or worse, with the first few."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return {"warnings_or_errors": len(lines), "examples": lines[:ERROR_EXAMPLES]}
+
+
 def cell(value: float | None, width: int, spec: str = ".2f") -> str:
     return ("-" if value is None else format(value, spec)).rjust(width)
 
 
 def render_environment(report: dict[str, Any]) -> str:
     env = report["environment"]
+    nginx = report["nginx"]
+    where = f"nginx {nginx['path']}" if nginx["path"] else f"no nginx: {nginx['note']}"
     return (
         f"{env['cpus']} CPUs, Python {env['python']}, aiohttp {env['aiohttp']}, "
-        f"commit {env['commit']} (working tree may differ)"
+        f"commit {env['commit']} (working tree may differ); {where}"
     )
 
 
 def render_footer(report: dict[str, Any]) -> list[str]:
     """The lines of the `run_report` sections, ending with the verdict."""
-    lb = report["codexlb"]
-    out = [
+    out = []
+    for section in report["servers"]:
+        lb = section["codexlb"]
+        out += [
+            "",
+            f"servers of deltas {section['deltas']}:",
+            f"  codexlb: peak RSS (VmHWM) {lb['peak_rss_mib']:.1f} MiB "
+            f"({lb['rss_after_start_mib']:.1f} MiB after start-up), exit code {lb['exit_code']}; "
+            f"CPU {lb['cpu_seconds']:.1f} s user+system, of which the event-loop thread "
+            f"{lb['main_thread_cpu_seconds']:.1f} s and other threads (aiosqlite) "
+            f"{lb['cpu_seconds'] - lb['main_thread_cpu_seconds']:.1f} s",
+        ]
+        nginx = section["nginx"]
+        if nginx is not None:
+            out.append(
+                f"  nginx (master + worker): peak RSS {nginx['peak_rss_mib']:.1f} MiB, "
+                f"CPU {nginx['cpu_seconds']:.1f} s, exit code {nginx['exit_code']}, "
+                f"{nginx['log']['warnings_or_errors']} log lines at warn or worse"
+            )
+            out += [f"    | {line}" for line in nginx["log"]["examples"]]
+        out += [
+            f"  fake upstream: CPU {section['fake_upstream']['cpu_seconds']:.1f} s; "
+            f"snapshots in SQLite: {section['snapshots']['stored']} "
+            f"(responses completed through codexlb: {section['snapshots']['expected_at_least']})",
+            f"  codexlb log: {lb['log']['request_lines']} request lines, "
+            f"{lb['log']['request_lines_with_attempts_over_1']} with attempts > 1, "
+            f"{lb['log']['warnings_or_errors']} warnings or errors",
+        ]
+        out += [f"    | {line}" for line in lb["log"]["examples"]]
+    out += [
         "",
-        f"codexlb process: peak RSS (VmHWM) {lb['peak_rss_mib']:.1f} MiB "
-        f"({lb['rss_after_start_mib']:.1f} MiB after start-up), "
-        f"exit code {lb['exit_code']}",
-        f"codexlb CPU: {lb['cpu_seconds']:.1f} s user+system, of which the event-loop thread "
-        f"{lb['main_thread_cpu_seconds']:.1f} s and other threads (aiosqlite) "
-        f"{lb['cpu_seconds'] - lb['main_thread_cpu_seconds']:.1f} s",
-        f"fake upstream: CPU {report['fake_upstream']['cpu_seconds']:.1f} s; load generator: "
-        f"CPU {report['load_generator_cpu_seconds']:.1f} s; run {report['wall_seconds']:.1f} s",
-        f"snapshots in SQLite: {report['snapshots']['stored']} "
-        f"(responses completed through codexlb: {report['snapshots']['expected_at_least']})",
-        f"codexlb log: {lb['log']['request_lines']} request lines, "
-        f"{lb['log']['request_lines_with_attempts_over_1']} with attempts > 1, "
-        f"{lb['log']['warnings_or_errors']} warnings or errors",
+        f"codexlb peak RSS, highest of the runs: {cell(report['codexlb_peak_rss_mib'], 0, '.1f')}"
+        f" MiB; load generator: CPU {report['load_generator_cpu_seconds']:.1f} s; "
+        f"run {report['wall_seconds']:.1f} s",
     ]
-    out += [f"  | {line}" for line in lb["log"]["examples"]]
     if report["ok"]:
         out.append("result: OK, no errors")
     else:
@@ -523,14 +643,23 @@ def render_footer(report: dict[str, Any]) -> list[str]:
 # -- command line ----------------------------------------------------------------------------
 
 
-def concurrency_list(text: str) -> list[int]:
+def positive_list(text: str, example: str) -> list[int]:
+    """A comma-separated list of positive integers, e.g. ``example``."""
     try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,16,64, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError("concurrency levels must be positive integers")
-    return levels
+        raise argparse.ArgumentTypeError(f"expected e.g. {example}, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, e.g. {example}")
+    return values
+
+
+def concurrency_list(text: str) -> list[int]:
+    return positive_list(text, "1,16,64")
+
+
+def deltas_list(text: str) -> list[int]:
+    return positive_list(text, "20,300")
 
 
 def positive(text: str) -> int:

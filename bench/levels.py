@@ -1,12 +1,15 @@
-"""The direct-versus-through measurement both benchmarks make, whatever the transport.
+"""The direct-versus-proxies measurement both benchmarks make, whatever the transport.
 
-A benchmark measures concurrency *levels*: at each, a warm-up on both sides, then rounds that
-alternate which side goes first, with the samples pooled per side. This module holds all of it
-but the transport: each side's `Target`, the pooled `SideResult`, the closed loop of workers
-(`closed_loop`), the alternating rounds (`interleave`), the `Run` base class with the tallies
-of a run, the whole run from starting the servers to the report (`run_levels`), the per-side
-and per-level summaries, a level's lines in the text report (`render_level`), and the options
-of the levels (`add_level_arguments`). What a transport calls its unit of work and its first
+A benchmark measures *levels*: for each response shape (``--deltas``: the servers are started
+afresh for each), each variant of the transport (WebSocket turns unchained or chained) and each
+concurrency, a warm-up on every side, then rounds that rotate which side goes first, with the
+samples pooled per side. The sides are *direct* (straight to the fake upstream), *through*
+(codexlb) and *nginx* (a plain proxy hop, where nginx is installed). This module holds all of
+it but the transport: each side's `Target`, the pooled `SideResult`, the closed loop of workers
+(`closed_loop`), the rotating rounds (`interleave`), the `Run` base class with the tallies of a
+run, the whole run from starting the servers to the report (`run_levels`), the per-side and
+per-level summaries, a level's lines in the text report (`render_level`), and the options of
+the levels (`add_level_arguments`). What a transport calls its unit of work and its first
 latency comes in as `Names`.
 """
 
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -22,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench import nginx
 from bench.common import (
     LABELS,
+    PROXIES,
     RESPONSES_PATH,
     RUN_TIMEOUT_SECONDS,
     SIDES,
@@ -32,12 +39,15 @@ from bench.common import (
     ProcessStats,
     Server,
     Servers,
+    Shape,
     Side,
+    Whole,
     account_headers,
     cell,
     client_headers,
     concurrency_list,
     cpu_seconds,
+    deltas_list,
     distribution_ms,
     minus,
     positive,
@@ -48,8 +58,9 @@ from bench.common import (
     split,
 )
 
-Outcome = tuple[float, float] | str
-"""One request or turn: (first latency, total) in seconds, or what went wrong."""
+Outcome = tuple[float, float, int] | str
+"""One request or turn: (first latency, total) in seconds and the events it carried, or what
+went wrong."""
 
 R = TypeVar("R", bound="SideResult")
 B = TypeVar("B", bound="Run")
@@ -57,8 +68,9 @@ B = TypeVar("B", bound="Run")
 QUANTILES = ("p50", "p99")
 """The percentiles of the *added* figures and of the tables."""
 LABEL_WIDTH = 17
-WIDTHS = (10, 10, 11, 11)
-"""The latency columns of a table: the first latency, then the total, at each quantile."""
+WIDTHS = (11, 11, 11, 11, 12, 12)
+"""The latency columns of a table: the first latency, the total, and the time from the first
+to the end, at each quantile."""
 RATE_WIDTH = 10
 
 
@@ -71,11 +83,11 @@ class Names:
     """Plural (``requests``): the count keys, ``<unit>_per_second`` and the ``--<unit>``
     option."""
     per_unit: str
-    """Singular (``request``): ``codexlb_cpu_ms_per_<per_unit>`` and ``ms/<per_unit>``."""
+    """Singular (``request``): ``proxy_cpu_ms_per_<per_unit>`` and ``ms/<per_unit>``."""
     first: str
-    """The first latency's key (``ttfb``): ``<first>_ms`` and ``added_ms``'s keys."""
+    """The first latency's key (``first_output``): ``<first>_ms`` and ``added_ms``'s keys."""
     first_column: str
-    """The first latency in a table's header (``TTFB``)."""
+    """The first latency in a table's header (``first``)."""
     rate_column: str
     """The throughput in a table's header (``req/s``)."""
 
@@ -95,39 +107,50 @@ class Target:
 
 
 def targets(servers: Servers, common: Mapping[str, str]) -> dict[Side, Target]:
-    """The fake upstream with each account's own token, and codexlb with the client key,
-    both with the transport's ``common`` headers."""
+    """The fake upstream with each account's own token, codexlb with the client key, and
+    nginx (if running) with the accounts' tokens as direct, all with the transport's ``common``
+    headers."""
     accounts = tuple({**common, **headers} for headers in account_headers())
     client = {**common, **client_headers()}
-    return {
+    found: dict[Side, Target] = {
         "direct": Target("direct", servers.fake.url + RESPONSES_PATH, accounts),
         "through": Target("through", servers.codexlb.url + RESPONSES_PATH, (client,)),
     }
+    if servers.nginx is not None:
+        found["nginx"] = Target("nginx", servers.nginx.url + RESPONSES_PATH, accounts)
+    return found
 
 
 @dataclass
 class SideResult:
-    """The pooled samples of one side at one concurrency (warm-up excluded)."""
+    """The pooled samples of one side at one level (warm-up excluded)."""
 
     first: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
+    first_to_end: list[float] = field(default_factory=list)
+    events: int = 0
+    """Events (SSE events or WebSocket frames) of the completed requests or turns."""
     wall_seconds: float = 0.0
-    codexlb_cpu_seconds: float = 0.0
+    proxy_cpu_seconds: float = 0.0
+    """CPU of the side's proxy (codexlb, or nginx's master and worker) during its rounds."""
     count: int = 0
     """Requests or turns sent, failed ones included."""
 
-    def add(self, outcomes: Iterable[Outcome], wall: float, codexlb_cpu: float, count: int) -> None:
+    def add(self, outcomes: Iterable[Outcome], wall: float, proxy_cpu: float, count: int) -> None:
         """Pool one batch of ``count`` requests or turns."""
         self.wall_seconds += wall
-        self.codexlb_cpu_seconds += codexlb_cpu
+        self.proxy_cpu_seconds += proxy_cpu
         self.count += count
         for outcome in outcomes:
             if not isinstance(outcome, str):
-                self.first.append(outcome[0])
-                self.total.append(outcome[1])
+                first, total, events = outcome
+                self.first.append(first)
+                self.total.append(total)
+                self.first_to_end.append(total - first)
+                self.events += events
 
     def extra_summary(self) -> dict[str, Any]:
-        """What a benchmark adds to `side_summary`, before ``codexlb_cpu_seconds``."""
+        """What a benchmark adds to `side_summary`, before the proxy's CPU."""
         return {}
 
 
@@ -150,24 +173,32 @@ async def closed_loop(
     return outcomes, time.perf_counter() - start
 
 
+def round_order(sides: Sequence[Side], number: int) -> list[Side]:
+    """The sides in round ``number``: rotated one step a round, and reversed every other
+    cycle of rotations, so that each side goes first, middle and last alike."""
+    shift = number % len(sides)
+    order = [*sides[shift:], *sides[:shift]]
+    return order[::-1] if (number // len(sides)) % 2 else order
+
+
 async def interleave(
     batch: Callable[[Side, int, str, R | None], Awaitable[None]],
     new_result: Callable[[], R],
+    sides: Sequence[Side],
     concurrency: int,
     count: int,
     rounds: int,
     warmup: int,
 ) -> dict[Side, R]:
     """One level: ``warmup`` on each side (not pooled), then ``count`` per side in ``rounds``
-    rounds, alternating which side goes first. ``batch(side, count, phase, result)`` sends
-    a batch and pools it into ``result`` unless that is None."""
-    results = {side: new_result() for side in SIDES}
-    for side in SIDES:
+    rounds, rotating which side goes first (`round_order`). ``batch(side, count, phase,
+    result)`` sends a batch and pools it into ``result`` unless that is None."""
+    results = {side: new_result() for side in sides}
+    for side in sides:
         await batch(side, warmup, "warm-up", None)
     for number, part in enumerate(split(count, rounds)):
-        order = SIDES if number % 2 == 0 else SIDES[::-1]
         progress(f"  concurrency {concurrency}: round {number + 1}/{rounds}")
-        for side in order:
+        for side in round_order(sides, number):
             await batch(side, part, "measured", results[side])
     return results
 
@@ -176,17 +207,49 @@ async def interleave(
 class Run(ABC):
     """The running benchmark: its targets and servers, and the tallies of the whole run.
 
-    A benchmark implements `level` (one concurrency, typically with `interleave`) and may add
-    to the report with `after_level` and `after_levels`.
+    A benchmark implements `level` (one concurrency, typically with `interleave`), may offer
+    variants of its transport (`variants`, `use_variant`) and may add to the report with
+    `after_level` and `after_levels`.
     """
 
     targets: dict[Side, Target]
-    codexlb: Server
-    fake: Server
-    errors: Errors = field(default_factory=Errors, init=False)
+    servers: Servers
+    errors: Errors
+    """Shared by the runs of every set of servers."""
     completed_through: int = field(default=0, init=False)
     sent: int = field(default=0, init=False)
     """Requests or turns sent so far: the next one's index."""
+
+    @property
+    def codexlb(self) -> Server:
+        return self.servers.codexlb
+
+    @property
+    def fake(self) -> Server:
+        return self.servers.fake
+
+    @property
+    def sides(self) -> tuple[Side, ...]:
+        """The sides of this run, in `SIDES` order (*nginx* only where it runs)."""
+        return tuple(side for side in SIDES if side in self.targets)
+
+    def proxy_cpu(self, side: Side) -> float:
+        """CPU seconds so far of the side's proxy: codexlb, nginx's master and worker, or
+        nothing for *direct*."""
+        if side == "through":
+            return cpu_seconds(self.codexlb.pid)
+        if side == "nginx" and self.servers.nginx is not None:
+            return nginx.group_cpu_seconds(self.servers.nginx)
+        return 0.0
+
+    def variants(self) -> list[dict[str, Any]]:
+        """The variants of the transport to measure at each concurrency, as the keys they
+        add to a level's summary; one by default."""
+        return [{}]
+
+    def use_variant(self, variant: Mapping[str, Any]) -> None:
+        """Measure ``variant`` (one of `variants`) from now on; nothing to do by default."""
+        del variant
 
     @abstractmethod
     async def level(
@@ -218,101 +281,159 @@ class Run(ABC):
     def check_alive(self) -> None:
         self.codexlb.check_alive()
         self.fake.check_alive()
+        if self.servers.nginx is not None:
+            self.servers.nginx.check_alive()
 
 
 async def run_levels(
     args: argparse.Namespace,
     names: Names,
-    start: Callable[[Servers], B],
+    start: Callable[[Servers, Errors], B],
     settings: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The whole run: start the servers, build the `Run` with ``start``, measure every level
-    of ``args.concurrency``, then `Run.after_levels`, stop the servers and report (the
-    benchmark's own ``settings`` after those of the levels)."""
+    """The whole run: for each of ``args.deltas``, start the servers (nginx too, unless
+    ``args.no_nginx`` or it is not installed), build the `Run` with ``start``, measure every
+    variant and level of ``args.concurrency``, stop the servers; after the last, first
+    `Run.after_levels`. Then the report (the benchmark's own ``settings`` after those of the
+    levels)."""
     began = time.perf_counter()
     bench_cpu_before = time.process_time()
+    found = nginx.find(args.nginx, disabled=args.no_nginx)
+    if found.path is None:
+        progress(f"nginx: {found.why_not}; measuring without it")
+    compress = bool(getattr(args, "compress", False))
+    errors = Errors()
+    levels: list[dict[str, Any]] = []
+    closings: list[Closing] = []
+    sections: dict[str, Any] = {}
+    failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="codexlb-bench-") as temp:
-        async with serving(Path(temp)) as servers:
-            fake, codexlb = servers.fake, servers.codexlb
-            after_start = ProcessStats.read(codexlb.pid)
-            fake_cpu_before = cpu_seconds(fake.pid)
-            bench = start(servers)
-            levels = []
-            async with asyncio.timeout(RUN_TIMEOUT_SECONDS):
-                for concurrency in args.concurrency:
-                    warmup = max(args.warmup, 2 * concurrency)
-                    results = await bench.level(concurrency, args.count, args.rounds, warmup)
-                    extra = bench.after_level()
-                    levels.append(level_summary(names, concurrency, warmup, results, extra))
-                sections, failures = await bench.after_levels()
-            at_end = ProcessStats.read(codexlb.pid)
-            fake_cpu = cpu_seconds(fake.pid) - fake_cpu_before
-            codexlb_exit = await codexlb.stop()
-            await fake.stop()
-        closing = Closing(
-            servers=servers,
-            errors=bench.errors,
-            completed_through=bench.completed_through,
-            after_start=after_start,
-            at_end=at_end,
-            codexlb_exit=codexlb_exit,
-            fake_cpu_seconds=fake_cpu,
+        for number, deltas in enumerate(args.deltas):
+            tmp = Path(temp) / f"deltas-{deltas}-{number}"
+            tmp.mkdir()
+            progress(f"responses of {deltas} deltas")
+            shape = Shape(deltas, compress)
+            async with serving(tmp, shape=shape) as servers, contextlib.AsyncExitStack() as stack:
+                if found.path is not None:
+                    progress("starting nginx")
+                    proxy = await nginx.start(found.path, tmp, servers.fake.url)
+                    stack.push_async_callback(proxy.stop)
+                    servers = dataclasses.replace(servers, nginx=proxy)
+                fake, codexlb = servers.fake, servers.codexlb
+                after_start = ProcessStats.read(codexlb.pid)
+                fake_cpu_before = cpu_seconds(fake.pid)
+                bench = start(servers, errors)
+                async with asyncio.timeout(RUN_TIMEOUT_SECONDS):
+                    for variant in bench.variants():
+                        bench.use_variant(variant)
+                        for concurrency in args.concurrency:
+                            warmup = max(args.warmup, 2 * concurrency)
+                            results = await bench.level(
+                                concurrency, args.count, args.rounds, warmup
+                            )
+                            key = {"deltas": deltas, **variant}
+                            extra = bench.after_level()
+                            levels.append(
+                                level_summary(names, key, concurrency, warmup, results, extra)
+                            )
+                    if number == len(args.deltas) - 1:
+                        sections, failures = await bench.after_levels()
+                at_end = ProcessStats.read(codexlb.pid)
+                nginx_at_end = None
+                if servers.nginx is not None:
+                    nginx_at_end = nginx.group_stats(servers.nginx)
+                fake_cpu = cpu_seconds(fake.pid) - fake_cpu_before
+                codexlb_exit = await codexlb.stop()
+                nginx_exit = await servers.nginx.stop() if servers.nginx is not None else None
+                await fake.stop()
+            closings.append(
+                Closing(
+                    servers=servers,
+                    deltas=deltas,
+                    completed_through=bench.completed_through,
+                    after_start=after_start,
+                    at_end=at_end,
+                    codexlb_exit=codexlb_exit,
+                    fake_cpu_seconds=fake_cpu,
+                    nginx_at_end=nginx_at_end,
+                    nginx_exit=nginx_exit,
+                )
+            )
+        whole = Whole(
+            closings=closings,
+            errors=errors,
             began=began,
             bench_cpu_before=bench_cpu_before,
+            nginx={"path": found.path, "note": found.why_not or None},
         )
         all_settings = {
             names.unit: args.count,
+            "deltas": args.deltas,
             "concurrency": args.concurrency,
             "rounds": args.rounds,
             "warmup": args.warmup,
             **settings,
         }
-        return run_report(closing, all_settings, {"levels": levels, **sections}, failures)
+        return run_report(whole, all_settings, {"levels": levels, **sections}, failures)
 
 
 # -- reports ---------------------------------------------------------------------------------
 
 
-def side_summary(names: Names, result: SideResult) -> dict[str, Any]:
-    return {
+def side_summary(names: Names, side: Side, result: SideResult) -> dict[str, Any]:
+    """One side's figures; a proxy's side adds its proxy's CPU."""
+    completed = len(result.total)
+    summary = {
         names.unit: result.count,
-        "completed": len(result.total),
+        "completed": completed,
+        f"events_per_{names.per_unit}": ratio(result.events, completed, 1),
         "wall_seconds": round(result.wall_seconds, 3),
-        f"{names.unit}_per_second": ratio(len(result.total), result.wall_seconds, 1),
+        f"{names.unit}_per_second": ratio(completed, result.wall_seconds, 1),
         f"{names.first}_ms": distribution_ms(result.first),
         "total_ms": distribution_ms(result.total),
+        "first_to_end_ms": distribution_ms(result.first_to_end),
         **result.extra_summary(),
-        "codexlb_cpu_seconds": round(result.codexlb_cpu_seconds, 2),
     }
+    if side in PROXIES:
+        cpu = result.proxy_cpu_seconds
+        summary["proxy"] = PROXIES[side]
+        summary["proxy_cpu_seconds"] = round(cpu, 2)
+        summary[f"proxy_cpu_ms_per_{names.per_unit}"] = ratio(1000 * cpu, result.count)
+        summary["proxy_cpu_us_per_event"] = ratio(1_000_000 * cpu, result.events, 2)
+        summary["proxy_cpu_share_of_core"] = ratio(cpu, result.wall_seconds)
+    return summary
 
 
 def level_summary(
     names: Names,
+    key: Mapping[str, Any],
     concurrency: int,
     warmup: int,
     results: Mapping[Side, SideResult],
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Both sides, what codexlb adds, and ``extra`` last."""
-    direct, through = (
-        side_summary(names, results["direct"]),
-        side_summary(names, results["through"]),
-    )
-    lb_cpu, through_result = results["through"].codexlb_cpu_seconds, results["through"]
+    """The level's ``key`` (deltas, variant), every side, what each proxy adds to *direct*
+    (``added_ms``, ``throughput_ratio`` in its side), and ``extra`` last."""
+    summaries: dict[str, dict[str, Any]] = {
+        side: side_summary(names, side, result) for side, result in results.items()
+    }
+    direct = summaries["direct"]
     rate = f"{names.unit}_per_second"
+    metrics = (names.first, "total", "first_to_end")
+    for side, summary in summaries.items():
+        if side == "direct":
+            continue
+        summary["throughput_ratio"] = ratio(summary[rate] or 0.0, direct[rate] or 0.0)
+        summary["added_ms"] = {
+            f"{metric}_{q}": minus(summary[f"{metric}_ms"][q], direct[f"{metric}_ms"][q])
+            for metric in metrics
+            for q in QUANTILES
+        }
     return {
+        **key,
         "concurrency": concurrency,
         "warmup_per_side": warmup,
-        "direct": direct,
-        "through": through,
-        "added_ms": {
-            f"{metric}_{q}": minus(through[f"{metric}_ms"][q], direct[f"{metric}_ms"][q])
-            for metric in (names.first, "total")
-            for q in QUANTILES
-        },
-        "throughput_ratio": ratio(through[rate] or 0.0, direct[rate] or 0.0),
-        f"codexlb_cpu_ms_per_{names.per_unit}": ratio(1000 * lb_cpu, through_result.count),
-        "codexlb_cpu_share_of_core": ratio(lb_cpu, through_result.wall_seconds),
+        **summaries,
         **extra,
     }
 
@@ -325,29 +446,45 @@ def table_row(label: str, values: Sequence[float | None], spec: str) -> str:
 def render_level(
     names: Names, level: dict[str, Any], *, heading_note: str = "", cpu_note: str = ""
 ) -> list[str]:
-    """A level's lines: its heading (with ``heading_note``), a row per side and the added
-    row, then throughput and codexlb's CPU (with ``cpu_note`` at the end)."""
-    metrics = (names.first, "total")
-    columns = [f"{label} {q}" for label in (names.first_column, "total") for q in QUANTILES]
+    """A level's lines: its heading (with ``heading_note`` on the concurrency), a row per side
+    and an added row per proxy, then each proxy's throughput ratio and CPU (with ``cpu_note``
+    at the end of codexlb's)."""
+    metrics = (names.first, "total", "first_to_end")
+    titles = (names.first_column, "total", "1st-end")
+    columns = [f"{title} {q}" for title in titles for q in QUANTILES]
     header = "".join(f"{n:>{w}}" for n, w in zip(columns, WIDTHS, strict=True))
+    sides = [side for side in SIDES if side in level]
+    variant = "".join(f", {level[k]}" for k in ("chaining",) if k in level)
+    events = level["direct"][f"events_per_{names.per_unit}"]
+    notes = [heading_note] if heading_note else []
+    notes.append(f"{cell(events, 0, '.0f')} events per {names.per_unit}")
     out = [
         "",
-        f"concurrency {level['concurrency']}{heading_note}",
+        f"deltas {level['deltas']}{variant}, concurrency {level['concurrency']} "
+        f"({'; '.join(notes)})",
         "  " + " " * LABEL_WIDTH + header + f"{names.rate_column:>{RATE_WIDTH}}",
     ]
-    for side in SIDES:
+    for side in sides:
         latencies = [level[side][f"{metric}_ms"][q] for metric in metrics for q in QUANTILES]
         rate = cell(level[side][f"{names.unit}_per_second"], RATE_WIDTH, ".1f")
         out.append(table_row(LABELS[side], latencies, ".2f") + rate)
-    added = [level["added_ms"][f"{metric}_{q}"] for metric in metrics for q in QUANTILES]
-    out.append(table_row("added", added, "+.2f"))
-    cpu_share = level["codexlb_cpu_share_of_core"]
-    out.append(
-        f"  throughput through/direct {cell(level['throughput_ratio'], 0)}; codexlb CPU "
-        f"{cell(level[f'codexlb_cpu_ms_per_{names.per_unit}'], 0)} ms/{names.per_unit}, "
-        f"{cell(None if cpu_share is None else 100 * cpu_share, 0, '.0f')}% of one core "
-        f"during through rounds{cpu_note}"
-    )
+    for side in sides:
+        if side in PROXIES:
+            added_ms = level[side]["added_ms"]
+            added = [added_ms[f"{metric}_{q}"] for metric in metrics for q in QUANTILES]
+            out.append(table_row(f"added {PROXIES[side]}", added, "+.2f"))
+    for side in sides:
+        if side not in PROXIES:
+            continue
+        summary = level[side]
+        share = summary["proxy_cpu_share_of_core"]
+        out.append(
+            f"  {PROXIES[side]}: throughput {cell(summary['throughput_ratio'], 0)} of direct; "
+            f"CPU {cell(summary[f'proxy_cpu_ms_per_{names.per_unit}'], 0, '.3f')} "
+            f"ms/{names.per_unit}, {cell(summary['proxy_cpu_us_per_event'], 0, '.1f')} "
+            f"us/event, {cell(None if share is None else 100 * share, 0, '.0f')}% of one core"
+            + (cpu_note if side == "through" else "")
+        )
     return out
 
 
@@ -355,16 +492,23 @@ def render_level(
 
 
 def add_level_arguments(
-    parser: argparse.ArgumentParser, names: Names, concurrency_help: str
+    parser: argparse.ArgumentParser, names: Names, concurrency_help: str, default_count: int
 ) -> None:
-    """``--<unit>`` (as ``args.count``), ``--concurrency``, ``--rounds`` and ``--warmup``."""
+    """``--<unit>`` (as ``args.count``), ``--deltas``, ``--concurrency``, ``--rounds``,
+    ``--warmup``, ``--nginx`` and ``--no-nginx``."""
     parser.add_argument(
         f"--{names.unit}",
         dest="count",
         metavar=names.unit.upper(),
         type=positive,
-        default=8000,
-        help=f"measured {names.unit} per side and level (default 8000)",
+        default=default_count,
+        help=f"measured {names.unit} per side and level (default {default_count})",
+    )
+    parser.add_argument(
+        "--deltas",
+        type=deltas_list,
+        default=[20, 300],
+        help="text deltas per response, one run of fresh servers each (default 20,300)",
     )
     parser.add_argument(
         "--concurrency", type=concurrency_list, default=[1, 16, 64], help=concurrency_help
@@ -378,3 +522,10 @@ def add_level_arguments(
         default=100,
         help=f"warm-up {names.unit} per side and level (at least 2 x concurrency)",
     )
+    parser.add_argument(
+        "--nginx",
+        metavar="PATH",
+        default=None,
+        help=f"the nginx binary (default: nginx on PATH, else {nginx.FALLBACK_PATH})",
+    )
+    parser.add_argument("--no-nginx", action="store_true", help="leave out the side through nginx")

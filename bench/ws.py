@@ -1,63 +1,78 @@
-"""WebSocket-mode benchmark: the cost of codexlb in front of an upstream, per turn and per
-idle socket.
+"""WebSocket-mode benchmark: the cost of codexlb in front of an upstream, per turn, per
+relayed event and per idle socket, beside nginx as a plain proxy hop.
 
-Run: ``.venv/bin/python bench/ws.py [--turns N] [--concurrency 1,16,64] [--idle N] [--json]``.
+Run: ``.venv/bin/python bench/ws.py [--turns N] [--deltas 20,300] [--concurrency 1,16,64]
+[--chaining unchained,chained] [--compress] [--idle N] [--no-nginx | --nginx PATH] [--json]``.
 
 Processes
-    As in ``http_sse.py`` (`bench.common.serving`): the fake upstream, ``codexlb serve`` and
-    this process, the load generator, on 127.0.0.1. This process first raises its soft
-    open-file limit to the hard limit; both servers inherit it (``--idle 2000`` needs about
+    As in ``http_sse.py`` (`bench.common.serving`, ``nginx.py``): per response shape
+    (``--deltas``) a fresh fake upstream, ``codexlb serve`` and nginx where it is installed,
+    and this process, the load generator, on 127.0.0.1. This process first raises its soft
+    open-file limit to the hard limit; the servers inherit it (``--idle 2000`` needs about
     4,000 descriptors in codexlb).
 
 One turn
-    ``GET /backend-api/codex/responses`` upgraded once per socket, with permessage-deflate
-    offered as Codex does (``--no-compress`` to leave it out); each turn is one
-    ``response.create`` text frame and the answer one JSON event a frame: ``codex.rate_limits``,
-    ``response.created``, ``response.in_progress``, ... ``response.completed`` (14 frames, about
-    3 kB). As Codex does, a turn continues the previous response of its socket with
-    ``previous_response_id`` and a one-message delta ``input``; every ``--chain`` turns a socket
-    starts a fresh conversation (full input, no anchor). Through codexlb the anchor is the live
-    one of the socket's upstream socket, so it is forwarded as it is, and codexlb commits every
-    response's snapshot before it forwards ``response.completed``. Sockets are opened before
-    any timing (handshakes are not part of a turn). The clock starts just before the frame is
-    sent. *First* stops at the first event that is output, that is neither
-    ``codex.rate_limits``, ``response.created`` nor ``response.in_progress`` (codexlb holds
-    those two back until output comes); *total* stops at ``response.completed``.
+    ``GET /backend-api/codex/responses`` upgraded once per socket. permessage-deflate is off
+    on both legs of every side: not offered by this process, not accepted by the fake, and
+    codexlb's ``[server]`` and ``[upstream] websocket_compression`` off; ``--compress`` turns
+    it on everywhere (offered as Codex does, accepted by the fake and by codexlb, and offered
+    by codexlb upstream), and a socket that did not negotiate what was asked counts as a
+    failure. Each turn is one ``response.create`` text frame and the answer one JSON event a
+    frame, each written on its own: ``codex.rate_limits``, ``response.created``,
+    ``response.in_progress``, ... ``--deltas`` text deltas ... ``response.completed`` (11 +
+    deltas frames). Turns are *unchained* (each a new conversation on the same socket, full
+    input, no anchor) or *chained* (as Codex does: a turn continues the previous response of
+    its socket with ``previous_response_id`` and a one-message delta ``input``; every
+    ``--chain`` turns a socket starts a fresh conversation); ``--chaining`` picks one or both.
+    Through codexlb the anchor is the live one of the socket's upstream socket, so it is
+    forwarded as it is, and codexlb commits every response's snapshot before it forwards
+    ``response.completed``. Sockets are opened before any timing (handshakes are not part of
+    a turn). The clock starts just before the frame is sent. *first* stops at the first event
+    that is output, that is neither ``codex.rate_limits``, ``response.created`` nor
+    ``response.in_progress`` (codexlb holds those two back until output comes); *total* stops
+    at ``response.completed``; *1st-end* is the one to the other.
 
 Sides and interleaving
     *direct*: sockets straight to the fake upstream, each authenticated as one of its three
     accounts in turn. *through*: sockets to codexlb with a client key; codexlb opens one
-    upstream socket per client socket. For each concurrency C each side opens C sockets, each
-    driven by its own worker doing sequential turns (a closed loop); after a warm-up on both
-    sides, ``--rounds`` rounds each run ``turns / rounds`` turns on one side, then on the
-    other, alternating which side goes first, and samples and wall time are pooled per side.
-    The numbers (*added*, *turns/s*, the through/direct *ratio*, codexlb CPU per turn and as
-    a share of one core) mean what they mean in ``http_sse.py``. The CPU line also gives the
-    fake's, this process's and everything else's share during each side's rounds (*other*:
-    the machine's busy time minus the three processes', that is other processes, whose load
-    makes the run noisy, and kernel work charged to no process): whether the machine's cores,
-    rather than codexlb's one event loop, set the pace. codexlb's RSS is read at the end of
-    each level, and its peak (``VmHWM``) before the idle phase.
+    upstream socket per client socket. *nginx*: sockets to nginx with the accounts' tokens,
+    each upgraded end to end to the fake. For each shape, chaining and concurrency C each side
+    opens C sockets, each driven by its own worker doing sequential turns (a closed loop);
+    after a warm-up on every side, ``--rounds`` rounds each run ``turns / rounds`` turns on one
+    side, then on the next, rotating which side goes first, and samples and wall time are
+    pooled per side. The numbers (*added*, *turns/s*, a proxy's *throughput* over direct, its
+    CPU per turn, per relayed event and as a share of one core) mean what they mean in
+    ``http_sse.py``. The CPU line also gives every process's share during each side's rounds
+    and everything else's (*other*: the machine's busy time minus the processes', that is
+    other processes, whose load makes the run noisy, and kernel work charged to no process,
+    loopback included): whether the machine's cores, rather than a proxy's one event loop, set
+    the pace. codexlb's RSS is read at the end of each level, and its peak (``VmHWM``) before
+    the idle phase.
 
 Idle sockets (``--idle N``)
-    After the levels, with their sockets closed and a pause: codexlb's ``VmRSS``, then N client
-    sockets to codexlb (64 handshakes and first turns at a time, so each has its upstream
-    socket open and a response behind it), then a pause with every socket idle, then
-    ``VmRSS`` again: (after - before) / N is codexlb's memory per socket pair (the client's
-    socket and the upstream one). Freed memory that codexlb's allocator kept from the levels
-    may be reused, so this is a lower bound rather than an overestimate. The socket
-    descriptors of codexlb and of the fake upstream (``/proc/PID/fd``), and this process's
-    own RSS per client socket, are read at the same moments. Then every socket takes one more
-    turn, chained to its first (64 at a time): all N must succeed. codexlb pings an idle
-    client every 30 s and drops it without a pong, which this process only sends when it
-    reads, so the phase warns when a socket sat idle longer than that.
+    After the levels of the last shape, with their sockets closed and a pause: codexlb's
+    ``VmRSS``, then N client sockets to codexlb (64 handshakes and first turns at a time, so
+    each has its upstream socket open and a response behind it), then a pause with every
+    socket idle, then ``VmRSS`` again: (after - before) / N is codexlb's memory per socket
+    pair, its client socket and its upstream socket both (both live in codexlb's process; the
+    socket descriptors of codexlb, two per pair, show that each kept its upstream socket, and
+    the phase warns otherwise). Freed memory that codexlb's allocator kept from the levels may
+    be reused, so this is a lower bound rather than an overestimate. The kernel's TCP buffer
+    memory (``/proc/net/sockstat``: the whole machine, every socket of every process, so only
+    a hint on a shared machine), the
+    descriptors of the fake upstream (``/proc/PID/fd``), and this process's own RSS per client
+    socket are read at the same moments. Then every socket takes one more turn, chained to its
+    first (64 at a time): all N must succeed. codexlb pings an idle client every 30 s and drops
+    it without a pong, which this process only sends when it reads, so the phase warns when a
+    socket sat idle longer than that.
 
 Caveats
-    As in ``http_sse.py``: the three processes share the machine's cores, and the direct side
-    has one process fewer competing for them. With permessage-deflate each socket end keeps a
-    zlib compressor whose touched memory grows with the traffic it has carried (about 100 KiB
-    after a turn, up to about 250 KiB), so memory per idle socket after one or two short turns
-    is a floor for long, busy Codex sessions.
+    As in ``http_sse.py``: the processes share the machine's cores, the direct side has one
+    process fewer competing for them, and a proxy that writes frames which arrive together in
+    one write saves the load generator work. With ``--compress`` each socket end keeps a zlib
+    compressor whose touched memory grows with the traffic it has carried (about 100 KiB after
+    a turn, up to about 250 KiB), so memory per idle socket after one or two short turns is a
+    floor for long, busy Codex sessions.
 
 Correctness
     Every turn must begin with ``codex.rate_limits`` or ``response.created`` (nothing left
@@ -65,7 +80,7 @@ Correctness
     with an id) before a 30 s timeout, without ``error``, ``response.failed`` or
     ``response.incomplete``; a socket that failed a turn is closed and reopened for its next
     turn. The SQLite file must hold a snapshot per turn completed through codexlb, the idle
-    phase must succeed on every socket, and both servers must survive the run. Otherwise the
+    phase must succeed on every socket, and every server must survive the run. Otherwise the
     run says so loudly and exits 1 (2 if a server does not start or the open-file limit is too
     low, 130 on Ctrl-C, 143 on SIGTERM).
 """
@@ -78,11 +93,12 @@ import contextlib
 import functools
 import itertools
 import json
+import os
 import resource
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,8 +108,10 @@ if __package__ in (None, ""):  # run as ``python bench/ws.py``: make ``bench`` i
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    PROXIES,
     SIDES,
     BenchError,
+    Errors,
     ProcessStats,
     Servers,
     Side,
@@ -143,6 +161,11 @@ IDLE_PAUSE_SECONDS = 2.0
 CODEXLB_CLIENT_PING_SECONDS = 30.0
 """codexlb's heartbeat on client sockets (``ws_proxy.CLIENT_HEARTBEAT_SECONDS``)."""
 FD_MARGIN = 256
+CHAININGS = ("unchained", "chained")
+SOCKETS_PER_PAIR = 2
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+CPU_SHARES = ("codexlb", "nginx", "fake_upstream", "load_generator", "other")
+"""Who used the machine's CPU during a side's rounds, in the report's keys."""
 
 
 # -- one socket ------------------------------------------------------------------------------
@@ -190,6 +213,10 @@ class Channel:
             return "handshake timed out"
         except (aiohttp.ClientError, OSError) as exc:
             return f"handshake failed: {type(exc).__name__}: {exc}"
+        if bool(self.ws.compress) != self.compress:
+            await self.close()
+            wanted = "on" if self.compress else "off"
+            return f"permessage-deflate not as asked: {wanted} wanted, the server said otherwise"
         return None
 
     async def close(self) -> None:
@@ -198,9 +225,10 @@ class Channel:
             with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
                 await ws.close()
 
-    async def turn(self, index: int) -> tuple[float, float] | str:
-        """(first output, total) in seconds, or what went wrong; the socket is opened first
-        if needed, outside the timing, and closed after a failure."""
+    async def turn(self, index: int) -> Outcome:
+        """(first output, total) in seconds and the frames of the turn, or what went wrong;
+        the socket is opened first if needed, outside the timing, and closed after a
+        failure."""
         problem = await self.open()
         if problem is not None:
             return problem
@@ -213,10 +241,10 @@ class Channel:
         if isinstance(outcome, str):
             await self.close()
             return outcome
-        first, total, self.previous_response_id = outcome
+        first, total, frames, self.previous_response_id = outcome
         self.last_completed = time.perf_counter()
         self.chained += 1
-        return first, total
+        return first, total, frames
 
 
 def create_message(index: int, previous_response_id: str | None) -> str:
@@ -233,9 +261,9 @@ def create_message(index: int, previous_response_id: str | None) -> str:
 
 async def send_turn(
     ws: aiohttp.ClientWebSocketResponse, message: str
-) -> tuple[float, float, str] | str:
-    """Send one turn and read its events: (first output, total, response id), or what went
-    wrong."""
+) -> tuple[float, float, int, str] | str:
+    """Send one turn and read its events: (first output, total, frames, response id), or
+    what went wrong."""
     first: float | None = None
     frames = 0
     start = time.perf_counter()
@@ -266,7 +294,7 @@ async def send_turn(
     response_id = completed_id(text)
     if response_id is None:
         return f"malformed or unsuccessful response.completed: {text[:300]}"
-    return first, total, response_id
+    return first, total, frames, response_id
 
 
 def event_type(text: str) -> str | None:
@@ -322,54 +350,62 @@ def new_session() -> aiohttp.ClientSession:
 class SideCpuResult(SideResult):
     """A `SideResult` that also shares out the machine's CPU time during the side's rounds."""
 
-    fake_cpu_seconds: float = 0.0
-    load_generator_cpu_seconds: float = 0.0
-    other_cpu_seconds: float = 0.0
-    """The machine's busy time minus the three processes': other processes, and kernel work
-    not charged to a process (loopback softirqs)."""
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    """By process (`CPU_SHARES`) during the side's rounds; *other* is the machine's busy time
+    minus the processes': other processes, and kernel work not charged to a process (loopback
+    softirqs)."""
 
-    def add_cpu(self, codexlb: float, fake: float, own: float, machine: float) -> None:
-        """Pool the CPU seconds a batch took from the fake, this process and the machine
-        (codexlb's own go to `add`)."""
-        self.fake_cpu_seconds += fake
-        self.load_generator_cpu_seconds += own
-        self.other_cpu_seconds += max(0.0, machine - codexlb - fake - own)
+    def add_cpu(self, used: Mapping[str, float], machine: float) -> None:
+        """Pool the CPU seconds a batch took from each process and the machine."""
+        for name, seconds in used.items():
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + seconds
+        other = max(0.0, machine - sum(used.values()))
+        self.cpu_seconds["other"] = self.cpu_seconds.get("other", 0.0) + other
 
     def extra_summary(self) -> dict[str, Any]:
         return {
             "cpu_share_of_core": {
-                "codexlb": ratio(self.codexlb_cpu_seconds, self.wall_seconds),
-                "fake_upstream": ratio(self.fake_cpu_seconds, self.wall_seconds),
-                "load_generator": ratio(self.load_generator_cpu_seconds, self.wall_seconds),
-                "other": ratio(self.other_cpu_seconds, self.wall_seconds),
+                name: ratio(self.cpu_seconds.get(name, 0.0), self.wall_seconds)
+                for name in CPU_SHARES
             }
         }
 
 
 @dataclass
 class WsRun(Run):
-    """`Run` over WebSockets: ``concurrency`` sockets per side and level, then the idle-socket
-    phase (`idle`) after the levels."""
+    """`Run` over WebSockets: ``concurrency`` sockets per side and level, turns unchained or
+    chained (`variants`), then the idle-socket phase (`idle`) after the levels."""
 
+    chainings: Sequence[str]
     chain: int
     compress: bool
     idle_sockets: int
+    turns_per_conversation: int = field(default=1, init=False)
+
+    def variants(self) -> list[dict[str, Any]]:
+        return [{"chaining": chaining} for chaining in self.chainings]
+
+    def use_variant(self, variant: Mapping[str, Any]) -> None:
+        self.turns_per_conversation = self.chain if variant["chaining"] == "chained" else 1
 
     async def level(
         self, concurrency: int, count: int, rounds: int, warmup: int
     ) -> dict[Side, SideCpuResult]:
-        async with new_session() as direct, new_session() as through:
-            sessions = {"direct": direct, "through": through}
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = {side: await stack.enter_async_context(new_session()) for side in self.sides}
             channels = {
-                side: self.channels(side, sessions[side], concurrency, self.chain) for side in SIDES
+                side: self.channels(side, sessions[side], concurrency, self.turns_per_conversation)
+                for side in self.sides
             }
             try:
-                for side in SIDES:
+                for side in self.sides:
                     await self.open_all(side, channels[side], "handshake")
                 batch = functools.partial(self.batch, channels)
-                return await interleave(batch, SideCpuResult, concurrency, count, rounds, warmup)
+                return await interleave(
+                    batch, SideCpuResult, self.sides, concurrency, count, rounds, warmup
+                )
             finally:
-                for side in SIDES:
+                for side in self.sides:
                     await asyncio.gather(*(channel.close() for channel in channels[side]))
 
     def after_level(self) -> dict[str, Any]:
@@ -419,25 +455,29 @@ class WsRun(Run):
     ) -> None:
         """``count`` turns, each channel's worker taking the next index as it comes free."""
         turns = [channel.turn for channel in channels[side][:count]]
-        cpu_before = self.cpu_now()
+        cpu_before, machine_before = self.cpu_now(), machine_busy_seconds()
         outcomes, wall = await closed_loop(turns, self.sent, count)
-        used = [b - a for a, b in zip(cpu_before, self.cpu_now(), strict=True)]
-        lb_cpu, fake_cpu, own_cpu, machine = used
+        cpu_after, machine = self.cpu_now(), machine_busy_seconds() - machine_before
+        used = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
         self.sent += count
         self.tally(side, phase, outcomes)
         if result is None:
             return
-        result.add(outcomes, wall, lb_cpu, count)
-        result.add_cpu(lb_cpu, fake_cpu, own_cpu, machine)
+        proxy_cpu = used[PROXIES[side]] if side in PROXIES else 0.0
+        result.add(outcomes, wall, proxy_cpu, count)
+        result.add_cpu(used, machine)
 
-    def cpu_now(self) -> tuple[float, float, float, float]:
-        """CPU seconds so far of codexlb, the fake upstream, this process and the machine."""
-        return (
-            cpu_seconds(self.codexlb.pid),
-            cpu_seconds(self.fake.pid),
-            time.process_time(),
-            machine_busy_seconds(),
-        )
+    def cpu_now(self) -> dict[str, float]:
+        """CPU seconds so far of codexlb, nginx (if it runs), the fake upstream and this
+        process."""
+        now = {
+            "codexlb": self.proxy_cpu("through"),
+            "fake_upstream": cpu_seconds(self.fake.pid),
+            "load_generator": time.process_time(),
+        }
+        if "nginx" in self.sides:
+            now["nginx"] = self.proxy_cpu("nginx")
+        return now
 
     async def idle(self, count: int) -> dict[str, Any]:
         """The idle-socket phase (see the module docstring)."""
@@ -468,6 +508,7 @@ class WsRun(Run):
             "idle": after.summary(),
             "after_second_turns": after_again.summary(),
             "codexlb_kib_per_socket_pair": round((after.lb_rss_kib - before.lb_rss_kib) / count, 1),
+            "codexlb_socket_fds_per_pair": round((after.lb_sockets - before.lb_sockets) / count, 2),
             "load_generator_kib_per_client_socket": round(
                 (after.own_rss_kib - before.own_rss_kib) / count, 1
             ),
@@ -502,6 +543,8 @@ class IdleSample:
     lb_sockets: int
     fake_sockets: int
     own_rss_kib: int
+    tcp_kib: int
+    """The kernel's memory for TCP buffers, all sockets of the machine (``/proc/net/sockstat``)."""
 
     @classmethod
     def read(cls, codexlb_pid: int, fake_pid: int) -> IdleSample:
@@ -510,6 +553,7 @@ class IdleSample:
             open_sockets(codexlb_pid),
             open_sockets(fake_pid),
             memory_kib("self")["VmRSS"],
+            kernel_tcp_kib(),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -518,7 +562,17 @@ class IdleSample:
             "codexlb_socket_fds": self.lb_sockets,
             "fake_upstream_socket_fds": self.fake_sockets,
             "load_generator_rss_mib": round(self.own_rss_kib / 1024, 1),
+            "kernel_tcp_kib": self.tcp_kib,
         }
+
+
+def kernel_tcp_kib() -> int:
+    """``mem`` of the ``TCP:`` line of ``/proc/net/sockstat`` (pages) in KiB."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        fields = line.split()
+        if fields[:1] == ["TCP:"] and "mem" in fields:
+            return int(fields[fields.index("mem") + 1]) * PAGE_KIB
+    return 0
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -537,20 +591,23 @@ def raise_fd_limit(needed: int) -> int:
 
 def render(report: dict[str, Any]) -> str:
     settings = report["settings"]
-    compress = "offered" if settings["compress"] else "not offered"
+    compress = "on" if settings["compress"] else "off"
     out = [
         f"codexlb WebSocket benchmark: {settings['turns']} turns per side per level in "
-        f"{settings['rounds']} alternating rounds, warm-up {settings['warmup']} per side; "
-        f"chains of {settings['chain']} turns; permessage-deflate {compress} by the client",
+        f"{settings['rounds']} rotating rounds, warm-up {settings['warmup']} per side; "
+        f"chained turns in conversations of {settings['chain']}; permessage-deflate {compress} "
+        "on both legs of every side; every event its own frame",
         render_environment(report),
         "latencies in ms from sending response.create; first = first output event (not "
-        "codex.rate_limits, response.created or response.in_progress); added = through minus "
-        "direct at the same percentile",
+        "codex.rate_limits, response.created or response.in_progress); 1st-end = from it to "
+        "response.completed; added = through a proxy minus direct at the same percentile",
     ]
     for level in report["levels"]:
         rss = f"; RSS {level['codexlb_rss_mib_at_end']:.1f} MiB after the level"
-        out += render_level(NAMES, level, heading_note=" (sockets per side)", cpu_note=rss)
-        shares = "; ".join(cpu_shares(side, level[side]) for side in SIDES)
+        out += render_level(NAMES, level, heading_note="sockets per side", cpu_note=rss)
+        sides = [side for side in SIDES if side in level]
+        with_nginx = "nginx" in level
+        shares = "; ".join(cpu_shares(s, level[s], with_nginx=with_nginx) for s in sides)
         out.append(f"  CPU, % of one core: {shares}")
     out += [
         "",
@@ -562,11 +619,12 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def cpu_shares(side: Side, summary: dict[str, Any]) -> str:
+def cpu_shares(side: Side, summary: dict[str, Any], *, with_nginx: bool) -> str:
     """Who used the cores during one side's rounds (with N CPUs, N x 100% is all of them)."""
     shares = summary["cpu_share_of_core"]
     names = {
         "codexlb": "codexlb",
+        "nginx": "nginx",
         "fake_upstream": "fake",
         "load_generator": "load generator",
         "other": "other",
@@ -574,6 +632,7 @@ def cpu_shares(side: Side, summary: dict[str, Any]) -> str:
     parts = [
         f"{label} {cell(None if shares[key] is None else 100 * shares[key], 0, '.0f')}"
         for key, label in names.items()
+        if key != "nginx" or with_nginx
     ]
     return f"{side} rounds " + ", ".join(parts)
 
@@ -590,9 +649,11 @@ def render_idle(idle: dict[str, Any]) -> list[str]:
         f"  codexlb RSS {before['codexlb_rss_mib']:.1f} -> {after['codexlb_rss_mib']:.1f} MiB "
         f"after a {IDLE_PAUSE_SECONDS:g} s pause: {idle['codexlb_kib_per_socket_pair']:.1f} KiB "
         "per socket pair (client + upstream)",
-        f"  socket fds: codexlb {before['codexlb_socket_fds']} -> {after['codexlb_socket_fds']}, "
+        f"  socket fds: codexlb {before['codexlb_socket_fds']} -> {after['codexlb_socket_fds']} "
+        f"({idle['codexlb_socket_fds_per_pair']:.2f} per pair: client + upstream = 2), "
         f"fake upstream {before['fake_upstream_socket_fds']} -> "
-        f"{after['fake_upstream_socket_fds']}",
+        f"{after['fake_upstream_socket_fds']}; kernel TCP buffers {before['kernel_tcp_kib']} -> "
+        f"{after['kernel_tcp_kib']} KiB (the whole machine, other processes' sockets included)",
         f"  load generator RSS {before['load_generator_rss_mib']:.1f} -> "
         f"{after['load_generator_rss_mib']:.1f} MiB: "
         f"{idle['load_generator_kib_per_client_socket']:.1f} KiB per client socket",
@@ -603,6 +664,11 @@ def render_idle(idle: dict[str, Any]) -> list[str]:
         f"p99 {cell(second['total_ms']['p99'], 0)} ms); codexlb RSS then "
         f"{again['codexlb_rss_mib']:.1f} MiB",
     ]
+    if idle["codexlb_socket_fds_per_pair"] < SOCKETS_PER_PAIR:
+        lines.append(
+            "  warning: codexlb holds fewer than 2 sockets per idle client: not every client "
+            "socket kept its upstream socket, so the memory per pair leaves some out"
+        )
     if idle["longest_idle_seconds"] > CODEXLB_CLIENT_PING_SECONDS:
         lines.append(
             f"  warning: a socket sat idle {idle['longest_idle_seconds']:.0f} s, past codexlb's "
@@ -615,20 +681,35 @@ def render_idle(idle: dict[str, Any]) -> list[str]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    raise_fd_limit(2 * args.idle + 2 * max(args.concurrency) + FD_MARGIN)
+    raise_fd_limit(2 * args.idle + 4 * max(args.concurrency) + FD_MARGIN)
 
-    def start(servers: Servers) -> WsRun:
+    def start(servers: Servers, errors: Errors) -> WsRun:
         return WsRun(
             targets(servers, WEBSOCKET_BETA),
-            servers.codexlb,
-            servers.fake,
+            servers,
+            errors,
+            chainings=args.chaining,
             chain=args.chain,
             compress=args.compress,
             idle_sockets=args.idle,
         )
 
-    settings = {"chain": args.chain, "idle": args.idle, "compress": args.compress}
+    settings = {
+        "chaining": args.chaining,
+        "chain": args.chain,
+        "idle": args.idle,
+        "compress": args.compress,
+    }
     return await run_levels(args, NAMES, start, settings)
+
+
+def chaining_list(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or any(value not in CHAININGS for value in values):
+        raise argparse.ArgumentTypeError(
+            f"expected {' or '.join(CHAININGS)} (or both, comma-separated), got {text!r}"
+        )
+    return values
 
 
 def non_negative(text: str) -> int:
@@ -644,12 +725,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Latency, throughput and idle-socket memory of codexlb versus the fake "
         "upstream, in Responses WebSocket mode.",
     )
-    add_level_arguments(parser, NAMES, concurrency_help="sockets per side, e.g. 1,16,64")
+    add_level_arguments(
+        parser, NAMES, concurrency_help="sockets per side, e.g. 1,16,64", default_count=2000
+    )
+    parser.add_argument(
+        "--chaining",
+        type=chaining_list,
+        default=list(CHAININGS),
+        help="unchained (a new conversation every turn), chained (previous_response_id on "
+        "the same socket, as Codex does) or both (default unchained,chained)",
+    )
     parser.add_argument(
         "--chain",
         type=positive,
         default=20,
-        help="turns per conversation before a fresh one (default 20)",
+        help="chained turns per conversation before a fresh one (default 20)",
     )
     parser.add_argument(
         "--idle",
@@ -659,9 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compress",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="offer permessage-deflate from the client sockets, as Codex does",
+        action="store_true",
+        help="permessage-deflate on both legs of every side: offered by the client sockets "
+        "(as Codex does), accepted by the fake upstream, and codexlb's [server] and "
+        "[upstream] websocket_compression on (default: off everywhere)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -646,3 +648,113 @@ async def test_standalone_serves_until_sigterm(unused_tcp_port: int) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# --- one write per event (benchmarks shaped like real traffic) -------------------------------
+
+
+@contextlib.asynccontextmanager
+async def raw_exchange(url: str, request: bytes) -> AsyncIterator[asyncio.StreamReader]:
+    """A TCP connection to ``url`` that has sent ``request``: its reader."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        yield reader
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def read_chunks(reader: asyncio.StreamReader) -> list[bytes]:
+    """The chunks of a chunked HTTP/1.1 body, as the server framed them."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    chunks: list[bytes] = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        data = await reader.readexactly(size + 2)
+        if size == 0:
+            return chunks
+        chunks.append(data[:-2])
+
+
+async def test_event_writes_send_every_sse_event_as_its_own_chunk() -> None:
+    fake = FakeUpstream(ACCOUNTS, deltas=20, text="x" * 40, event_writes=True)
+    url = await fake.start()
+    try:
+        body = json.dumps(request_body()).encode()
+        request = (
+            f"POST {PATH} HTTP/1.1\r\nHost: fake\r\nAuthorization: Bearer tok-a\r\n"
+            f"chatgpt-account-id: acct-a\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
+        async with asyncio.timeout(10), raw_exchange(url, request) as reader:
+            chunks = await read_chunks(reader)
+    finally:
+        await fake.close()
+    events = [parse_sse(chunk.decode()) for chunk in chunks]
+    assert all(len(one) == 1 for one in events)
+    kinds = [one[0]["type"] for one in events]
+    assert kinds.count("response.output_text.delta") == 20
+    assert kinds[0] == "response.created"
+    assert kinds[-1] == "response.completed"
+    assert len(chunks) == 20 + len(NORMAL_EVENTS) - 3
+
+
+def ws_frame(text: str) -> bytes:
+    """A masked, final text frame (a client's)."""
+    payload, mask = text.encode(), b"\x01\x02\x03\x04"
+    assert len(payload) < 65536
+    head = b"\x81" + (bytes([0x80 | len(payload)]) if len(payload) < 126 else b"\xfe")
+    if len(payload) >= 126:
+        head += len(payload).to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """(first header byte, payload) of one unmasked server frame."""
+    first, second = await reader.readexactly(2)
+    assert not second & 0x80
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(await reader.readexactly(2), "big")
+    elif size == 127:
+        size = int.from_bytes(await reader.readexactly(8), "big")
+    return first, await reader.readexactly(size)
+
+
+@pytest.mark.parametrize("compression", [True, False])
+async def test_websocket_answers_one_frame_per_event_and_compression_is_settable(
+    compression: bool,
+) -> None:
+    fake = FakeUpstream(ACCOUNTS, deltas=20, text="x" * 40, ws_compression=compression)
+    url = await fake.start()
+    try:
+        handshake = (
+            f"GET {PATH} HTTP/1.1\r\nHost: fake\r\nAuthorization: Bearer tok-a\r\n"
+            "chatgpt-account-id: acct-a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+        ).encode()
+        create = json.dumps({"type": "response.create", **request_body()})
+        async with asyncio.timeout(10), raw_exchange(url, handshake + ws_frame(create)) as reader:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+            assert head.startswith("http/1.1 101")
+            assert ("permessage-deflate" in head) is compression
+            inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+            frames, kinds = [], []
+            while "response.completed" not in kinds:
+                first, payload = await read_frame(reader)
+                if first & 0x40:  # RSV1: a deflated message
+                    payload = inflate.decompress(payload + b"\x00\x00\xff\xff")
+                frames.append(first)
+                kinds.append(json.loads(payload)["type"])
+    finally:
+        await fake.close()
+    assert all(first & 0x80 for first in frames)  # FIN: no fragments
+    assert all(bool(first & 0x40) is compression for first in frames)
+    assert kinds[0] == "codex.rate_limits"
+    assert kinds.count("response.output_text.delta") == 20
+    assert len(frames) == 1 + 20 + len(NORMAL_EVENTS) - 3

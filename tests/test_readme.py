@@ -590,11 +590,15 @@ async def codex(ws: Workspace, command: Command) -> None:
 
 
 async def bench_help(ws: Workspace, command: Command) -> None:
-    """Not run (benchmarks take minutes): the script exists and answers ``--help``."""
+    """Not run (benchmarks take minutes): the script exists, answers ``--help`` and knows
+    every option the README gives it."""
     script = REPO / command.argv[1]
     assert script.is_file()
     finished = (await ws.run([sys.executable, str(script), "--help"], cwd=REPO)).ok()
     assert finished.stdout.startswith("usage:")
+    for word in command.argv[2:]:
+        if word.startswith("--"):
+            assert re.search(rf"{re.escape(word)}\b", finished.stdout), word
 
 
 COMMANDS: tuple[tuple[str, Runner], ...] = (
@@ -611,7 +615,7 @@ COMMANDS: tuple[tuple[str, Runner], ...] = (
     (r"kill -HUP <pid>", sighup),
     (r"codex login", codex_login),
     (r"codex", codex),
-    (r"python bench/\w+\.py", bench_help),
+    (r"python bench/\w+\.py( .*)?", bench_help),
 )
 """README command (``.venv/bin/`` dropped from codexlb and python) → how it is exercised."""
 

@@ -2,7 +2,7 @@
 
 Used by the test suite (which asserts on exactly what it received) and by benchmarks (as the
 "direct" baseline), so a normal answer is cheap: its events are encoded once and an HTTP
-response goes out in a single write.
+response goes out in a single write, or one write per event with ``event_writes``.
 
     FakeUpstream            serving: app(), start(), close(); the standalone entry point
     ├── state.UpstreamState accounts, usage, scripted faults, records; auth, validation, events
@@ -20,7 +20,9 @@ account that made it and is refused on any other account.
 
 Standalone: ``python -m codexlb.testing.fake_upstream --account NAME:TOKEN:ACCOUNT_ID``
 (repeatable; ``NAME:sk-...`` for a platform key) serves until SIGINT or SIGTERM, keeping only
-the latest ``--keep`` received requests.
+the latest ``--keep`` received requests. For benchmarks shaped like real traffic:
+``--event-writes`` (one HTTP chunk per event, each written on its own), ``--deltas N`` with
+``--text-length L`` (an answer long enough for N deltas), ``--ws-compression on|off``.
 """
 
 from __future__ import annotations
@@ -66,9 +68,17 @@ class FakeUpstream(UpstreamState):
         text: str | None = None,
         completed_output: bool = False,
         keep: int | None = None,
+        event_writes: bool = False,
+        ws_compression: bool = True,
     ) -> None:
         super().__init__(
-            accounts, deltas=deltas, text=text, completed_output=completed_output, keep=keep
+            accounts,
+            deltas=deltas,
+            text=text,
+            completed_output=completed_output,
+            keep=keep,
+            event_writes=event_writes,
+            ws_compression=ws_compression,
         )
         self.oauth = FakeOAuth(self)
         self._runner: web.AppRunner | None = None
@@ -153,6 +163,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--deltas", type=int, default=3, help="text deltas per message")
     parser.add_argument("--text", default=None, help="fixed answer text instead of the echo")
+    parser.add_argument(
+        "--text-length",
+        type=int,
+        default=None,
+        help="fixed answer text of this many characters instead of the echo",
+    )
+    parser.add_argument(
+        "--event-writes",
+        action="store_true",
+        help="write every HTTP event as its own chunk, as the real upstream streams",
+    )
+    parser.add_argument(
+        "--ws-compression",
+        choices=("on", "off"),
+        default="on",
+        help="accept permessage-deflate on WebSockets (default on)",
+    )
     parser.add_argument("--completed-output", action="store_true")
     parser.add_argument(
         "--keep",
@@ -165,15 +192,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    text = args.text
+    if args.text_length is not None:
+        text = filler_text(args.text_length)
     fake = FakeUpstream(
         args.account,
         deltas=args.deltas,
-        text=args.text,
+        text=text,
         completed_output=args.completed_output,
         keep=args.keep,
+        event_writes=args.event_writes,
+        ws_compression=args.ws_compression == "on",
     )
     asyncio.run(_serve(fake, args.host, args.port))
     return 0
+
+
+def filler_text(length: int) -> str:
+    """``length`` characters of words, as a model's answer reads."""
+    words = "the quick brown fox jumps over the lazy dog and answers the question asked "
+    return (words * (length // len(words) + 1))[:length]
 
 
 async def _serve(fake: FakeUpstream, host: str, port: int) -> None:

@@ -1,7 +1,8 @@
 """The fake upstream's HTTP side: Responses over SSE, the models catalog, shared helpers.
 
 A normal answer is one `web.Response` with chunked encoding, so aiohttp writes the headers,
-the whole pre-encoded event stream and the chunked terminator in a single transport write.
+the whole pre-encoded event stream and the chunked terminator in a single transport write;
+with ``event_writes`` each event is a chunk written on its own, as the real upstream streams.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,8 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
         if fault is not None and fault.kind == "flood":
             return await _flood(state, request, reply_headers, response_events[0], fault)
         if fault is None or fault.kind not in ("drop_after", "stall_after", "slow_finish"):
+            if state.event_writes:
+                return await _stream_each(state, request, reply_headers, response_events)
             response = web.Response(body=events.encode_sse(response_events), headers=reply_headers)
             response.enable_chunked_encoding()
             return response
@@ -106,6 +109,27 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
     except asyncio.CancelledError:
         state.count_disconnect()
         raise
+
+
+async def _stream_each(
+    state: UpstreamState,
+    request: web.Request,
+    headers: Mapping[str, str],
+    response_events: Sequence[Mapping[str, Any]],
+) -> web.StreamResponse:
+    """Every event its own chunk, each written on its own (the real upstream's shape); stops
+    early once the peer has gone."""
+    encoded = [events.encode_sse([event]) for event in response_events]
+    stream = web.StreamResponse(headers=headers)
+    stream.enable_chunked_encoding()
+    try:
+        await stream.prepare(request)
+        for chunk in encoded:
+            await stream.write(chunk)
+        await stream.write_eof()
+    except ConnectionError:
+        state.count_disconnect()
+    return stream
 
 
 async def _flood(

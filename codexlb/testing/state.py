@@ -80,6 +80,11 @@ class UpstreamState:
     long-running fake, as under a benchmark, would otherwise grow without end, and so would the
     pauses of the garbage collector that walks it. ``disconnects`` counts responses whose peer
     hung up before the fake finished them.
+
+    ``event_writes`` streams a normal HTTP answer one event per chunk, each written on its own
+    as the real upstream does (otherwise the whole stream goes out in one write); WebSocket
+    answers always go out one event per frame, each written on its own. ``ws_compression``
+    says whether the WebSocket side accepts permessage-deflate when the client offers it.
     """
 
     def __init__(
@@ -90,6 +95,8 @@ class UpstreamState:
         text: str | None = None,
         completed_output: bool = False,
         keep: int | None = None,
+        event_writes: bool = False,
+        ws_compression: bool = True,
     ) -> None:
         if deltas < 0:
             raise ValueError("deltas must be >= 0")
@@ -107,6 +114,8 @@ class UpstreamState:
         self.deltas = deltas
         self.text = text
         self.completed_output = completed_output
+        self.event_writes = event_writes
+        self.ws_compression = ws_compression
         self.responder: Responder | None = None
         self.keep = keep
         self.received: list[ReceivedRequest] = []

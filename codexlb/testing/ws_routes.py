@@ -39,7 +39,7 @@ async def websocket(state: UpstreamState, request: web.Request) -> web.StreamRes
     headers = lower_headers(request.headers)
     account = state.authenticate(headers)
     request_id = events.new_id("req")
-    ws = web.WebSocketResponse(max_msg_size=0, compress=True, timeout=CLOSE_TIMEOUT)
+    ws = web.WebSocketResponse(max_msg_size=0, compress=state.ws_compression, timeout=CLOSE_TIMEOUT)
     if not ws.can_prepare(request).ok:
         state.record(state.received, "http", request.path, account, headers, None)
         error = openai_error(405, "method_not_allowed", now=time.time(), message="Use POST.")
