@@ -12,10 +12,13 @@ Request, field by field::
     tool_choice       auto / any / tool / none → auto / required / {name} / none;
                       disable_parallel_tool_use → parallel_tool_calls false
     thinking          enabled (budget_tokens → effort) or adaptive → reasoning with a
-                      summary and its encrypted content, shown as thinking blocks
+                      summary and its encrypted content, shown as thinking blocks;
+                      output_config.effort → reasoning.effort
     max_tokens        → max_output_tokens (platform accounts only)
     stop_sequences    honoured by codexlb on text: the upstream has no such field
-    metadata.user_id  → soft affinity and the upstream's prompt cache key
+    metadata.user_id  → soft affinity (after Claude Code's session header) and the
+                      upstream's prompt cache key
+    role system       (inside messages) → a developer message
 
 The stream follows Anthropic's order: ``message_start``, ``ping``, then per block
 ``content_block_start``, ``content_block_delta`` (``text_delta``, ``input_json_delta``,
@@ -56,6 +59,8 @@ from codexlb.translation import (
 TOOL_ERROR_PREFIX = "Error: "
 """How a ``tool_result`` with ``is_error`` reads to the upstream, which has no such flag."""
 MAX_STOP_SEQUENCES = 16
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}
+"""Anthropic's ``output_config.effort`` → the upstream's ``reasoning.effort``."""
 
 
 class Messages:
@@ -108,8 +113,13 @@ def translate(body: dict[str, Any], models: ModelsConfig) -> MessagesTranslation
         if parallel is not None:
             request["parallel_tool_calls"] = parallel
     thinking = _thinking(body.get("thinking"), max_tokens)
+    reasoning = dict(thinking or {})
+    effort = _effort(body.get("output_config"))
+    if effort is not None:
+        reasoning["effort"] = effort
+    if reasoning:
+        request["reasoning"] = reasoning
     if thinking is not None:
-        request["reasoning"] = thinking
         request["include"] = ["reasoning.encrypted_content"]
     user = None
     metadata = body.get("metadata")
@@ -251,6 +261,8 @@ class _EventStream:
         """Characters of ``text`` sent to the client."""
         self.sent_arguments = 0
         self.summary_parts = 0
+        self.thought = False
+        """The open thinking block got summary deltas."""
 
     def event(self, kind: str | None, data: bytes, raw: bytes) -> bytes:
         if kind is None:
@@ -285,6 +297,7 @@ class _EventStream:
         if kind == "response.reasoning_summary_text.delta":
             if not self.thinking or self.open_item != index:
                 return b""
+            self.thought = True
             return self._delta({"type": "thinking_delta", "thinking": _string(event.get("delta"))})
         if kind == "response.reasoning_summary_part.added":
             self.summary_parts += 1
@@ -340,6 +353,7 @@ class _EventStream:
             return self._open(index, block)
         if kind == "reasoning" and self.thinking:
             self.summary_parts = 0
+            self.thought = False
             return self._open(index, {"type": "thinking", "thinking": "", "signature": ""})
         return b""
 
@@ -361,9 +375,9 @@ class _EventStream:
         if kind == "reasoning" and self.thinking:
             if self.open_item != index:
                 out += self._open(index, {"type": "thinking", "thinking": "", "signature": ""})
-                text = reasoning_text(item)
-                if text:
-                    out += self._delta({"type": "thinking_delta", "thinking": text})
+            text = reasoning_text(item)
+            if text and not self.thought:  # a summary that came without its deltas
+                out += self._delta({"type": "thinking_delta", "thinking": text})
             signature = _string(item.get("encrypted_content"))
             out += self._delta({"type": "signature_delta", "signature": signature})
             return out + self._close()
@@ -440,15 +454,15 @@ _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.fa
 # -- request pieces ----------------------------------------------------------------------------
 
 
-def _system(system: Any) -> list[dict[str, Any]]:
+def _system(system: Any, where: str = "system") -> list[dict[str, Any]]:
     if system is None or system == "":
         return []
     if isinstance(system, str):
         return [_input_message("developer", [{"type": "input_text", "text": system}])]
-    expect(system, list, "system", "a string or an array of text blocks")
+    expect(system, list, where, "a string or an array of text blocks")
     parts = []
     for index, block in enumerate(system):
-        param = f"system[{index}]"
+        param = f"{where}[{index}]"
         expect(block, dict, param, "an object")
         if block.get("type") != "text":
             raise unsupported(f"{param}.type", block.get("type"))
@@ -464,8 +478,10 @@ def _system(system: Any) -> list[dict[str, Any]]:
 def _message_items(message: Any, where: str) -> list[dict[str, Any]]:
     expect(message, dict, where, "an object")
     role = message.get("role")
+    if role == "system":  # a system message mid-conversation (Claude Code sends them)
+        return _system(message.get("content"), f"{where}.content")
     if role not in ("user", "assistant"):
-        raise invalid(f"{where}.role", "expected user or assistant.")
+        raise invalid(f"{where}.role", "expected user, assistant or system.")
     content = message.get("content")
     if isinstance(content, str):
         content = [{"type": "text", "text": content}]
@@ -661,6 +677,19 @@ def _thinking(thinking: Any, max_tokens: int) -> dict[str, Any] | None:
         effort = "low" if budget < 4096 else "medium" if budget < 16384 else "high"
         return {"effort": effort, "summary": "auto"}
     raise unsupported("thinking.type", kind)
+
+
+def _effort(output_config: Any) -> str | None:
+    """``output_config.effort`` as the upstream's reasoning effort (``max`` is its highest)."""
+    if output_config is None:
+        return None
+    expect(output_config, dict, "output_config", "an object")
+    effort = output_config.get("effort")
+    if effort is None:
+        return None
+    if effort not in EFFORTS:
+        raise invalid("output_config.effort", f"expected one of {', '.join(EFFORTS)}.")
+    return EFFORTS[effort]
 
 
 def _stop_sequences(value: Any) -> list[str]:

@@ -31,9 +31,12 @@ from codexlb.payload import CreateRequest
 EventTranslator = Callable[[str | None, bytes, bytes], bytes]
 """(event type, its JSON data, the raw SSE block) → the bytes the client gets for it."""
 
-FORWARDED_HEADERS = ("session-id", "thread-id", "session_id")
+FORWARDED_HEADERS = ("session-id", "thread-id")
 """The only client headers a translated request carries upstream: the rest belong to another
 API (``x-api-key``, ``anthropic-version``, SDK telemetry) and mean nothing to the upstream."""
+
+SESSION_HEADERS = ("session-id", "thread-id", "x-claude-code-session-id")
+"""Headers that name a client's session, for soft affinity (S4)."""
 
 
 class Door(Protocol):
@@ -76,7 +79,10 @@ class Translation(ABC):
 
     def affinity_key(self, headers: Mapping[str, str]) -> str | None:
         """Soft affinity (S4): a session header, else what the body names its session by."""
-        return headers.get("session-id") or headers.get("thread-id") or self.affinity
+        for name in SESSION_HEADERS:
+            if value := headers.get(name):
+                return value
+        return self.affinity
 
     @abstractmethod
     def events(self) -> EventTranslator: ...

@@ -13,11 +13,13 @@ import aiohttp
 import pytest
 from anthropic import AsyncAnthropic, AuthenticationError
 from anthropic import BadRequestError as AnthropicBadRequest
+from anthropic.types import Message
 from openai import AsyncOpenAI, BadRequestError
 
 from codexlb.testing.fake_upstream import Fault
 from tests.harness import CLIENT_KEYS, Balancer, Fake, auth
 
+VIDEO: Any = {"type": "video", "x": 1}
 USAGE_LIMIT = Fault.status(429, error_code="usage_limit_reached", resets_in=600)
 PIXEL = base64.b64encode(
     bytes.fromhex(
@@ -396,6 +398,7 @@ async def test_messages_tool_use_round_trip(
         {"name": "get_weather", "description": "The weather of a city", "input_schema": WEATHER}
     ]
     messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    first: Message
     if streamed:
         async with anthropic_sdk.messages.stream(
             model="gpt-5.4",
@@ -532,6 +535,7 @@ async def test_messages_fail_over_before_visible_output(
 ) -> None:
     fake.script(USAGE_LIMIT)
     messages: Any = [{"role": "user", "content": "after a limit"}]
+    message: Message
     if streamed:
         async with anthropic_sdk.messages.stream(
             model="gpt-5.4", max_tokens=64, messages=messages
@@ -570,7 +574,7 @@ async def test_messages_errors_take_anthropic_shape(lb: Balancer, fake: Fake) ->
             await right.messages.create(
                 model="gpt-5.4",
                 max_tokens=8,
-                messages=[{"role": "user", "content": [{"type": "video", "x": 1}]}],  # type: ignore[list-item]
+                messages=[{"role": "user", "content": [VIDEO]}],
             )
     finally:
         await right.close()
