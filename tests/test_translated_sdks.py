@@ -14,7 +14,7 @@ import pytest
 from anthropic import AsyncAnthropic, AuthenticationError
 from anthropic import BadRequestError as AnthropicBadRequest
 from anthropic.types import Message
-from openai import AsyncOpenAI, BadRequestError
+from openai import APIError, AsyncOpenAI, BadRequestError
 
 from codexlb.testing.fake_upstream import Fault
 from tests.harness import CLIENT_KEYS, Balancer, Fake, auth
@@ -609,3 +609,52 @@ async def test_count_tokens_answers_an_estimate(anthropic_sdk: AsyncAnthropic, f
     )
     assert 200 < counted.input_tokens < 400
     assert fake.received == []
+
+
+# -- a stream that breaks after visible output --------------------------------------------
+
+
+async def test_chat_stream_broken_after_output_ends_in_an_error(
+    openai_sdk: AsyncOpenAI, fake: Fake
+) -> None:
+    fake.script(Fault.drop_after(7))  # after the first text delta
+    stream = await openai_sdk.chat.completions.create(
+        model="gpt-5.4", messages=[{"role": "user", "content": "cut me"}], stream=True
+    )
+    seen: list[str] = []
+
+    async def read() -> None:
+        async for chunk in stream:
+            seen.append(chunk.choices[0].delta.content or "")
+
+    with pytest.raises(APIError) as raised:
+        await read()
+    assert "".join(seen) == "echo"
+    assert "ended before the response completed" in raised.value.message
+    assert len(fake.received) == 1  # visible output: no failover
+
+
+async def test_messages_stream_broken_after_output_ends_in_an_error_event(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    fake.script(Fault.drop_after(7))
+    body = {
+        "model": "gpt-5.4",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "cut me"}],
+    }
+    async with http.post(lb.url + "/v1/messages", json=body, headers=auth()) as response:
+        assert response.status == 200
+        raw = (await response.read()).decode()
+    names = [line.removeprefix("event: ") for line in raw.splitlines() if line.startswith("event:")]
+    assert names == [
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
+        "error",
+    ]
+    last = json.loads(raw.strip().splitlines()[-1].removeprefix("data: "))
+    assert last["type"] == "error"
+    assert last["error"]["type"] == "api_error"
