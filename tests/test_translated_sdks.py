@@ -658,3 +658,39 @@ async def test_messages_stream_broken_after_output_ends_in_an_error_event(
     last = json.loads(raw.strip().splitlines()[-1].removeprefix("data: "))
     assert last["type"] == "error"
     assert last["error"]["type"] == "api_error"
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+async def test_bad_bodies_get_each_api_its_own_error_shape(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    deep: Any = "x"
+    for _ in range(200):
+        deep = [deep]
+    cases: list[tuple[str, bytes, int]] = [
+        ("/v1/chat/completions", b"not json", 400),
+        ("/v1/chat/completions", b"[]", 400),
+        ("/v1/chat/completions", json.dumps({"model": "m", "messages": deep}).encode(), 400),
+        ("/v1/messages", b"not json", 400),
+        ("/v1/messages", b'{"model": "m", "max_tokens": 1, "messages": [{"role": 1}]}', 400),
+        ("/v1/messages/count_tokens", b"{}", 400),
+    ]
+    for path, body, status in cases:
+        headers = {**auth(), "Content-Type": "application/json"}
+        async with http.post(lb.url + path, data=body, headers=headers) as response:
+            assert response.status == status, (path, body[:40])
+            answer = await response.json()
+        if path.startswith("/v1/messages"):
+            assert answer["type"] == "error", answer
+            assert answer["error"]["type"] == "invalid_request_error", answer
+        else:
+            assert answer["error"]["code"] == "invalid_request", answer
+    async with http.post(lb.url + "/v1/messages/count_tokens", json={}) as response:
+        assert response.status == 401
+        assert (await response.json())["error"]["type"] == "authentication_error"
+    async with http.get(lb.url + "/v1/messages/nope", headers=auth()) as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["type"] == "not_found_error"
+    assert fake.received == []
