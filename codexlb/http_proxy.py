@@ -8,6 +8,10 @@ goes out only after its snapshot is committed. Output that arrived with it goes 
 the store is idle, so the client need not wait for a trip to the database to see it; while the
 store is busy (responses completing together) it waits and goes out with ``response.completed``
 in one write, since one write per response counts for more under load.
+
+The translated APIs (S11, ``translation``) take the same path: their request becomes a
+Responses request for the same ``Exchange``, and a translator they give turns each upstream
+event into their own bytes where the native path forwards it unchanged.
 """
 
 from __future__ import annotations
@@ -334,10 +338,11 @@ class HttpProxy:
         if await exchange.judge(account, recorder.broken(reason)) is not Action.BREAK:
             return None
         # Visible output already reached the client: fail the response, keep the stream clean.
-        ending = encode_event(recorder.incomplete_event())
-        if translate is not None:
-            ending = translate("response.failed", orjson.dumps(recorder.incomplete_event()), ending)
-        sink.add(ending)
+        ending = recorder.incomplete_event()
+        if translate is None:
+            sink.add(encode_event(ending))
+        else:
+            sink.add(translate("response.failed", orjson.dumps(ending), b""))
         await sink.finish()
         return sink.response
 

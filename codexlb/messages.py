@@ -7,7 +7,8 @@ Request, field by field::
     messages          user text / image (base64 → data URL, url) → input_text / input_image;
                       tool_result → function_call_output (an error result says so first);
                       assistant text → output_text; tool_use → function_call; thinking
-                      (with its signature) and redacted_thinking → reasoning items
+                      (its signature is the reasoning item's id and encrypted content)
+                      and redacted_thinking → reasoning items
     tools             {name, description, input_schema} → function tools
     tool_choice       auto / any / tool / none → auto / required / {name} / none;
                       disable_parallel_tool_use → parallel_tool_calls false
@@ -378,7 +379,7 @@ class _EventStream:
             text = reasoning_text(item)
             if text and not self.thought:  # a summary that came without its deltas
                 out += self._delta({"type": "thinking_delta", "thinking": text})
-            signature = _string(item.get("encrypted_content"))
+            signature = signature_of(item)
             out += self._delta({"type": "signature_delta", "signature": signature})
             return out + self._close()
         return b""
@@ -613,7 +614,7 @@ def _reasoning(block: Mapping[str, Any]) -> dict[str, Any] | None:
         data = block.get("data")
         if not isinstance(data, str) or not data:
             return None
-        return {"type": "reasoning", "summary": [], "encrypted_content": data}
+        return {"type": "reasoning", "summary": [], **_from_signature(data)}
     signature = block.get("signature")
     if not isinstance(signature, str) or not signature:
         return None
@@ -623,7 +624,24 @@ def _reasoning(block: Mapping[str, Any]) -> dict[str, Any] | None:
         if isinstance(thinking, str) and thinking
         else []
     )
-    return {"type": "reasoning", "summary": summary, "encrypted_content": signature}
+    return {"type": "reasoning", "summary": summary, **_from_signature(signature)}
+
+
+def signature_of(item: Mapping[str, Any]) -> str:
+    """A thinking block's signature: the reasoning item's id and encrypted content, which is
+    all the upstream needs to read it again (``_from_signature``)."""
+    encrypted = _string(item.get("encrypted_content"))
+    item_id = item.get("id")
+    if encrypted and isinstance(item_id, str) and item_id.startswith("rs_") and "." not in item_id:
+        return f"{item_id}.{encrypted}"
+    return encrypted
+
+
+def _from_signature(signature: str) -> dict[str, Any]:
+    item_id, dot, encrypted = signature.partition(".")
+    if dot and item_id.startswith("rs_") and encrypted:
+        return {"id": item_id, "encrypted_content": encrypted}
+    return {"encrypted_content": signature}
 
 
 def _tool(tool: Any, where: str) -> dict[str, Any]:
@@ -759,7 +777,7 @@ def _thinking_block(item: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "type": "thinking",
         "thinking": reasoning_text(item),
-        "signature": _string(item.get("encrypted_content")),
+        "signature": signature_of(item),
     }
 
 

@@ -694,3 +694,36 @@ async def test_bad_bodies_get_each_api_its_own_error_shape(
         assert response.status == 404
         assert (await response.json())["error"]["type"] == "not_found_error"
     assert fake.received == []
+
+
+async def test_messages_thinking_round_trip(anthropic_sdk: AsyncAnthropic, fake: Fake) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Think first."}]
+    first = await anthropic_sdk.messages.create(
+        model="gpt-5.4",
+        max_tokens=4096,
+        thinking={"type": "enabled", "budget_tokens": 2048},
+        metadata={"user_id": "session-1"},
+        messages=messages,
+    )
+    assert [block.type for block in first.content] == ["thinking", "text"]
+    asked = sent(fake)
+    assert asked["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert asked["include"] == ["reasoning.encrypted_content"]
+    account = fake.received[-1].account
+
+    messages += [
+        {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+        {"role": "user", "content": "Go on."},
+    ]
+    await anthropic_sdk.messages.create(
+        model="gpt-5.4",
+        max_tokens=4096,
+        thinking={"type": "enabled", "budget_tokens": 2048},
+        metadata={"user_id": "session-1"},
+        messages=messages,
+    )
+    assert fake.received[-1].account == account  # the session's affinity
+    returned = sent(fake)["input"][1]
+    assert returned["type"] == "reasoning"
+    assert returned["id"].startswith("rs_")
+    assert returned["encrypted_content"].startswith(f"enc:{account}:")

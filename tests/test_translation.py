@@ -673,7 +673,26 @@ def test_messages_thinking_blocks_only_when_asked() -> None:
         "content_block_stop",
     ]
     assert stream[3][1]["delta"]["thinking"] == "why"
-    assert stream[4][1]["delta"]["signature"].startswith("enc:a:")
+    item = reasoning("why")
+    stream = translated(asked, upstream([item, message("A")]))
+    signature = stream[4][1]["delta"]["signature"]
+    assert signature == f"{item['id']}.{item['encrypted_content']}"
+    # The next turn sends the block back: the same reasoning item reaches the upstream.
+    back = messages_of(
+        messages=[
+            {"role": "user", "content": "U"},
+            {
+                "role": "assistant",
+                "content": [{"type": "thinking", "thinking": "why", "signature": signature}],
+            },
+        ]
+    )
+    assert back.create.body["input"][1] == {
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "why"}],
+        "id": item["id"],
+        "encrypted_content": item["encrypted_content"],
+    }
     _, reply = asked.reply({"status": "completed", "output": [reasoning("why"), message("A")]})
     assert reply["content"][0]["type"] == "thinking"
     assert reply["content"][0]["thinking"] == "why"
