@@ -96,7 +96,7 @@ async def anthropic_sdk(lb: Balancer) -> AsyncIterator[AsyncAnthropic]:
 # -- Chat Completions ---------------------------------------------------------------------------
 
 
-async def test_chat_plain(openai_sdk: AsyncOpenAI, fake: Fake) -> None:
+async def test_chat_plain(openai_sdk: AsyncOpenAI, fake: Fake, lb: Balancer) -> None:
     completion = await openai_sdk.chat.completions.create(
         model="gpt-5.4",
         messages=[
@@ -128,6 +128,9 @@ async def test_chat_plain(openai_sdk: AsyncOpenAI, fake: Fake) -> None:
         "reasoning": {"effort": "low"},
     }
     assert fake.received[-1].path == "/backend-api/codex/responses"
+    # Stateless: the client resends its history, so no snapshot is kept.
+    response_id = "resp_" + completion.id.removeprefix("chatcmpl-")
+    assert await lb.services.store.get("alice", response_id) is None
 
 
 async def test_chat_streamed_with_usage(openai_sdk: AsyncOpenAI, fake: Fake) -> None:
