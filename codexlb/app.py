@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codexlb import db
 from codexlb.auth import AdminAccess, ClientKeys
 from codexlb.catalog import ModelCatalog
-from codexlb.config import Config
+from codexlb.config import Config, ModelsConfig
 from codexlb.credential_store import CredentialStore
 from codexlb.edge import BodyBudget, EdgeRunner
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
@@ -37,6 +37,7 @@ from codexlb.reload import WATCH_INTERVAL_SECONDS, Reloader
 from codexlb.status import StatusView
 from codexlb.store import SnapshotStore
 from codexlb.stored import StoredResponses
+from codexlb.translated import TranslatedApis
 from codexlb.upstream import Upstream
 from codexlb.ws_proxy import WsProxy
 
@@ -117,12 +118,22 @@ def create_app(
     proxy = HttpProxy(services, keys)
     websockets = WsProxy(services, keys)
     app.on_shutdown.append(websockets.shutdown)
-    catalog = ModelCatalog(services, keys)
+    started = config
+
+    def models() -> ModelsConfig:  # [models] as last (re)loaded (S11)
+        reloader = app.get(RELOADER)
+        return (reloader.config if reloader is not None else started).models
+
+    catalog = ModelCatalog(services, keys, models)
     for prefix in ("/backend-api/codex", "/v1"):
         app.router.add_post(f"{prefix}/responses", proxy.create_response)
         app.router.add_get(f"{prefix}/responses", websockets.handle)
         app.router.add_post(f"{prefix}/responses/compact", proxy.compact)
         app.router.add_get(f"{prefix}/models", catalog.handle)
+    translated = TranslatedApis(proxy, keys, models)
+    app.router.add_post("/v1/chat/completions", translated.chat_completions)
+    app.router.add_post("/v1/messages", translated.messages)
+    app.router.add_post("/v1/messages/count_tokens", translated.count_tokens)
     app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
     app.router.add_get("/status", StatusView(services.pool, admin).handle)
     app.router.add_get("/healthz", _healthz)
@@ -246,11 +257,12 @@ async def _readyz(request: web.Request) -> web.Response:
 
 @web.middleware
 async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render every error a client can see in the OpenAI shape (SPEC S1.4)."""
+    """Render every error a client can see in the OpenAI shape (SPEC S1.4); in Anthropic's
+    under ``/v1/messages`` (S11)."""
     try:
         return await handler(request)
     except CodexLBError as exc:
-        return _error_response(exc)
+        return _error_response(exc, request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -259,16 +271,18 @@ async def _openai_errors(request: web.Request, handler: Handler) -> web.StreamRe
         else:
             error = InvalidRequest(exc.reason)
             error.status = exc.status
-        return _error_response(error)
+        return _error_response(error, request)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error_response(CodexLBError("Internal error in codexlb."))
+        return _error_response(CodexLBError("Internal error in codexlb."), request)
 
 
-def _error_response(error: CodexLBError) -> web.Response:
+def _error_response(error: CodexLBError, request: web.Request) -> web.Response:
+    path = request.path
+    anthropic = path == "/v1/messages" or path.startswith("/v1/messages/")
     return web.Response(
         status=error.status,
-        body=error.body(),
+        body=error.anthropic_body() if anthropic else error.body(),
         content_type="application/json",
         headers=error.headers(),
     )

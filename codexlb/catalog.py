@@ -6,6 +6,10 @@ per invented query string), cached briefly per path and version in a bounded LRU
 (``CACHE_ENTRIES``), and served with the upstream's
 ``ETag`` (or one computed from the body) so Codex's ``If-None-Match`` gets a 304. Codex
 re-fetches whenever a response's ``x-models-etag`` differs from what it has.
+
+``GET /v1/models`` without ``client_version`` is an SDK's (OpenAI's or Anthropic's), not
+Codex's: it is answered with the list those read, naming the upstream's models and the
+``[models]`` aliases (S11), from the same cached catalog.
 """
 
 from __future__ import annotations
@@ -14,15 +18,19 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
+from codexlb.config import ModelsConfig
 from codexlb.errors import UpstreamUnavailable
+from codexlb.model_names import catalog_slugs, client_names, model_list
 from codexlb.pool import Account
 
 if TYPE_CHECKING:
@@ -46,9 +54,12 @@ class _Entry:
 
 
 class ModelCatalog:
-    def __init__(self, services: Services, keys: ClientKeys) -> None:
+    def __init__(
+        self, services: Services, keys: ClientKeys, models: Callable[[], ModelsConfig]
+    ) -> None:
         self.services = services
         self.keys = keys
+        self.models = models
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -62,11 +73,20 @@ class ModelCatalog:
             while len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
+        if request.path == "/v1/models" and not query:
+            return web.json_response(self._model_list(entry))
         if request.headers.get("If-None-Match") == entry.etag:
             return web.Response(status=304, headers={"ETag": entry.etag})
         return web.Response(
             body=entry.body, headers={"ETag": entry.etag, "Content-Type": entry.content_type}
         )
+
+    def _model_list(self, entry: _Entry) -> dict[str, object]:
+        try:
+            catalog = orjson.loads(entry.body)
+        except orjson.JSONDecodeError:
+            catalog = None
+        return model_list(client_names(self.models(), catalog_slugs(catalog)))
 
     async def _fetch(self, query: str) -> _Entry:
         pool = self.services.pool

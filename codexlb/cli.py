@@ -216,6 +216,18 @@ def _db(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _print_models(config: Config) -> None:
+    """``[models]`` (S11): the names the translated APIs map, and the default."""
+    models = config.models
+    if not models.aliases and models.default is None:
+        return
+    print("models:")
+    for name, upstream in models.aliases.items():
+        print(f"  {name} -> {upstream}")
+    if models.default is not None:
+        print(f"  default {models.default} (on /v1/messages, for names no alias covers)")
+
+
 def _check_config(config: Config) -> int:
     ok = True
     print(f"listen    http://{config.server.host}:{config.server.port}")
@@ -236,6 +248,7 @@ def _check_config(config: Config) -> int:
         )
     if not config.accounts:
         print("  (none)")
+    _print_models(config)
     problem = _open_access_problem(config)
     if problem:
         print(problem, file=sys.stderr)

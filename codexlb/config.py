@@ -230,6 +230,16 @@ class LimitsConfig(_Section):
         return self
 
 
+class ModelsConfig(_Section):
+    """Model names of the translated APIs (S11): ``aliases`` maps a name a client asks for
+    onto an upstream model; ``default`` serves, on ``/v1/messages``, names no alias covers."""
+
+    aliases: dict[Annotated[str, Field(min_length=1)], Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict
+    )
+    default: str | None = Field(default=None, min_length=1)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -247,6 +257,7 @@ class Config(_Section):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
     logging: LoggingConfig = LoggingConfig()
+    models: ModelsConfig = ModelsConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

@@ -17,6 +17,9 @@
     │                                 bodies or connections held at once)
     └── SnapshotNotStored             500 server_error / server_error (the database failed)
 
+On Anthropic's ``/v1/messages`` the same errors take Anthropic's shape (``anthropic_error``):
+``{"type": "error", "error": {"type", "message"}}``, the type following the status.
+
 Foreign exceptions (aiohttp, SQLAlchemy, json) are translated into this tree at exactly one
 boundary each, with ``raise ... from exc``; the HTTP middleware and the WebSocket handler are
 the only places that render them.
@@ -51,6 +54,9 @@ class CodexLBError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+    def anthropic_body(self) -> bytes:
+        return json.dumps(anthropic_error(self.status, self.message)).encode()
 
 
 class InvalidApiKey(CodexLBError):
@@ -185,3 +191,23 @@ def shown(value: str) -> str:
     """``value`` as an error message may repeat it: cut to ``SHOWN_CHARS`` with an ellipsis, so
     that a huge id is not sent back whole."""
     return value if len(value) <= SHOWN_CHARS else value[: SHOWN_CHARS - 1] + "…"
+
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """An error in Anthropic's shape; its type follows the HTTP status."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status)
+    if kind is None:
+        kind = "invalid_request_error" if 400 <= status < 500 else "api_error"
+    return {"type": "error", "error": {"type": kind, "message": message}}

@@ -69,8 +69,12 @@ class Exchange:
         request: CreateRequest,
         affinity_key: str | None,
         record: RequestRecord,
+        stateless: bool = False,
     ) -> None:
         self.services = services
+        self.stateless = stateless
+        """A translated request (S11): the client sends the whole history each time, so the
+        store is neither read for it nor written."""
         self.scope = scope
         self.request = request
         self.affinity_key = affinity_key
@@ -83,7 +87,7 @@ class Exchange:
         """This attempt forwards ``previous_response_id`` to the socket that made it (S3.1)."""
         self.sent = Credentials()
         """The credentials of the account as this attempt began: named again after a 401."""
-        self._history_loaded = False
+        self._history_loaded = stateless
         self._looked_up: set[int] = set()
         self._tried: set[str] = set()
         self._rate_limited: set[str] = set()
@@ -304,7 +308,7 @@ class Exchange:
         output = recorder.ordered_output()
         usage = response.get("usage")
         self.record.usage = usage if isinstance(usage, dict) else None
-        if isinstance(response_id, str):
+        if isinstance(response_id, str) and not self.stateless:
             model = response.get("model")
             queued = time.perf_counter()
             try:
@@ -326,7 +330,7 @@ class Exchange:
                 self.record.failed_with = SnapshotNotStored.status
                 raise SnapshotNotStored from exc
             self.services.metrics.snapshot_write.observe(time.perf_counter() - queued)
-        else:
+        elif not isinstance(response_id, str):
             log.warning("account %s completed a response without an id", account.name)
         self.succeeded(account)
         return response

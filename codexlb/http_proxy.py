@@ -8,19 +8,26 @@ goes out only after its snapshot is committed. Output that arrived with it goes 
 the store is idle, so the client need not wait for a trip to the database to see it; while the
 store is busy (responses completing together) it waits and goes out with ``response.completed``
 in one write, since one write per response counts for more under load.
+
+The translated APIs (S11, ``translation``) take the same path: their request becomes a
+Responses request for the same ``Exchange``, and a translator they give turns each upstream
+event into their own bytes where the native path forwards it unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
+import orjson
 from aiohttp import web
 
 from codexlb.auth import ClientKeys
+from codexlb.config import ModelsConfig
 from codexlb.edge import read_body
 from codexlb.errors import CodexLBError, SnapshotNotStored
 from codexlb.exchange import Exchange, affinity_key
@@ -31,6 +38,7 @@ from codexlb.payload import CreateRequest
 from codexlb.pool import Account
 from codexlb.relay import BROKEN, COMPLETED, FAILED, HOLD, PASS, ResponseRecorder, shaped_error
 from codexlb.sse import encode_event
+from codexlb.translation import Door, EventTranslator, Translation, upstream_headers
 from codexlb.upstream import (
     UpstreamBroken,
     UpstreamConnectError,
@@ -69,27 +77,52 @@ class HttpProxy:
         the same conversation (parent's account, then affinity), with failover."""
         return await self._serve(request, "compact", self._attempt_compact)
 
+    async def translated(
+        self, request: web.Request, door: Door, models: ModelsConfig
+    ) -> web.StreamResponse:
+        """Another API (S11): its request translated by ``door`` into a Responses request that
+        runs through the same exchange, relay and failover as a native one, its answer
+        translated back event by event."""
+        return await self._serve(request, door.route, self._attempt, (door, models))
+
     async def _serve(
-        self, request: web.Request, route: str, attempt: Attempt
+        self,
+        request: web.Request,
+        route: str,
+        attempt: Attempt,
+        door: tuple[Door, ModelsConfig] | None = None,
     ) -> web.StreamResponse:
         record = RequestRecord("http", "", new_request_id(request.headers), route)
         bodies = self.services.bodies
         held = 0
         try:
-            scope = self.keys.scope_for(request.headers.get("Authorization"))
+            authorization = (
+                request.headers.get("Authorization")
+                if door is None
+                else door[0].authorization(request.headers)
+            )
+            scope = self.keys.scope_for(authorization)
             record.client_key = scope
             raw = await read_body(request, self.services.config, bodies)
             held = len(raw)
-            create = CreateRequest.from_bytes(raw)
+            if door is None:
+                create = CreateRequest.from_bytes(raw)
+                key = affinity_key(request.headers, create)
+                headers = forward_headers(request.headers)
+            else:
+                translation = door[0].translate(raw, door[1])
+                create, key = translation.create, translation.affinity_key(request.headers)
+                headers = upstream_headers(request.headers)
+                attempt = functools.partial(self._attempt_translated, translation)
             del raw
             exchange = Exchange(
                 self.services,
                 scope=scope,
                 request=create,
-                affinity_key=affinity_key(request.headers, create),
+                affinity_key=key,
                 record=record,
+                stateless=door is not None,
             )
-            headers = forward_headers(request.headers)
             response = await exchange.run(
                 lambda account: attempt(request, exchange, account, headers)
             )
@@ -127,6 +160,30 @@ class HttpProxy:
             sse=True,
         )
 
+    async def _attempt_translated(
+        self,
+        translation: Translation,
+        request: web.Request,
+        exchange: Exchange,
+        account: Account,
+        headers: Mapping[str, str],
+    ) -> web.StreamResponse | None:
+        """One try of a translated request on ``account``: the client's response, or ``None``."""
+
+        async def respond(upstream: Http1Response) -> web.StreamResponse | None:
+            if translation.stream:
+                events = translation.events()
+                return await self._relay(request, exchange, account, upstream, events)
+            return await self._assemble(exchange, account, upstream, translation)
+
+        body = translation.upstream_body(
+            exchange.upstream_input(account), platform=account.kind == "platform"
+        )
+        path = "/responses"
+        return await self._try(
+            exchange, account, headers, path, body, respond, sse=True, translation=translation
+        )
+
     async def _attempt_compact(
         self,
         request: web.Request,
@@ -161,6 +218,7 @@ class HttpProxy:
         respond: Callable[[Http1Response], Awaitable[web.StreamResponse | None]],
         *,
         sse: bool,
+        translation: Translation | None = None,
     ) -> web.StreamResponse | None:
         """POST to ``account``; an error status, a connect failure or a broken answer before
         anything reached the client ends as ``None`` (try again) or a passed-through error."""
@@ -173,7 +231,7 @@ class HttpProxy:
         del body
         try:
             if upstream.status != 200:
-                return await self._refused(exchange, account, upstream)
+                return await self._refused(exchange, account, upstream, translation)
             exchange.observe_headers(account, upstream.headers)
             return await respond(upstream)
         except UpstreamBroken as exc:
@@ -183,7 +241,11 @@ class HttpProxy:
             upstream.release()
 
     async def _refused(
-        self, exchange: Exchange, account: Account, upstream: Http1Response
+        self,
+        exchange: Exchange,
+        account: Account,
+        upstream: Http1Response,
+        translation: Translation | None = None,
     ) -> web.Response | None:
         """An upstream error status: tried again, or the client's own mistake passed on."""
         status = upstream.status
@@ -211,7 +273,9 @@ class HttpProxy:
         if await exchange.judge(account, failure) is not Action.PASS_ON:
             return None
         shown_status, shown = shaped_error(status, body)
-        if shown is body:
+        if translation is not None:
+            shown_status, shown = translation.error(shown_status, shown)
+        elif shown is body:
             return web.Response(status=status, body=raw, content_type="application/json")
         return web.json_response(shown, status=shown_status)
 
@@ -221,7 +285,10 @@ class HttpProxy:
         exchange: Exchange,
         account: Account,
         upstream: Http1Response,
+        translate: EventTranslator | None = None,
     ) -> web.StreamResponse | None:
+        """Relay one attempt's events; ``translate`` (another API, S11) turns each into the
+        bytes the client gets instead of the event itself."""
         recorder = ResponseRecorder(max_response_bytes=self._limits.max_upstream_response_bytes)
         sink = _ClientStream(
             request, exchange, relayed_headers(upstream.headers, exchange.request.model)
@@ -233,6 +300,10 @@ class HttpProxy:
                     raise UpstreamBroken(_TOO_LARGE)
                 for raw, kind, data in events:
                     step = recorder.observe(kind, data)
+                    if translate is not None:
+                        raw = translate(kind, data, raw)
+                        if not raw and (step is PASS or step is HOLD):
+                            continue
                     if step is PASS:
                         sink.add(raw)
                         continue
@@ -267,13 +338,23 @@ class HttpProxy:
         if await exchange.judge(account, recorder.broken(reason)) is not Action.BREAK:
             return None
         # Visible output already reached the client: fail the response, keep the stream clean.
-        sink.add(encode_event(recorder.incomplete_event()))
+        ending = recorder.incomplete_event()
+        if translate is None:
+            sink.add(encode_event(ending))
+        else:
+            sink.add(translate("response.failed", orjson.dumps(ending), b""))
         await sink.finish()
         return sink.response
 
     async def _assemble(
-        self, exchange: Exchange, account: Account, upstream: Http1Response
+        self,
+        exchange: Exchange,
+        account: Account,
+        upstream: Http1Response,
+        translation: Translation | None = None,
     ) -> web.Response | None:
+        """One JSON answer from the upstream's events; ``translation`` (another API, S11)
+        gives its shape."""
         recorder = ResponseRecorder(
             streaming=False, max_response_bytes=self._limits.max_upstream_response_bytes
         )
@@ -291,18 +372,26 @@ class HttpProxy:
                     if not response.get("output"):
                         response = {**response, "output": recorder.ordered_output()}
                     exchange.record.mark_first_byte()
-                    return web.json_response(
-                        response, headers=relayed_headers(upstream.headers, exchange.request.model)
-                    )
+                    headers = relayed_headers(upstream.headers, exchange.request.model)
+                    if translation is not None:
+                        status, reply = translation.reply(response)
+                        return web.json_response(reply, status=status, headers=headers)
+                    return web.json_response(response, headers=headers)
                 if step is FAILED:
                     failure = recorder.failure
                     assert failure is not None
                     if await exchange.judge(account, failure) is not Action.PASS_ON:
                         return None
                     if recorder.response:  # response.failed / incomplete: the response itself
+                        if translation is not None:
+                            response = {**recorder.response, "output": recorder.ordered_output()}
+                            status, reply = translation.reply(response)
+                            return web.json_response(reply, status=status)
                         return web.json_response(recorder.response)
                     error = {"error": dict(failure.error)} if failure.error else None
                     status, shown = shaped_error(failure.reported_status or 500, error)
+                    if translation is not None:
+                        status, shown = translation.error(status, shown)
                     return web.json_response(shown, status=status)
         raise UpstreamBroken("stream ended before its terminal event")
 

@@ -13,7 +13,8 @@ What a reload changes at once:
 - the accounts (``Pool.reconfigure``: added, removed, enabled, weight, max_inflight, base URL,
   credentials), including ``[upstream].base_url`` as the accounts' default;
 - ``[routing]`` (``Pool.routing``);
-- ``[logging].level``.
+- ``[logging].level``;
+- ``[models]`` (the translated APIs read it per request from ``Reloader.config``).
 
 Everything else was wired into a resource at start (the listening socket, the database engine,
 the client keys, the upstream session's timeouts, the body limit, the pruning task, the log
@@ -150,6 +151,8 @@ class Reloader:
         changes = self._pool.reconfigure(config)
         if config.logging.level != self._config.logging.level:
             logging.getLogger().setLevel(config.logging.level)
+        if config.models != self._config.models:
+            log.info("[models] changed: the next requests use the new aliases and default")
         self._config = config
         log.info("configuration reloaded from %s (%s): %s", self.path, reason, changes.describe())
         pending = restart_only_changes(self._started, config)
