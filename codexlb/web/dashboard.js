@@ -8,7 +8,7 @@ const OUTCOMES = ["ok", "client_error", "rate_limited", "server_error", "cancell
 const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
-const state = { timer: null, lastGood: null, requestsText: "", refreshes: 0 };
+const state = { timer: null, lastGood: null, requestsText: "", refreshes: 0, minutes: null };
 
 // --- formatting ---------------------------------------------------------------------------
 
@@ -48,6 +48,10 @@ function count(n) {
 function ms(n) {
   if (n === null || n === undefined) return "–";
   return n >= 1000 ? (n / 1000).toFixed(n >= 10000 ? 0 : 1) + " s" : Math.round(n) + " ms";
+}
+
+function plural(n, word) {
+  return n + " " + word + (n === 1 ? "" : "s");
 }
 
 function level(pct) {
@@ -229,7 +233,7 @@ function renderAccounts(accounts) {
     }
     setText(card.cooldown, account.cooldown_until ? "until " + until(account.cooldown_until) : "none");
     setText(card.inflight, account.inflight + " of " + (account.max_inflight || "no limit"));
-    setText(card.hour, account.hour.requests + " attempts, " + account.hour.errors + " failed");
+    setText(card.hour, plural(account.hour.requests, "attempt") + ", " + account.hour.errors + " failed");
     setText(card.last_error, account.last_error || "none");
     card.last_error.title = account.last_error || "";
   });
@@ -244,7 +248,11 @@ function renderAccounts(accounts) {
 // --- the last hour -------------------------------------------------------------------------
 
 function renderChart(minutes) {
-  const width = 600, height = 170, left = 34, right = 44, top = 8, bottom = 20;
+  state.minutes = minutes;
+  const chart = $("chart");
+  // Drawn at the size it is shown (not scaled), so the labels keep their shape.
+  const width = Math.max(240, chart.clientWidth || 600), height = Math.max(100, chart.clientHeight || 170);
+  const left = 34, right = 50, top = 8, bottom = 20;
   const plotW = width - left - right, plotH = height - top - bottom;
   const totals = minutes.map((m) => OUTCOMES.reduce((sum, o) => sum + m[o], 0));
   const maxCount = Math.max(4, ...totals);
@@ -252,7 +260,6 @@ function renderChart(minutes) {
   const maxTtfb = Math.max(100, ...ttfbs);
   const svg = document.createElementNS(SVG, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("role", "img");
   svg.setAttribute("aria-label", "requests per minute by outcome over the last hour, and time to first byte p50");
   const add = (tag, attrs, text) => {
@@ -281,7 +288,11 @@ function renderChart(minutes) {
     const y = top + plotH - (minute.ttfb_p50_ms / maxTtfb) * plotH;
     points.push(`${x.toFixed(1)},${y.toFixed(1)}`);
   });
-  if (points.length) add("polyline", { points: points.join(" "), class: "ttfb", "vector-effect": "non-scaling-stroke" });
+  if (points.length > 1) add("polyline", { points: points.join(" "), class: "ttfb" });
+  for (const point of points) {
+    const [cx, cy] = point.split(",");
+    add("circle", { cx, cy, r: 2.5, class: "ttfb-dot" });
+  }
   add("line", { x1: left, y1: top + plotH, x2: left + plotW, y2: top + plotH, class: "axis" });
   add("line", { x1: left, y1: top, x2: left + plotW, y2: top, class: "axis" });
   add("text", { x: left - 4, y: top + 10, "text-anchor": "end" }, count(maxCount));
@@ -290,7 +301,6 @@ function renderChart(minutes) {
   add("text", { x: left, y: height - 4 }, "−60 min");
   add("text", { x: left + plotW / 2, y: height - 4, "text-anchor": "middle" }, "−30 min");
   add("text", { x: left + plotW, y: height - 4, "text-anchor": "end" }, "now");
-  const chart = $("chart");
   chart.replaceChildren(svg);
   const total = totals.reduce((a, b) => a + b, 0);
   chart.dataset.total = String(total);
@@ -443,6 +453,11 @@ function start() {
       refresh();
     });
   }
+  let resizing = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => state.minutes && renderChart(state.minutes), 100);
+  });
   refresh();
 }
 
