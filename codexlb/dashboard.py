@@ -26,6 +26,7 @@ Every field is a name, a number, a state or a time: no token, no client key, no 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import hashlib
@@ -42,7 +43,13 @@ from aiohttp import web
 
 from codexlb.activity import RECENT_REQUESTS, Activity
 from codexlb.auth import AdminAccess
-from codexlb.errors import CodexLBError, Forbidden, InvalidApiKey, InvalidRequest
+from codexlb.errors import (
+    CodexLBError,
+    Forbidden,
+    InvalidApiKey,
+    InvalidRequest,
+    RequestTimeout,
+)
 from codexlb.logs import Throttled
 from codexlb.pool import Pool
 from codexlb.status import pool_status
@@ -58,6 +65,7 @@ LOGIN_WINDOW_SECONDS = 60.0
 ADDRESSES_CAP = 4096
 """Client addresses whose failures are remembered; the oldest is forgotten to make room."""
 LOGIN_BODY_BYTES = 4096
+LOGIN_BODY_SECONDS = 10.0
 ASSETS = {
     "/dashboard": ("dashboard.html", "text/html"),
     "/dashboard/dashboard.css": ("dashboard.css", "text/css"),
@@ -297,10 +305,12 @@ class Dashboard:
 
 
 def _same_origin(request: web.Request) -> None:
-    """Refuse a POST whose ``Origin`` is missing or another site's."""
-    origin = request.headers.get("Origin")
-    host = request.headers.get("Host")
-    if origin is None or host is None or origin.lower() != f"{request.scheme}://{host}".lower():
+    """Refuse a POST whose ``Origin`` is missing or not this server (compared by host and
+    port, like ``guard.RequestGuard``: behind a TLS proxy the page is https, codexlb http)."""
+    origin = (request.headers.get("Origin") or "").lower()
+    host = (request.headers.get("Host") or "").lower()
+    scheme, _, authority = origin.partition("://")
+    if not host or scheme not in ("http", "https") or authority != host:
         raise Forbidden(
             "Log in and out from the dashboard page itself (this request's Origin is not it).",
             code="origin_not_allowed",
@@ -310,7 +320,16 @@ def _same_origin(request: web.Request) -> None:
 async def _login_key(request: web.Request) -> str:
     if request.content_length is not None and request.content_length > LOGIN_BODY_BYTES:
         raise InvalidRequest("The login body is too large.")
-    raw = await request.content.read(LOGIN_BODY_BYTES + 1)
+    raw = b""
+    try:
+        async with asyncio.timeout(LOGIN_BODY_SECONDS):
+            while len(raw) <= LOGIN_BODY_BYTES:
+                chunk = await request.content.read(LOGIN_BODY_BYTES + 1 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+    except TimeoutError:
+        raise RequestTimeout("The login body did not arrive in time.") from None
     if len(raw) > LOGIN_BODY_BYTES:
         raise InvalidRequest("The login body is too large.")
     try:

@@ -4,8 +4,11 @@ limiter tables on their own, on a clock of the test's."""
 
 from __future__ import annotations
 
+import asyncio
+import fnmatch
 import json
 import re
+import tomllib
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -90,6 +93,18 @@ async def test_the_page_and_its_files_come_from_codexlb_alone(
         # No address elsewhere: the only URL is the SVG namespace, a name, not a fetch.
         assert set(re.findall(r"https?://[^\s\"'`)]+", text)) <= {"http://www.w3.org/2000/svg"}
     assert "http" not in page.replace('content="light dark"', "")
+
+
+def test_the_page_files_ship_as_package_data() -> None:
+    """Each file of ``codexlb/web`` is served, and is named by pyproject's package data (an
+    installed wheel holds it)."""
+    web = Path(dashboard.__file__).parent / "web"
+    shipped = sorted(f"web/{path.name}" for path in web.iterdir())
+    assert sorted(f"web/{name}" for name, _ in dashboard.ASSETS.values()) == shipped
+    pyproject = tomllib.loads((web.parent.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["codexlb"]
+    for name in shipped:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
 
 
 async def test_without_an_admin_key_the_views_name_the_setting(
@@ -203,6 +218,9 @@ async def test_logging_in_and_out_takes_the_pages_own_origin(
             headers={**origin(lb), "Content-Type": "application/x-www-form-urlencoded"},
         ) as answer:
             assert answer.status == 415
+        # Behind a TLS proxy the page's origin is https, codexlb's own scheme http.
+        https = lb.url.replace("http://", "https://")
+        assert (await login(http, lb, headers={"Origin": https})).status == 200
         assert (await login(http, lb)).status == 200
 
 
@@ -221,6 +239,28 @@ async def test_bad_login_bodies_are_refused_plainly(
     ) as response:
         assert response.status == 400
         assert (await response.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_login_body_in_pieces_is_read_whole_and_a_stalled_one_times_out(
+    lb_admin: tuple[Balancer, dict[str, Any]],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lb, _ = lb_admin
+    body = json.dumps({"key": ADMIN_KEY}).encode()
+    headers = {**origin(lb), "Content-Type": "application/json"}
+
+    async def pieces(pause: float) -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 5):
+            yield body[start : start + 5]
+            await asyncio.sleep(pause)
+
+    async with http.post(lb.url + "/admin/login", data=pieces(0.01), headers=headers) as answer:
+        assert answer.status == 200
+    monkeypatch.setattr(dashboard, "LOGIN_BODY_SECONDS", 0.2)
+    async with http.post(lb.url + "/admin/login", data=pieces(1.0), headers=headers) as answer:
+        assert answer.status == 408
+        assert (await answer.json())["error"]["code"] == "request_timeout"
 
 
 async def test_wrong_keys_are_refused_then_limited_per_address(
