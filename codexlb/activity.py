@@ -37,6 +37,7 @@ OUTCOMES: tuple[Outcome, ...] = ("ok", "client_error", "rate_limited", "server_e
 TTFB_BOUNDS = tuple(0.001 * 2 ** (i / 4) for i in range(4 * 17))
 """Upper bounds of the time-to-first-byte buckets, seconds: 1 ms to about 2 min, each a
 fourth root of two wider than the last (a median read from them is within 10%)."""
+TTFB_BOUNDS_MS = tuple(bound * 1000 for bound in TTFB_BOUNDS)
 
 
 def outcome_of(status: int) -> Outcome:
@@ -52,7 +53,7 @@ def outcome_of(status: int) -> Outcome:
     return "ok"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FinishedRequest:
     """One request as the recent list shows it."""
 
@@ -90,10 +91,10 @@ class FinishedRequest:
 @dataclass(slots=True)
 class _Minute:
     minute: int
-    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    outcomes: dict[str, int] = field(default_factory=dict)
     ttfb: list[int] = field(default_factory=lambda: [0] * (len(TTFB_BOUNDS) + 1))
-    attempts: collections.Counter[str] = field(default_factory=collections.Counter)
-    failed: collections.Counter[str] = field(default_factory=collections.Counter)
+    attempts: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -126,16 +127,23 @@ class Activity:
     # --- what happens ---------------------------------------------------------------------
 
     def request(self, finished: FinishedRequest) -> None:
+        # Runs once per request on the event loop: kept to a few dictionary operations.
         self._recent.append(finished)
-        slot = self._minute(finished.time)
-        slot.outcomes[outcome_of(finished.status)] += 1
+        when, status = finished.time, finished.status
+        minute = int(when // 60)
+        slot = self._minutes[minute % HOUR_MINUTES]
+        if slot is None or slot.minute != minute:
+            slot = self._minute(when)
+        outcome = "ok" if 200 <= status < 300 else outcome_of(status)
+        outcomes = slot.outcomes
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if finished.ttfb_ms is not None:
-            slot.ttfb[bisect.bisect_left(TTFB_BOUNDS, finished.ttfb_ms / 1000)] += 1
+            slot.ttfb[bisect.bisect_left(TTFB_BOUNDS_MS, finished.ttfb_ms)] += 1
         days = self._keys.get(finished.key)
         if days is None:
             name = finished.key if len(self._keys) < NAMES_CAP else OTHER
             days = self._keys.setdefault(name, {})
-        today = _day(finished.time)
+        today = int(when // 86400)
         day = days.get(today)
         if day is None:
             day = days[today] = KeyDay()
@@ -150,9 +158,10 @@ class Activity:
         slot = self._minute(self.clock())
         if account not in slot.attempts and len(slot.attempts) >= NAMES_CAP:
             account = OTHER
-        slot.attempts[account] += 1
+        attempts = slot.attempts
+        attempts[account] = attempts.get(account, 0) + 1
         if outcome != "ok":
-            slot.failed[account] += 1
+            slot.failed[account] = slot.failed.get(account, 0) + 1
 
     # --- what the dashboard reads -----------------------------------------------------------
 
@@ -195,7 +204,7 @@ class Activity:
             slot = self._slot(minute)
             entry: dict[str, Any] = {"start": iso(minute * 60)}
             for outcome in OUTCOMES:
-                entry[outcome] = slot.outcomes[outcome] if slot else 0
+                entry[outcome] = slot.outcomes.get(outcome, 0) if slot else 0
             entry["ttfb_p50_ms"] = _median_ms(slot.ttfb) if slot else None
             minutes.append(entry)
         return minutes
