@@ -32,6 +32,9 @@ from tests.harness import (
     serve,
     stream_turn,
     user_message,
+    ws_events,
+    ws_turn,
+    ws_url,
 )
 from tests.test_status import secrets_of, status_config
 
@@ -417,6 +420,21 @@ async def test_overview_and_requests_after_a_rate_limited_account(
     for secret in secrets_of(data):
         assert secret not in overview_text
         assert secret not in requests_text
+
+
+async def test_websocket_turns_are_listed_like_http_ones(
+    lb_admin: tuple[Balancer, dict[str, Any]], http: aiohttp.ClientSession
+) -> None:
+    lb, _ = lb_admin
+    async with http.ws_connect(ws_url(lb.url), headers=auth("bob")) as ws:
+        events = await ws_turn(ws, {"input": [user_message("over a socket")]})
+        assert events[-1]["type"] == "response.completed"
+        await ws.send_str("not json")
+        assert (await ws_events(ws))[-1]["type"] == "error"
+    async with http.get(lb.url + "/admin/requests", headers=ADMIN) as response:
+        listed = (await response.json())["requests"]
+    assert [(r["key"], r["transport"], r["status"]) for r in listed] == [("bob", "ws", 200)]
+    assert listed[0]["output_tokens"] > 0
 
 
 async def test_client_keys_never_open_the_admin_views(
