@@ -60,6 +60,11 @@ LAPTOP = (1366, 900)
 PHONE = (390, 844)
 WAIT_SECONDS = 15.0
 
+CHART_FITS = (
+    "const chart = document.getElementById('chart'), svg = chart.querySelector('svg');"
+    "return !svg || Math.abs(svg.viewBox.baseVal.width - chart.clientWidth) < 1;"
+)
+
 T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(180)
@@ -189,6 +194,9 @@ class Page:
                 "mobile": size[0] < 600,
             }
             driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+            WebDriverWait(driver, WAIT_SECONDS, poll_frequency=0.05).until(
+                lambda d: d.execute_script(CHART_FITS), "the chart redrawn at the new width"
+            )
             height = int(driver.execute_script("return document.documentElement.scrollHeight"))
             metrics["height"] = max(size[1], height)
             driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
