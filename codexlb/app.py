@@ -26,6 +26,7 @@ from codexlb.auth import AdminAccess, ClientKeys
 from codexlb.catalog import ModelCatalog
 from codexlb.config import Config, ModelsConfig
 from codexlb.credential_store import CredentialStore
+from codexlb.dashboard import Dashboard
 from codexlb.edge import BodyBudget, EdgeRunner
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
 from codexlb.guard import RequestGuard
@@ -136,6 +137,8 @@ def create_app(
     app.router.add_post("/v1/messages/count_tokens", translated.count_tokens)
     app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
     app.router.add_get("/status", StatusView(services.pool, admin).handle)
+    key_names = [key.name for key in config.api_keys]
+    Dashboard(services.pool, services.metrics.activity, admin, key_names).add_routes(app.router)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

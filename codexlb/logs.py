@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
+from codexlb.activity import FinishedRequest
 from codexlb.config import Config
 
 if TYPE_CHECKING:
@@ -208,6 +209,24 @@ class RequestRecord:
         first_byte = self.first_byte - self.started if self.first_byte else None
         status = self.failed_with or self.status
         metrics.request(self.route, self.transport, status, first_byte, duration)
+        ttfb_ms = round(first_byte * 1000, 1) if first_byte is not None else None
+        duration_ms = round(duration * 1000, 1)
+        input_tokens, output_tokens = _count(usage, "input_tokens"), _count(usage, "output_tokens")
+        metrics.activity.request(
+            FinishedRequest(
+                metrics.activity.clock(),
+                self.client_key,
+                self.account,
+                self.route,
+                self.transport,
+                self.attempts,
+                status,
+                ttfb_ms,
+                duration_ms,
+                input_tokens,
+                output_tokens,
+            )
+        )
         if not requests_log.isEnabledFor(logging.INFO):
             return
         fields = {
@@ -218,16 +237,22 @@ class RequestRecord:
             "transport": self.transport,
             "attempts": self.attempts,
             "status": status,
-            "ttfb_ms": round(first_byte * 1000, 1) if first_byte is not None else None,
-            "duration_ms": round(duration * 1000, 1),
-            "input_tokens": usage.get("input_tokens"),
-            "output_tokens": usage.get("output_tokens"),
+            "ttfb_ms": ttfb_ms,
+            "duration_ms": duration_ms,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
         }
         requests_log.info(
             _REQUEST_LINE,
             *["-" if value is None else value for value in fields.values()],
             extra={"fields": fields},
         )
+
+
+def _count(usage: Mapping[str, Any], name: str) -> int | None:
+    """A token count of the upstream's usage, if it is one (the upstream's JSON decides)."""
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class Throttled:

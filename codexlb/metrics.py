@@ -25,6 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from codexlb.activity import Activity
 from codexlb.pool import Account, AccountState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -152,6 +153,8 @@ class Metrics:
         )
         self.registry.register(_TallyCollector(tallies))
         self.registry.register(_PoolCollector(accounts))
+        self.activity = Activity()
+        """The recent past as the dashboard shows it, fed from the same events."""
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -171,6 +174,7 @@ class Metrics:
 
     def attempt(self, account: str, outcome: str) -> None:
         self.attempts.inc(account, outcome)
+        self.activity.attempt(account, outcome)
         if outcome != "ok" and outcome != "client_error":
             self.failovers.inc(account, outcome)
 

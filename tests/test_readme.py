@@ -546,6 +546,10 @@ CURL_ANSWERS: dict[str, Callable[[str], bool]] = {
     "/readyz": lambda body: json.loads(body) == {"status": "ready"},
     "/status": lambda body: [a["name"] for a in json.loads(body)["accounts"]] == ["example"],
     "/metrics": lambda body: "# TYPE codexlb_requests_total counter" in body,
+    "/admin/overview": lambda body: (
+        [a["name"] for a in json.loads(body)["accounts"]] == ["example"]
+    ),
+    "/admin/requests": lambda body: isinstance(json.loads(body)["requests"], list),
 }
 
 
