@@ -30,6 +30,7 @@ from codexlb.edge import BodyBudget, EdgeRunner
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
 from codexlb.guard import RequestGuard
 from codexlb.http_proxy import HttpProxy
+from codexlb.limits import KeyLimits, UsageView
 from codexlb.metrics import CONTENT_TYPE, Metrics
 from codexlb.pool import Pool
 from codexlb.refresh import CredentialManager
@@ -38,6 +39,7 @@ from codexlb.status import StatusView
 from codexlb.store import SnapshotStore
 from codexlb.stored import StoredResponses
 from codexlb.upstream import Upstream
+from codexlb.usage import UsageLedger
 from codexlb.ws_proxy import WsProxy
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,11 @@ class Services:
     store: SnapshotStore
     upstream: Upstream
     credentials: CredentialManager
+    keys: ClientKeys
+    ledger: UsageLedger
+    """What each client key used (S9), durably."""
+    limits: KeyLimits = field(init=False)
+    """What each client key may use, checked before anything goes upstream (S9)."""
     metrics: Metrics = field(init=False)
     bodies: BodyBudget = field(init=False)
     """Request bodies and WebSocket messages held at once (``[limits]``)."""
@@ -62,6 +69,7 @@ class Services:
             self, "metrics", Metrics(lambda: [*self.pool.accounts, *self.pool.draining])
         )
         object.__setattr__(self, "bodies", BodyBudget(self.config.limits.max_body_bytes_in_flight))
+        object.__setattr__(self, "limits", KeyLimits(self.keys, self.ledger))
 
 
 SERVICES = web.AppKey("services", Services)
@@ -90,7 +98,10 @@ def create_app(
     )
     engine = db.create_engine(config.database.url)
     credentials = CredentialManager(config, store=CredentialStore(engine))
+    ledger = UsageLedger(engine)
     services = Services(
+        keys=ClientKeys(config.api_keys, clock=lambda: ledger.clock()),
+        ledger=ledger,
         config=config,
         pool=Pool(config, credentials),
         credentials=credentials,
@@ -107,11 +118,16 @@ def create_app(
     app.cleanup_ctx.append(_background("codexlb-prune", _prune_forever))
     if config_path is not None:
         app[RELOADER] = Reloader(
-            config_path, config, services.pool, services.credentials, interval=watch_interval
+            config_path,
+            config,
+            services.pool,
+            services.credentials,
+            interval=watch_interval,
+            keys=services.keys,
         )
         app.cleanup_ctx.append(_background("codexlb-config-watch", _watch_config))
 
-    keys = ClientKeys(config.api_keys)
+    keys = services.keys
     admin = AdminAccess(config.admin, keys, loopback=config.server.is_loopback)
     app[ADMIN] = admin
     proxy = HttpProxy(services, keys)
@@ -125,6 +141,7 @@ def create_app(
         app.router.add_get(f"{prefix}/models", catalog.handle)
     app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
     app.router.add_get("/status", StatusView(services.pool, admin).handle)
+    app.router.add_get("/v1/usage", UsageView(services.limits).handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -159,7 +176,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         await db.upgrade(engine)
         await store.start()
         try:
-            yield
+            await app[SERVICES].ledger.start()
+            try:
+                yield
+            finally:
+                await app[SERVICES].ledger.close()
         finally:
             await store.close()
     finally:
