@@ -33,6 +33,8 @@ from typing import Any, Literal
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from codexlb import db
+
 log = logging.getLogger(__name__)
 
 MINUTE = 60
@@ -351,3 +353,67 @@ def _group_name(value: Any, by: Grouping) -> str:
 def _count(value: Any) -> int:
     """A token count as reported; anything but a non-negative integer counts as none."""
     return value if type(value) is int and value > 0 else 0
+
+
+# -- ``codexlb usage`` ------------------------------------------------------------------------
+
+SINCE_UNITS = {"m": MINUTE, "h": 3600, "d": DAY, "w": WEEK}
+
+
+def parse_since(value: str) -> int:
+    """``7d``, ``12h``, ``30m``, ``2w`` → seconds; raises ``ValueError`` otherwise."""
+    number, unit = value[:-1], value[-1:]
+    if unit not in SINCE_UNITS or not number.isdigit():
+        raise ValueError(f"{value!r} is not a duration such as 30m, 12h, 7d or 2w")
+    return int(number) * SINCE_UNITS[unit]
+
+
+async def usage_report(database_url: str, since: int, by: Grouping) -> dict[str, Any]:
+    """What ``codexlb usage --json`` prints: the totals of the last ``since`` seconds,
+    grouped ``by``, straight from the database."""
+    engine = db.create_engine(database_url)
+    try:
+        ledger = UsageLedger(engine)
+        start = int(ledger.clock()) - since
+        rows = await ledger.report(start, by)
+    finally:
+        await engine.dispose()
+    return {
+        "since": start,
+        "by": by,
+        "rows": [{by: name, **totals.as_dict()} for name, totals in rows],
+    }
+
+
+def render_report(report: Mapping[str, Any]) -> str:
+    """``usage_report`` as a table."""
+    by = str(report["by"])
+    header: tuple[str, ...] = (by, "requests", "input", "cached", "output", "reasoning")
+    lines = [header]
+    for row in report["rows"]:
+        lines.append(
+            (
+                str(row[by]) or "-",
+                *(
+                    f"{row[name]:,}"
+                    for name in (
+                        "requests",
+                        "input_tokens",
+                        "cached_input_tokens",
+                        "output_tokens",
+                        "reasoning_tokens",
+                    )
+                ),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(report["since"]))
+    text = [f"usage since {since}, by {by}"]
+    for line in lines:
+        cells = [line[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
+        ]
+        text.append("  ".join(cells))
+    if not report["rows"]:
+        text.append("(no usage recorded)")
+    return "\n".join(text)
