@@ -14,7 +14,7 @@
     ├── PayloadTooLarge               413 (HTTP) / 400 (WebSocket) ... / payload_too_large
     ├── RequestTimeout                408 invalid_request_error / request_timeout (body stalled)
     ├── UsageLimitReached             429 usage_limit_reached, with Retry-After and resets_at
-    │                                     (the pool's, or a key's tokens_per_5h/_week)
+    │   └── KeyUsageLimitReached          a key's tokens_per_5h/_week, named for Codex CLI
     ├── KeyRateLimited                429 requests / rate_limit_exceeded, Retry-After (a key's
     │                                     requests_per_minute or max_inflight)
     ├── PoolBusy                      429 rate_limit_exceeded, Retry-After: 1 (all at max_inflight)
@@ -186,6 +186,22 @@ class UsageLimitReached(CodexLBError):
         return {"Retry-After": str(max(1, math.ceil(self.resets_at - now)))}
 
 
+class KeyUsageLimitReached(UsageLimitReached):
+    """A client key at its ``tokens_per_5h`` or ``tokens_per_week`` (SPEC S9).
+
+    Codex CLI shows its own sentence for ``usage_limit_reached``, not the message; it names
+    the limit the ``x-codex-limit-name`` header names ("You've hit your usage limit for
+    <name>. ... try again at <time>."), so the header carries the key's limit.
+    """
+
+    def __init__(self, resets_at: float, message: str, *, limit_name: str, now: float) -> None:
+        super().__init__(resets_at, message, now=now)
+        self.limit_name = _header_text(limit_name)
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "x-codex-limit-name": self.limit_name}
+
+
 class PoolBusy(CodexLBError):
     """Every eligible account is at its ``max_inflight``: a short wait helps (Codex retries a
     ``rate_limit_exceeded`` after ``Retry-After``, while ``usage_limit_reached`` is fatal)."""
@@ -231,6 +247,11 @@ class SnapshotNotStored(CodexLBError):
 
     def __init__(self) -> None:
         super().__init__("codexlb could not store the response; please send the request again.")
+
+
+def _header_text(value: str) -> str:
+    """``value`` as a header may carry it: printable ASCII, others as ``?``, cut short."""
+    return "".join(c if " " <= c <= "~" else "?" for c in shown(value))
 
 
 def shown(value: str) -> str:

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from codexlb.auth import ClientKeys
 from codexlb.config import ApiKeyConfig
-from codexlb.errors import InvalidRequest, KeyRateLimited, ModelNotFound, UsageLimitReached
+from codexlb.errors import InvalidRequest, KeyRateLimited, KeyUsageLimitReached, ModelNotFound
 from codexlb.usage import DAY, FIVE_HOURS, MINUTE, WEEK, UsageLedger, Windows
 
 RATE_WINDOW = 60.0
@@ -170,11 +170,12 @@ class KeyLimits:
             frees = await self.ledger.frees_at(scope, window, limit)
             if frees is None:  # the cached figure was behind: the window has moved on
                 continue
-            raise UsageLimitReached(
+            raise KeyUsageLimitReached(
                 frees,
                 f"API key '{scope}' reached its {name} limit of {limit} tokens "
                 f"({used} used); it frees up at "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(frees))}.",
+                limit_name=f"API key '{scope}' ({name} = {limit})",
                 now=self.ledger.clock(),
             )
 

@@ -210,6 +210,8 @@ async def test_tokens_per_5h_of_one_key_leave_the_other_served(
         # Two turns of ~30 tokens each: the first leaving the window frees it.
         assert error["resets_at"] == first_minute + FIVE_HOURS + MINUTE
         assert int(headers["Retry-After"]) == error["resets_at"] - int(clock.now)
+        # What Codex CLI names in the sentence it shows (tests/test_codex_key_limits.py).
+        assert headers["x-codex-limit-name"] == "API key 'alice' (tokens_per_5h = 50)"
         assert (await turn(http, lb, "bob"))[0] == 200  # bob keeps being served
         clock.now = error["resets_at"] - 1
         assert (await turn(http, lb))[0] == 429
@@ -245,6 +247,7 @@ async def test_over_websocket_the_refusal_is_an_error_event_and_the_socket_stays
         assert error["error"]["code"] == "usage_limit_reached"
         assert "tokens_per_5h" in error["error"]["message"]
         assert int(error["headers"]["Retry-After"]) > 0
+        assert error["headers"]["x-codex-limit-name"] == "API key 'alice' (tokens_per_5h = 1)"
         clock.now = error["error"]["resets_at"]
         events = await ws_turn(ws, {"input": [user_message("later")]})
         assert events[-1]["type"] == "response.completed"
