@@ -41,7 +41,7 @@ MINUTE = 60
 FIVE_HOURS = 5 * 3600
 WEEK = 7 * 86400
 DAY = 86400
-FLUSH_DELAY_SECONDS = 0.2
+FLUSH_DELAY_SECONDS = 0.5
 """How long buckets gather after the first of a batch arrived, before they are written."""
 WINDOW_CACHE_SECONDS = 1.0
 """How long the window sums of a key read from the database serve its requests."""
@@ -66,18 +66,20 @@ class Totals:
         """What the token limits count: input plus output."""
         return self.input_tokens + self.output_tokens
 
-    def add(self, usage: Mapping[str, Any] | None, requests: int) -> None:
-        self.requests += requests
-        if not usage:
-            return
-        self.input_tokens += _count(usage.get("input_tokens"))
-        self.output_tokens += _count(usage.get("output_tokens"))
+    def add_tokens(self, usage: Mapping[str, Any]) -> int:
+        """Add the tokens of a Responses ``usage`` object; returns the input plus output
+        tokens added (what the limits count)."""
+        input_tokens = _count(usage.get("input_tokens"))
+        output_tokens = _count(usage.get("output_tokens"))
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
         details = usage.get("input_tokens_details")
-        if isinstance(details, Mapping):
+        if isinstance(details, dict):
             self.cached_input_tokens += _count(details.get("cached_tokens"))
         details = usage.get("output_tokens_details")
-        if isinstance(details, Mapping):
+        if isinstance(details, dict):
             self.reasoning_tokens += _count(details.get("reasoning_tokens"))
+        return input_tokens + output_tokens
 
     def merge(self, other: Totals) -> None:
         self.requests += other.requests
@@ -150,18 +152,18 @@ class UsageLedger:
     ) -> None:
         """Count a request (``requests``) and the tokens of ``usage`` (a Responses ``usage``
         object) for the key, in the current minute. Never waits."""
-        now = self.clock()
-        bucket = (client_key, int(now // MINUTE) * MINUTE, account or "", model or "")
+        bucket = (client_key, int(self.clock()) // MINUTE * MINUTE, account or "", model or "")
         totals = self._pending.get(bucket)
         if totals is None:
             totals = self._pending[bucket] = Totals()
-        before = totals.tokens
-        totals.add(usage, requests)
-        windows = self._windows.get(client_key)
-        if windows is not None and (added := totals.tokens - before):
-            windows.five_hours += added
-            windows.week += added
-        self._arrived.set()
+        totals.requests += requests
+        if usage:
+            added = totals.add_tokens(usage)
+            if added and (windows := self._windows.get(client_key)) is not None:
+                windows.five_hours += added
+                windows.week += added
+        if not self._arrived.is_set():
+            self._arrived.set()
 
     async def flush(self) -> None:
         """Write every bucket added so far."""
