@@ -33,11 +33,18 @@ class ClientKeys:
         self.clock = clock
         self._digests: list[tuple[bytes, str]] = []
         self._settings: dict[str, ApiKeyConfig] = {}
+        self._unlimited: frozenset[str] = frozenset()
         self.reconfigure(keys)
 
     def reconfigure(self, keys: Sequence[ApiKeyConfig]) -> None:
         self._digests = [(_digest_of(key), key.name) for key in keys]
         self._settings = {key.name: key for key in keys}
+        self._unlimited = frozenset(key.name for key in keys if not key.limited)
+
+    def unlimited(self, scope: str) -> bool:
+        """Whether ``scope`` is a configured key with no settings beyond its key (or the
+        open scope): nothing to check for its requests."""
+        return scope in self._unlimited or (self.open and scope == ANONYMOUS_SCOPE)
 
     @property
     def open(self) -> bool:

@@ -135,6 +135,22 @@ class ApiKeyConfig(_Section):
             raise ValueError("give exactly one of key or key_sha256")
         return self
 
+    @property
+    def limited(self) -> bool:
+        """Whether any setting restricts what the key may use."""
+        return any(
+            value is not None
+            for value in (
+                self.models,
+                self.accounts,
+                self.expires_at,
+                self.requests_per_minute,
+                self.max_inflight,
+                self.tokens_per_5h,
+                self.tokens_per_week,
+            )
+        )
+
 
 class AdminConfig(_Section):
     """The operator's key (S10): ``/status``, ``/metrics`` and the admin views."""

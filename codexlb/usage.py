@@ -69,15 +69,20 @@ class Totals:
     def add_tokens(self, usage: Mapping[str, Any]) -> int:
         """Add the tokens of a Responses ``usage`` object; returns the input plus output
         tokens added (what the limits count)."""
-        input_tokens = _count(usage.get("input_tokens"))
-        output_tokens = _count(usage.get("output_tokens"))
+        get = usage.get
+        input_tokens = get("input_tokens")
+        if type(input_tokens) is not int or input_tokens < 0:
+            input_tokens = 0
+        output_tokens = get("output_tokens")
+        if type(output_tokens) is not int or output_tokens < 0:
+            output_tokens = 0
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
-        details = usage.get("input_tokens_details")
-        if isinstance(details, dict):
+        details = get("input_tokens_details")
+        if type(details) is dict:
             self.cached_input_tokens += _count(details.get("cached_tokens"))
-        details = usage.get("output_tokens_details")
-        if isinstance(details, dict):
+        details = get("output_tokens_details")
+        if type(details) is dict:
             self.reasoning_tokens += _count(details.get("reasoning_tokens"))
         return input_tokens + output_tokens
 
