@@ -304,13 +304,21 @@ async def test_models_a_key_may_use(
 async def test_a_key_draws_only_from_its_accounts(
     fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
+    fake.set_usage("b", 90.0)  # the strategy would rather take another account
     async with limited(fake, tmp_path, alice={"accounts": ["b"]}) as (lb, _):
         for _ in range(4):
             assert (await turn(http, lb))[0] == 200
-        async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
-            for text in ("one", "two"):
-                events = await ws_turn(ws, {"input": [user_message(text)]})
-                assert events[-1]["type"] == "response.completed"
+        for _ in range(3):  # each handshake opens its upstream socket at once
+            async with http.ws_connect(ws_url(lb.url), headers=auth()) as ws:
+                for text in ("one", "two"):
+                    events = await ws_turn(ws, {"input": [user_message(text)]})
+                    assert events[-1]["type"] == "response.completed"
+        assert {handshake.account for handshake in fake.handshakes} == {"b"}
+        for version in ("1", "2", "3"):  # each a catalog of its own, fetched upstream
+            async with http.get(
+                lb.url + f"/backend-api/codex/models?client_version={version}", headers=auth()
+            ) as response:
+                assert response.status == 200
         assert {request.account for request in fake.received} == {"b"}
         fake.script(Fault.status(429), account="b")
         status, body, _ = await turn(http, lb)
