@@ -6,7 +6,9 @@ affinity, then the strategy), gives the input to send (the client's as-is, the c
 replayed from snapshots, and only reasoning the account can read), applies the verdict on every
 upstream failure (``judge``: cooldowns, refresh, replay, failover; see ``failover``), and
 commits the snapshot before the terminal event goes out (``commit``). ``relay`` watches the
-events of one attempt.
+events of one attempt. Before the first attempt, the client key's limits are checked
+(``limits.KeyLimits.admit``: every transport and route gets the same refusals), and the
+request, with the tokens its responses reported, goes into the key's usage (``usage``).
 
 The transports (``http_proxy``, ``ws_proxy``) read the client's request, connect, relay and
 frame bytes; they touch neither the pool nor the store.

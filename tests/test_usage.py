@@ -23,6 +23,7 @@ from tests.harness import (
     auth,
     config_data,
     make_config,
+    running_child,
     serve,
     stream_turn,
     user_message,
@@ -248,3 +249,34 @@ async def test_the_usage_command_groups_the_totals(
     refused = await asyncio.to_thread(codexlb, "usage", "--config", str(path), "--since", "soon")
     assert refused.returncode == 2
     assert "'soon' is not a duration" in refused.stderr
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_two_codexlb_processes_on_postgresql_share_a_key_s_tokens(
+    fake: Fake, tmp_path: Path, http: aiohttp.ClientSession, database_url: str
+) -> None:
+    """Two ``codexlb serve`` processes: what a key spent through one is refused by the other
+    (once written, a fraction of a second later) and counted in its ``GET /v1/usage``."""
+    data = data_for(fake, database_url, tokens_per_5h=1)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    async with (
+        running_child(write_toml(tmp_path / "one" / "codexlb.toml", data)) as one,
+        running_child(write_toml(tmp_path / "two" / "codexlb.toml", data)) as two,
+    ):
+        result = await stream_turn(http, one.url, {"input": [user_message("hello")]})
+        assert result.status == 200
+        spent = tokens(added(zero(), result.completed["usage"]))
+        async with asyncio.timeout(10):
+            while True:  # one writes its usage a fraction of a second after the response
+                async with http.get(two.url + "/v1/usage", headers=auth()) as response:
+                    found = await response.json()
+                if found["windows"]["5h"]["tokens"] == spent:
+                    break
+                await asyncio.sleep(0.1)
+        assert found["totals"]["today"]["requests"] == 1
+        refused = await stream_turn(http, two.url, {"input": [user_message("again")]})
+        assert refused.status == 429
+        assert "tokens_per_5h" in refused.events[0]["error"]["message"]
+        other = await stream_turn(http, two.url, {"input": [user_message("hi")]}, client="bob")
+        assert other.status == 200  # another key is served
