@@ -12,7 +12,9 @@ writer task commits them (an upsert that adds to the row) in one short transacti
 after the first of them arrived, so that a burst of responses shares one write, as snapshots
 share their group commit. Every read flushes first (under the same lock as the writer), so a
 reader in this process sees every request that ended before it; other processes see them once
-they are written, a fraction of a second later. ``close`` writes what is left.
+they are written, a fraction of a second later. A write is shielded from the cancellation of
+the reader that started it, so a batch is written once or kept for the next, never both.
+``close`` waits for the batch being written and writes what is left.
 
 The window sums a key's limits need on every request are cached per key for
 ``WINDOW_CACHE_SECONDS`` (what this process adds goes into the cache at once), so that a key
@@ -138,13 +140,18 @@ class UsageLedger:
         self._writer = asyncio.create_task(self._write_forever(), name="usage-writer")
 
     async def close(self) -> None:
-        """Stop the writer and write what is left."""
+        """Stop the writer (after the batch it is writing, if any) and write what is left; a
+        failure is logged, never raised: shutting down goes on."""
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-        await self.flush()
+        async with self._lock:
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+            try:
+                await self._flush_locked()
+            except Exception as exc:
+                log.error("key usage of %d buckets not written: %s", len(self._pending), exc)
 
     def add(
         self,
@@ -173,7 +180,7 @@ class UsageLedger:
     async def flush(self) -> None:
         """Write every bucket added so far."""
         async with self._lock:
-            await self._flush_locked()
+            await asyncio.shield(self._flush_locked())
 
     async def windows(self, client_key: str) -> Windows:
         """The key's tokens in its rolling windows, from a cache at most
@@ -183,7 +190,7 @@ class UsageLedger:
         if cached is not None and 0 <= now - cached.fetched < WINDOW_CACHE_SECONDS:
             return cached
         async with self._lock:
-            await self._flush_locked()
+            await asyncio.shield(self._flush_locked())
             now = self.clock()
             start = window_start(now, WEEK)
             five = window_start(now, FIVE_HOURS)
@@ -210,7 +217,7 @@ class UsageLedger:
         """When the key's tokens in the rolling ``window`` (seconds) fall below ``limit`` as
         its oldest minutes leave it, with no new use; ``None`` when they are below it now."""
         async with self._lock:
-            await self._flush_locked()
+            await asyncio.shield(self._flush_locked())
             now = self.clock()
             query = text(
                 "SELECT minute, SUM(input_tokens + output_tokens) FROM key_usage "
@@ -224,7 +231,7 @@ class UsageLedger:
     async def oldest_minute(self, client_key: str, window: int) -> int | None:
         """The oldest minute with tokens in the key's rolling ``window``, if any."""
         async with self._lock:
-            await self._flush_locked()
+            await asyncio.shield(self._flush_locked())
             query = text(
                 "SELECT MIN(minute) FROM key_usage WHERE client_key = :key AND minute >= :start "
                 "AND input_tokens + output_tokens > 0"
@@ -237,7 +244,7 @@ class UsageLedger:
     async def totals_since(self, client_key: str, starts: Mapping[str, float]) -> dict[str, Totals]:
         """The key's totals since each of ``starts`` (name → epoch seconds), in one query."""
         async with self._lock:
-            await self._flush_locked()
+            await asyncio.shield(self._flush_locked())
             columns = []
             params: dict[str, Any] = {"key": client_key}
             for index, start in enumerate(starts.values()):
@@ -273,7 +280,7 @@ class UsageLedger:
             f"SELECT {group}, {sums} FROM key_usage WHERE minute >= :since GROUP BY {group}"
         )
         async with self._lock:
-            await self._flush_locked()
+            await asyncio.shield(self._flush_locked())
             async with self._engine.connect() as conn:
                 rows = list(await conn.execute(query, {"since": int(since // MINUTE) * MINUTE}))
         found = [(_group_name(row[0], by), Totals(*(int(v) for v in row[1:]))) for row in rows]
@@ -311,7 +318,7 @@ class UsageLedger:
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(_UPSERT, rows)
-        except BaseException:
+        except Exception:  # not written: kept for the next batch
             for bucket, totals in batch.items():  # back in front of what came since
                 pending = self._pending.get(bucket)
                 if pending is not None:
