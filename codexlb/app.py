@@ -31,6 +31,7 @@ from codexlb.edge import BodyBudget, EdgeRunner
 from codexlb.errors import CodexLBError, InvalidRequest, NotFound
 from codexlb.guard import RequestGuard
 from codexlb.http_proxy import HttpProxy
+from codexlb.limits import KeyLimits, UsageView
 from codexlb.metrics import CONTENT_TYPE, Metrics
 from codexlb.pool import Pool
 from codexlb.refresh import CredentialManager
@@ -40,6 +41,7 @@ from codexlb.store import SnapshotStore
 from codexlb.stored import StoredResponses
 from codexlb.translated import TranslatedApis
 from codexlb.upstream import Upstream
+from codexlb.usage import UsageLedger
 from codexlb.ws_proxy import WsProxy
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,11 @@ class Services:
     store: SnapshotStore
     upstream: Upstream
     credentials: CredentialManager
+    keys: ClientKeys
+    ledger: UsageLedger
+    """What each client key used (S9), durably."""
+    limits: KeyLimits = field(init=False)
+    """What each client key may use, checked before anything goes upstream (S9)."""
     metrics: Metrics = field(init=False)
     bodies: BodyBudget = field(init=False)
     """Request bodies and WebSocket messages held at once (``[limits]``)."""
@@ -64,6 +71,7 @@ class Services:
             self, "metrics", Metrics(lambda: [*self.pool.accounts, *self.pool.draining])
         )
         object.__setattr__(self, "bodies", BodyBudget(self.config.limits.max_body_bytes_in_flight))
+        object.__setattr__(self, "limits", KeyLimits(self.keys, self.ledger))
 
 
 SERVICES = web.AppKey("services", Services)
@@ -92,7 +100,10 @@ def create_app(
     )
     engine = db.create_engine(config.database.url)
     credentials = CredentialManager(config, store=CredentialStore(engine))
+    ledger = UsageLedger(engine)
     services = Services(
+        keys=ClientKeys(config.api_keys, clock=lambda: ledger.clock()),
+        ledger=ledger,
         config=config,
         pool=Pool(config, credentials),
         credentials=credentials,
@@ -109,11 +120,16 @@ def create_app(
     app.cleanup_ctx.append(_background("codexlb-prune", _prune_forever))
     if config_path is not None:
         app[RELOADER] = Reloader(
-            config_path, config, services.pool, services.credentials, interval=watch_interval
+            config_path,
+            config,
+            services.pool,
+            services.credentials,
+            interval=watch_interval,
+            keys=services.keys,
         )
         app.cleanup_ctx.append(_background("codexlb-config-watch", _watch_config))
 
-    keys = ClientKeys(config.api_keys)
+    keys = services.keys
     admin = AdminAccess(config.admin, keys, loopback=config.server.is_loopback)
     app[ADMIN] = admin
     proxy = HttpProxy(services, keys)
@@ -137,6 +153,7 @@ def create_app(
     app.router.add_post("/v1/messages/count_tokens", translated.count_tokens)
     app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
     app.router.add_get("/status", StatusView(services.pool, admin).handle)
+    app.router.add_get("/v1/usage", UsageView(services.limits).handle)
     key_names = [key.name for key in config.api_keys]
     Dashboard(services.pool, services.metrics.activity, admin, key_names).add_routes(app.router)
     app.router.add_get("/healthz", _healthz)
@@ -173,7 +190,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         await db.upgrade(engine)
         await store.start()
         try:
-            yield
+            await app[SERVICES].ledger.start()
+            try:
+                yield
+            finally:
+                await app[SERVICES].ledger.close()
         finally:
             await store.close()
     finally:

@@ -12,23 +12,62 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from multidict import MultiMapping
 
 from codexlb.config import AdminConfig, ApiKeyConfig
-from codexlb.errors import Forbidden, InvalidApiKey, InvalidRequest
+from codexlb.errors import Forbidden, InvalidApiKey, InvalidRequest, KeyExpired
 
 ANONYMOUS_SCOPE = ""
 
 
 class ClientKeys:
-    def __init__(self, keys: Sequence[ApiKeyConfig]) -> None:
-        self._digests: list[tuple[bytes, str]] = [(_digest_of(key), key.name) for key in keys]
+    """The configured client keys and their settings (SPEC S9); ``reconfigure`` replaces them
+    on a reload: a removed key is refused from then on, work it already began goes on."""
+
+    def __init__(
+        self, keys: Sequence[ApiKeyConfig], *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.clock = clock
+        self._digests: list[tuple[bytes, str]] = []
+        self._settings: dict[str, ApiKeyConfig] = {}
+        self._unlimited: frozenset[str] = frozenset()
+        self.reconfigure(keys)
+
+    def reconfigure(self, keys: Sequence[ApiKeyConfig]) -> None:
+        self._digests = [(_digest_of(key), key.name) for key in keys]
+        self._settings = {key.name: key for key in keys}
+        self._unlimited = frozenset(key.name for key in keys if not key.limited)
+
+    def unlimited(self, scope: str) -> bool:
+        """Whether ``scope`` is a configured key with no settings beyond its key (or the
+        open scope): nothing to check for its requests."""
+        return scope in self._unlimited or (self.open and scope == ANONYMOUS_SCOPE)
 
     @property
     def open(self) -> bool:
         return not self._digests
+
+    def settings(self, scope: str) -> ApiKeyConfig | None:
+        """The key's settings; ``None`` in open access or for a key no longer configured."""
+        return self._settings.get(scope)
+
+    def check_current(self, scope: str) -> ApiKeyConfig | None:
+        """Raise unless ``scope`` is still a key that may be used now (a reload may have
+        removed it, its ``expires_at`` may have passed since it was presented); its settings,
+        ``None`` in open access."""
+        if self.open and scope == ANONYMOUS_SCOPE:
+            return None
+        settings = self._settings.get(scope)
+        if settings is None:
+            raise InvalidApiKey()
+        if settings.expires_at is not None:
+            expired = settings.expires_at.timestamp()
+            if self.clock() >= expired:
+                raise KeyExpired(scope, expired)
+        return settings
 
     def scope_for(self, authorization: str | None) -> str:
         """The scope of the presented key; raises ``InvalidApiKey`` when it is not one of ours."""
@@ -44,6 +83,7 @@ class ClientKeys:
                 found = name
         if found is None:
             raise InvalidApiKey()
+        self.check_current(found)
         return found
 
 
@@ -58,13 +98,13 @@ class AdminAccess:
 
     def __init__(self, admin: AdminConfig | None, keys: ClientKeys, *, loopback: bool) -> None:
         self._digest = _digest_of(admin) if admin is not None else None
-        self._open = keys.open
+        self._keys = keys
         self._loopback = loopback
 
     def check_view(self, authorization: str | None) -> None:
         """Raise unless ``authorization`` may open an operator view."""
         if self._digest is None:
-            if self._open:
+            if self._keys.open:
                 return
             raise Forbidden(
                 "The operator views need an admin key: set [admin] key (or key_sha256) "

@@ -63,12 +63,12 @@ class ModelCatalog:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.keys.scope_for(request.headers.get("Authorization"))
+        scope = self.keys.scope_for(request.headers.get("Authorization"))
         query = _upstream_query(request)
         key = f"{request.path}?{query}"
         entry = self._cache.get(key)
         if entry is None or entry.expires <= time.monotonic():
-            entry = await self._fetch(query)
+            entry = await self._fetch(query, self._barred(scope))
             self._cache[key] = entry
             while len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
@@ -88,9 +88,17 @@ class ModelCatalog:
             catalog = None
         return model_list(client_names(self.models(), catalog_slugs(catalog)))
 
-    async def _fetch(self, query: str) -> _Entry:
+    def _barred(self, scope: str) -> set[str]:
+        """The accounts the key may not draw from (its ``accounts``): not asked for it."""
+        settings = self.keys.settings(scope)
+        allowed = settings.accounts if settings is not None else None
+        if allowed is None:
+            return set()
+        return {a.name for a in self.services.pool.accounts if a.name not in allowed}
+
+    async def _fetch(self, query: str, barred: set[str]) -> _Entry:
         pool = self.services.pool
-        tried: set[str] = set()
+        tried: set[str] = set(barred)
         for _ in range(pool.routing.max_attempts):
             account = pool.choose(prefer=None, affinity_key=None, exclude=tried)
             if account is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from codexlb import db
 from codexlb.auth import hash_key
@@ -32,6 +33,7 @@ from codexlb.config import Config, ConfigError, ServerConfig, load_config, load_
 from codexlb.credentials import CredentialsError, import_auth_snippet, load_credentials
 from codexlb.logs import setup_logging
 from codexlb.status import render_table
+from codexlb.usage import Grouping, parse_since, render_report, usage_report
 
 log = logging.getLogger("codexlb")
 
@@ -88,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(config)
     if args.command == "db":
         return _db(args, config)
+    if args.command == "usage":
+        return _usage(config, args.since, args.by, as_json=args.json)
     return _serve(config, Path(config_path))
 
 
@@ -157,6 +161,21 @@ def _parser() -> argparse.ArgumentParser:
     status_parser.add_argument(
         "--json", action="store_true", help="print the server's JSON document instead of a table"
     )
+    usage_parser = _command(
+        sub,
+        "usage",
+        "print what the client keys used",
+        "Print the requests and tokens the client keys used, from the database, grouped by "
+        "key, account, model or UTC day.",
+    )
+    _config_option(usage_parser)
+    usage_parser.add_argument(
+        "--since", type=_since, default="7d", help="how far back: 30m, 12h, 7d, 2w (default 7d)"
+    )
+    usage_parser.add_argument(
+        "--by", choices=("key", "account", "model", "day"), default="key", help="default: key"
+    )
+    usage_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     import_parser = _command(
         sub,
         "import-auth",
@@ -263,6 +282,27 @@ def _open_access_problem(config: Config) -> str | None:
         f"refusing to serve {config.server.host} without client keys: add [[api_keys]] "
         "or set [server].allow_open_access = true"
     )
+
+
+def _since(value: str) -> int:
+    try:
+        return parse_since(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _usage(config: Config, since: int, by: Grouping, *, as_json: bool) -> int:
+    try:
+        report = asyncio.run(usage_report(config.database.url, since, by))
+    except SQLAlchemyError as exc:
+        print(
+            f"codexlb: cannot read the usage from the database ({type(exc).__name__}); "
+            "is it reachable, and upgraded (codexlb db upgrade)?",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(report, indent=2) if as_json else render_report(report))
+    return 0
 
 
 def _status_of_configured_server(config_path: str, key: str | None, *, as_json: bool) -> int:

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -99,16 +100,56 @@ class UpstreamConfig(_Section):
     an inflate context and pay CPU per event frame, for frames that are mostly small."""
 
 
+def _utc(value: Any) -> Any:
+    """A TOML datetime without an offset is taken as UTC; a date alone as its midnight UTC."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    return value
+
+
 class ApiKeyConfig(_Section):
+    """A client key and what it may use (SPEC S9); every limit is optional."""
+
     name: str = Field(min_length=1)
     key: Secret | None = None
     key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    models: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    """Models the key may ask for (after aliasing); ``None``: all."""
+    accounts: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    """Accounts the key may draw from; ``None``: all."""
+    expires_at: Annotated[datetime, BeforeValidator(_utc)] | None = None
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Requests in any rolling 60 seconds."""
+    max_inflight: int | None = Field(default=None, ge=1)
+    """HTTP requests and WebSocket turns at once."""
+    tokens_per_5h: int | None = Field(default=None, ge=1)
+    """Input plus output tokens in any rolling 5 hours."""
+    tokens_per_week: int | None = Field(default=None, ge=1)
+    """Input plus output tokens in any rolling 7 days."""
 
     @model_validator(mode="after")
     def _one_key(self) -> ApiKeyConfig:
         if (self.key is None) == (self.key_sha256 is None):
             raise ValueError("give exactly one of key or key_sha256")
         return self
+
+    @property
+    def limited(self) -> bool:
+        """Whether any setting restricts what the key may use."""
+        return any(
+            value is not None
+            for value in (
+                self.models,
+                self.accounts,
+                self.expires_at,
+                self.requests_per_minute,
+                self.max_inflight,
+                self.tokens_per_5h,
+                self.tokens_per_week,
+            )
+        )
 
 
 class AdminConfig(_Section):
@@ -267,6 +308,13 @@ class Config(_Section):
                 if item.name in seen:
                     raise ValueError(f"{section}: duplicate name {item.name!r}")
                 seen.add(item.name)
+        names = {account.name for account in self.accounts}
+        for index, key in enumerate(self.api_keys):
+            unknown = [name for name in key.accounts or () if name not in names]
+            if unknown:
+                raise ValueError(
+                    f"api_keys[{index}].accounts: no account named {', '.join(map(repr, unknown))}"
+                )
         return self
 
     def account_base_url(self, account: AccountConfig) -> str:

@@ -2,15 +2,21 @@
 
     CodexLBError                      rendered as {"error": {message, type, code, param}}
     ├── InvalidApiKey                 401 invalid_request_error / invalid_api_key
+    │   └── KeyExpired                    the same, for a key past its expires_at
     ├── InvalidRequest                400 invalid_request_error / invalid_request (param: field)
     ├── Forbidden                     403 invalid_request_error / (its code): another origin
     │                                     or host, an operator view no key may open
     ├── UnsupportedMediaType          415 invalid_request_error / unsupported_media_type
     ├── PreviousResponseNotFound      400 invalid_request_error / previous_response_not_found
     ├── NotFound                      404 invalid_request_error / not_found
+    ├── ModelNotFound                 404 invalid_request_error / model_not_found (the key's
+    │                                     models)
     ├── PayloadTooLarge               413 (HTTP) / 400 (WebSocket) ... / payload_too_large
     ├── RequestTimeout                408 invalid_request_error / request_timeout (body stalled)
     ├── UsageLimitReached             429 usage_limit_reached, with Retry-After and resets_at
+    │   └── KeyUsageLimitReached          a key's tokens_per_5h/_week, named for Codex CLI
+    ├── KeyRateLimited                429 requests / rate_limit_exceeded, Retry-After (a key's
+    │                                     requests_per_minute or max_inflight)
     ├── PoolBusy                      429 rate_limit_exceeded, Retry-After: 1 (all at max_inflight)
     ├── UpstreamUnavailable           502 server_error / upstream_error
     ├── ServerBusy                    503 server_error / server_busy, Retry-After: 1 (too many
@@ -68,6 +74,15 @@ class InvalidApiKey(CodexLBError):
         super().__init__(f"Incorrect or missing {what}. Send 'Authorization: Bearer <key>'.")
 
 
+class KeyExpired(InvalidApiKey):
+    def __init__(self, name: str, expired: float) -> None:
+        CodexLBError.__init__(
+            self,
+            f"The API key '{shown(name)}' expired at "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired))}.",
+        )
+
+
 class InvalidRequest(CodexLBError):
     status = 400
     type = "invalid_request_error"
@@ -108,6 +123,18 @@ class NotFound(CodexLBError):
     code = "not_found"
 
 
+class ModelNotFound(CodexLBError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{shown(model)}' does not exist or this API key may not use it.",
+            param="model",
+        )
+
+
 class PayloadTooLarge(CodexLBError):
     status = 413
     type = "invalid_request_error"
@@ -140,9 +167,17 @@ class UsageLimitReached(CodexLBError):
     type = "usage_limit_reached"
     code = "usage_limit_reached"
 
-    def __init__(self, resets_at: float | None) -> None:
-        super().__init__("Every upstream account has reached its usage limit or is cooling down.")
+    def __init__(
+        self,
+        resets_at: float | None,
+        message: str = "Every upstream account has reached its usage limit or is cooling down.",
+        *,
+        now: float | None = None,
+    ) -> None:
+        super().__init__(message)
         self.resets_at = resets_at
+        self._now = now
+        """The time ``resets_at`` is counted from (``Retry-After``); default: the clock's."""
 
     def error_object(self) -> dict[str, Any]:
         obj = super().error_object()
@@ -153,7 +188,24 @@ class UsageLimitReached(CodexLBError):
     def headers(self) -> dict[str, str]:
         if self.resets_at is None:
             return {"Retry-After": "60"}
-        return {"Retry-After": str(max(1, math.ceil(self.resets_at - time.time())))}
+        now = time.time() if self._now is None else self._now
+        return {"Retry-After": str(max(1, math.ceil(self.resets_at - now)))}
+
+
+class KeyUsageLimitReached(UsageLimitReached):
+    """A client key at its ``tokens_per_5h`` or ``tokens_per_week`` (SPEC S9).
+
+    Codex CLI shows its own sentence for ``usage_limit_reached``, not the message; it names
+    the limit the ``x-codex-limit-name`` header names ("You've hit your usage limit for
+    <name>. ... try again at <time>."), so the header carries the key's limit.
+    """
+
+    def __init__(self, resets_at: float, message: str, *, limit_name: str, now: float) -> None:
+        super().__init__(resets_at, message, now=now)
+        self.limit_name = _header_text(limit_name)
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "x-codex-limit-name": self.limit_name}
 
 
 class PoolBusy(CodexLBError):
@@ -171,6 +223,22 @@ class PoolBusy(CodexLBError):
         return {"Retry-After": "1"}
 
 
+class KeyRateLimited(CodexLBError):
+    """A client key over its ``requests_per_minute`` or ``max_inflight`` (SPEC S9): Codex
+    retries after ``Retry-After``."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class UpstreamUnavailable(CodexLBError):
     status = 502
     type = "server_error"
@@ -185,6 +253,11 @@ class SnapshotNotStored(CodexLBError):
 
     def __init__(self) -> None:
         super().__init__("codexlb could not store the response; please send the request again.")
+
+
+def _header_text(value: str) -> str:
+    """``value`` as a header may carry it: printable ASCII, others as ``?``, cut short."""
+    return "".join(c if " " <= c <= "~" else "?" for c in shown(value))
 
 
 def shown(value: str) -> str:

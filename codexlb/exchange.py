@@ -6,7 +6,9 @@ affinity, then the strategy), gives the input to send (the client's as-is, the c
 replayed from snapshots, and only reasoning the account can read), applies the verdict on every
 upstream failure (``judge``: cooldowns, refresh, replay, failover; see ``failover``), and
 commits the snapshot before the terminal event goes out (``commit``). ``relay`` watches the
-events of one attempt.
+events of one attempt. Before the first attempt, the client key's limits are checked
+(``limits.KeyLimits.admit``: every transport and route gets the same refusals), and the
+request, with the tokens its responses reported, goes into the key's usage (``usage``).
 
 The transports (``http_proxy``, ``ws_proxy``) read the client's request, connect, relay and
 frame bytes; they touch neither the pool nor the store.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,6 +29,7 @@ import orjson
 from codexlb.credentials import Credentials
 from codexlb.errors import SnapshotNotStored, UpstreamUnavailable
 from codexlb.failover import Action, Failure, verdict
+from codexlb.limits import OPEN
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account, RequestId
 from codexlb.provenance import keys_of, latest_owner, readable_by
@@ -101,6 +104,10 @@ class Exchange:
         """The first account this request met a server failure on (``failover.GIVE_UP``)."""
         self._given_up = False
         self._request_id: RequestId | None = None
+        self.admission = OPEN
+        """The client key's admission (``limits``): its accounts, its place in flight."""
+        self._counted = False
+        """The request is in the key's usage already (with the tokens of its response)."""
 
     async def run(
         self,
@@ -115,8 +122,23 @@ class Exchange:
         the first attempt forwards the anchor there while it is eligible. Later attempts go
         to the account ``next_account`` picks (``prefer``: the transport's open socket).
         """
+        services = self.services
+        if not services.keys.unlimited(self.scope):
+            self.admission = await services.limits.admit(self.scope, self.request.model)
+        try:
+            return await self._run(attempt, live_on, prefer)
+        finally:
+            self.admission.release()
+            if not self._counted:  # no response reported its usage: a request, no tokens
+                services.ledger.add(self.scope, self.record.account, self.request.model, None)
+
+    async def _run(self, attempt: Attempt[R], live_on: Account | None, prefer: str | None) -> R:
         pool = self.services.pool
-        account = live_on if live_on is not None and pool.eligible(live_on) else None
+        if live_on is not None and not (
+            pool.eligible(live_on) and self.admission.may_use(live_on.name)
+        ):
+            live_on = None
+        account = live_on
         if account is not None and await self._moved_away_from(account):
             account = None
         self.live = account is not None
@@ -189,10 +211,13 @@ class Exchange:
         max_attempts = pool.routing.max_attempts  # live: the pool follows config reloads
         account = None
         if len(self._tried - self._rate_limited) < max_attempts:
+            exclude: Collection[str] = self._tried
+            if barred := self.admission.barred([a.name for a in pool.accounts]):
+                exclude = self._tried | barred
             account = pool.choose(
                 prefer=self.origin_account or prefer,
                 affinity_key=self.affinity_key,
-                exclude=self._tried,
+                exclude=exclude,
             )
         if account is None:
             raise pool.exhausted(rate_limited=bool(self._tried) and self._rate_limited_only)
@@ -247,6 +272,10 @@ class Exchange:
             ),
         )
         action = verdict(failure)
+        if failure.usage is not None:  # a failed or incomplete response: its tokens were spent
+            self.services.ledger.add(
+                self.scope, account.name, self.request.model, failure.usage, requests=0
+            )
         metrics = self.services.metrics
         if implicated and self._server_failed_on is None:
             self._server_failed_on = account.name
@@ -308,6 +337,9 @@ class Exchange:
         output = recorder.ordered_output()
         usage = response.get("usage")
         self.record.usage = usage if isinstance(usage, dict) else None
+        # Before the terminal event goes out: the key's next request sees these tokens.
+        self.services.ledger.add(self.scope, account.name, self.request.model, self.record.usage)
+        self._counted = True
         if isinstance(response_id, str) and not self.stateless:
             model = response.get("model")
             queued = time.perf_counter()
@@ -370,7 +402,7 @@ class Exchange:
         if not self.owners:
             return False
         owner = latest_owner(self.request.input_items, self.owners)
-        if owner is None or owner == live.name:
+        if owner is None or owner == live.name or not self.admission.may_use(owner):
             return False
         account = self.services.pool.get(owner)
         return account is not None and self.services.pool.eligible(account)
@@ -413,11 +445,15 @@ class Exchange:
         self.services.metrics.attempt(account.name, "error")
 
 
-def handshake_account(services: Services, affinity_key: str | None) -> Account | None:
+def handshake_account(services: Services, affinity_key: str | None, scope: str) -> Account | None:
     """The account for an upstream socket opened at a client's WebSocket handshake, before
-    any request: the one a new conversation would get."""
+    any request: the one a new conversation of the client key ``scope`` would get."""
+    settings = services.keys.settings(scope)
+    allowed = settings.accounts if settings is not None else None
+    exclude = [] if allowed is None else [a.name for a in services.pool.accounts]
+    exclude = [name for name in exclude if allowed is not None and name not in allowed]
     return services.pool.choose(
-        prefer=None, affinity_key=affinity_key, exclude=(), retry_refused=False
+        prefer=None, affinity_key=affinity_key, exclude=exclude, retry_refused=False
     )
 
 

@@ -119,6 +119,8 @@ class Failure:
     """The OpenAI error object, when there was one (``resets_at``)."""
     incomplete: bool = False
     """A ``response.incomplete``: an answer cut short by design (``max_output_tokens``)."""
+    usage: Mapping[str, Any] | None = None
+    """The ``usage`` a failed or incomplete response reported: tokens the key spent."""
     visible: bool = False
     """Output of this response already reached the client."""
     live_anchor: bool = False

@@ -105,3 +105,26 @@ account_credentials = Table(
     Column("updated_at", UtcDateTime, nullable=False),
 )
 """Rotated tokens of inline accounts (``credential_store``)."""
+
+
+Count = BigInteger().with_variant(Integer(), "sqlite")
+
+
+key_usage = Table(
+    "key_usage",
+    metadata,
+    Column("client_key", String(), primary_key=True),
+    Column("minute", Count, primary_key=True, autoincrement=False),
+    Column("account", String(), primary_key=True),
+    Column("model", String(), primary_key=True),
+    Column("requests", Count, nullable=False),
+    Column("input_tokens", Count, nullable=False),
+    Column("cached_input_tokens", Count, nullable=False),
+    Column("output_tokens", Count, nullable=False),
+    Column("reasoning_tokens", Count, nullable=False),
+    Index("ix_key_usage_minute", "minute"),
+)
+"""What each client key used (SPEC S9), per minute, account and model (``usage``): the rolling
+windows of the key's limits, ``GET /v1/usage`` and ``codexlb usage`` read it. ``minute`` is the
+bucket's start in epoch seconds; ``client_key`` is the key's name ('' in open access), ``account``
+is '' for a request no account took, ``model`` '' when the request named none."""

@@ -140,8 +140,10 @@ class ResponseRecorder:
             response = payload.get("response")
             self.response = response if isinstance(response, dict) else {}
             error = self.response.get("error")
+            usage = self.response.get("usage")
             self.failure = Failure(
                 Phase.EVENT,
+                usage=usage if isinstance(usage, dict) else None,
                 code=_failure_code(self.response, kind),
                 message=_message(error),
                 error=error if isinstance(error, dict) else None,

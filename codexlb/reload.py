@@ -13,11 +13,13 @@ What a reload changes at once:
 - the accounts (``Pool.reconfigure``: added, removed, enabled, weight, max_inflight, base URL,
   credentials), including ``[upstream].base_url`` as the accounts' default;
 - ``[routing]`` (``Pool.routing``);
+- the client keys and their settings (``ClientKeys.reconfigure``): keys added and removed,
+  limits changed; a removed key's requests already running finish;
 - ``[logging].level``;
 - ``[models]`` (the translated APIs read it per request from ``Reloader.config``).
 
 Everything else was wired into a resource at start (the listening socket, the database engine,
-the client keys, the upstream session's timeouts, the body limit, the pruning task, the log
+the admin key, the upstream session's timeouts, the body limit, the pruning task, the log
 format) and keeps its running value; a reload that changes it says so in one warning line.
 
 A file that does not load (unreadable, bad TOML, a validation error) is rejected as a whole with
@@ -34,6 +36,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from codexlb.auth import ClientKeys
 from codexlb.config import Config, ConfigError, load_config
 from codexlb.pool import Pool
 from codexlb.refresh import CredentialManager
@@ -47,7 +50,6 @@ SETTLE_SECONDS = 0.1
 RESTART_ONLY = (
     "server",
     "database",
-    "api_keys",
     "admin",
     "upstream.websocket_compression",
     "timeouts",
@@ -72,8 +74,10 @@ class Reloader:
         credentials: CredentialManager,
         *,
         interval: float = WATCH_INTERVAL_SECONDS,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.path = path
+        self._keys = keys
         self._started = config
         self._config = config
         self._pool = pool
@@ -135,13 +139,29 @@ class Reloader:
             )
             applied = False
         else:
-            await self._apply(config, reason)
-            applied = True
+            applied = self._keeps_keys(config)
+            if applied:
+                await self._apply(config, reason)
         self._signature = signature
         self.generation += 1
         self._done.set()
         self._done = asyncio.Event()
         return applied
+
+    def _keeps_keys(self, config: Config) -> bool:
+        """Whether ``config`` may serve: a reload that removes every client key would open
+        access, which a non-loopback bind allows only with ``allow_open_access``."""
+        server = self._started.server
+        if config.api_keys or server.is_loopback or server.allow_open_access:
+            return True
+        log.error(
+            "configuration reload rejected, still serving the previous one: %s: it has no "
+            "[[api_keys]], which would open access on %s; set [server] allow_open_access "
+            "(takes a restart) to allow it",
+            self.path,
+            server.host,
+        )
+        return False
 
     async def _apply(self, config: Config, reason: str) -> None:
         try:
@@ -149,6 +169,8 @@ class Reloader:
         except Exception:  # its records are in place; only the database's tokens are missing
             log.exception("the credential manager failed to apply the reloaded configuration")
         changes = self._pool.reconfigure(config)
+        if self._keys is not None:
+            self._keys.reconfigure(config.api_keys)
         if config.logging.level != self._config.logging.level:
             logging.getLogger().setLevel(config.logging.level)
         if config.models != self._config.models:

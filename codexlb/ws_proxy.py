@@ -310,7 +310,7 @@ class ClientSocket:
         if not self.early.reserve(self.scope):
             return {}
         self._early_reserved = True
-        account = handshake_account(self.services, self.affinity_key)
+        account = handshake_account(self.services, self.affinity_key, self.scope)
         if account is None:
             self._release_early()
             return {}

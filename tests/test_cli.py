@@ -50,6 +50,7 @@ def test_help_speaks_to_users_not_to_the_specification() -> None:
     assert set(texts) == {
         "codexlb",
         *(f"codexlb {c}" for c in ("serve", "check-config", "db", "status", "import-auth")),
+        "codexlb usage",
         *("codexlb hash-key", "codexlb db upgrade", "codexlb db backup"),
     }
     for command, text in texts.items():

@@ -550,6 +550,10 @@ CURL_ANSWERS: dict[str, Callable[[str], bool]] = {
         [a["name"] for a in json.loads(body)["accounts"]] == ["example"]
     ),
     "/admin/requests": lambda body: isinstance(json.loads(body)["requests"], list),
+    "/v1/usage": lambda body: (
+        json.loads(body)["key"] == "alice"
+        and set(json.loads(body)) == {"object", "key", "limits", "windows", "totals"}
+    ),
 }
 
 
@@ -565,6 +569,26 @@ async def curl(ws: Workspace, command: Command) -> None:
     argv = [w.replace(f"http://{README_ADDRESS}", server.url) for w in argv]
     finished = (await ws.run(argv)).ok()
     assert CURL_ANSWERS[path](finished.stdout), finished.stdout
+
+
+async def usage(ws: Workspace, command: Command) -> None:
+    """``codexlb usage`` after one turn of the README's key: the key is in the report (its
+    usage reaches the database a moment after the response)."""
+    server = await ws.running_server(command.option("--config"))
+    async with aiohttp.ClientSession() as http:
+        turn = await stream_turn(http, server.url, {"input": [user_message("count me")]})
+        assert turn.status == 200
+    async with asyncio.timeout(10):
+        while True:
+            finished = await codexlb_command(ws, command)
+            if "--json" in command.argv:
+                report = json.loads(finished.stdout)
+                assert report["by"] == command.argv[command.argv.index("--by") + 1]
+                if any(row["requests"] for row in report["rows"]):
+                    return
+            elif "alice" in finished.stdout.split():
+                return
+            await asyncio.sleep(0.1)
 
 
 async def sighup(ws: Workspace, command: Command) -> None:
@@ -615,6 +639,7 @@ COMMANDS: tuple[tuple[str, Runner], ...] = (
     (r"codexlb check-config .*", check_config),
     (r"codexlb hash-key( .*)?", hash_key),
     (r"codexlb db .*", db),
+    (r"codexlb usage .*", usage),
     (r"curl .*", curl),
     (r"kill -HUP <pid>", sighup),
     (r"codex login", codex_login),
