@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
+from codexlb import signals
 from codexlb.credentials import Credentials
 from codexlb.errors import SnapshotNotStored, UpstreamUnavailable
 from codexlb.failover import Action, Failure, verdict
@@ -349,10 +350,17 @@ class Exchange:
         """Learn the account's usage from an upstream answer's headers."""
         self.services.pool.observe_headers(account, headers)
 
-    def observe_rate_limits(self, account: Account, event: Any) -> None:
-        """Learn the account's usage from a ``codex.rate_limits`` event."""
+    def observe_rate_limits(self, account: Account, event: Any) -> str | None:
+        """Learn the account's usage from a ``codex.rate_limits`` event (parsed); returns the
+        event the client gets in its place (the pool's, ``signals``), or ``None`` to pass it
+        on as it is."""
         if isinstance(event, dict):
             self.services.pool.observe_rate_limits(account, event)
+        return signals.rate_limits_event(self.services, self.scope, event)
+
+    def client_headers(self, upstream: Mapping[str, str]) -> dict[str, str]:
+        """The headers the client gets with an upstream answer: the pool's rate limits."""
+        return signals.client_headers(self.services, self.scope, upstream, self.request.model)
 
     # -- helpers --------------------------------------------------------------------------
 

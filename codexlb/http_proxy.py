@@ -37,7 +37,6 @@ from codexlb.upstream import (
     UpstreamEvents,
     forward_headers,
     read_answer,
-    relayed_headers,
 )
 
 if TYPE_CHECKING:
@@ -145,7 +144,7 @@ class HttpProxy:
             return web.Response(
                 body=raw,
                 content_type="application/json",
-                headers=relayed_headers(upstream.headers, exchange.request.model),
+                headers=exchange.client_headers(upstream.headers),
             )
 
         path = "/responses/compact"
@@ -223,15 +222,15 @@ class HttpProxy:
         upstream: Http1Response,
     ) -> web.StreamResponse | None:
         recorder = ResponseRecorder(max_response_bytes=self._limits.max_upstream_response_bytes)
-        sink = _ClientStream(
-            request, exchange, relayed_headers(upstream.headers, exchange.request.model)
-        )
+        sink = _ClientStream(request, exchange, exchange.client_headers(upstream.headers))
         batches = self._events(upstream)
         try:
             while (events := await batches.next_batch()) is not None:
                 if recorder.exceeds(batches.received):
                     raise UpstreamBroken(_TOO_LARGE)
                 for raw, kind, data in events:
+                    if kind == "codex.rate_limits":
+                        raw = _pool_rate_limits(exchange, account, raw, data)
                     step = recorder.observe(kind, data)
                     if step is PASS:
                         sink.add(raw)
@@ -292,7 +291,7 @@ class HttpProxy:
                         response = {**response, "output": recorder.ordered_output()}
                     exchange.record.mark_first_byte()
                     return web.json_response(
-                        response, headers=relayed_headers(upstream.headers, exchange.request.model)
+                        response, headers=exchange.client_headers(upstream.headers)
                     )
                 if step is FAILED:
                     failure = recorder.failure
@@ -310,6 +309,18 @@ class HttpProxy:
         return UpstreamEvents(
             upstream, self._idle, max_event_bytes=self._limits.max_upstream_event_bytes
         )
+
+
+def _pool_rate_limits(exchange: Exchange, account: Account, raw: bytes, data: bytes) -> bytes:
+    """A ``codex.rate_limits`` event as the client gets it: the pool's (``signals``)."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return raw
+    shown = exchange.observe_rate_limits(account, event)
+    if shown is None:
+        return raw
+    return b"event: codex.rate_limits\ndata: " + shown.encode() + b"\n\n"
 
 
 _TOO_LARGE = "the response exceeds [limits] max_upstream_response_bytes"

@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from codexlb import balancer, reported
+from codexlb import balancer, pool_view, reported
 from codexlb.config import AccountConfig, Config, RoutingConfig
 from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, PoolBusy, UpstreamUnavailable, UsageLimitReached
@@ -73,6 +73,9 @@ window at 100% until its reset), ``cooling_down`` (backing off after errors), ``
 class UsageWindow:
     used_percent: float = 0.0
     resets_at: float = 0.0
+    window_minutes: int | None = None
+    reported: bool = False
+    """Whether the upstream ever reported this window for the account."""
 
     def full_until(self) -> float:
         """When a window that is used up resets (0 when it is not used up, or unknown)."""
@@ -97,6 +100,7 @@ class Learned:
     ``FAILED_REQUESTS_REMEMBERED``: a request failing again adds nothing to the streak."""
     primary: UsageWindow = field(default_factory=UsageWindow)
     secondary: UsageWindow = field(default_factory=UsageWindow)
+    credits: pool_view.Credits | None = None
 
 
 @dataclass(slots=True)
@@ -233,6 +237,23 @@ class Account:
         if self.config.max_inflight and self.inflight >= self.config.max_inflight:
             return "busy"
         return "ok"
+
+    def usage(self, now: float) -> pool_view.AccountUsage:
+        """The account as the client's view of the pool sees it (``pool_view``): available
+        unless disabled, unusable or rate limited (a busy account or one backing off after
+        errors is back in moments)."""
+        state = self.state(now)
+        learned = self.learned
+        recovers_at = 0.0
+        if state == "rate_limited":
+            recovers_at = max(learned.rate_limited_until, self.usage_resets_at)
+        return pool_view.AccountUsage(
+            available=state in ("ok", "busy", "cooling_down"),
+            primary=_window(learned.primary),
+            secondary=_window(learned.secondary),
+            credits=learned.credits,
+            recovers_at=recovers_at,
+        )
 
     def candidate(self) -> balancer.Candidate:
         """The account as the balancer sees it now, as plain values."""
@@ -598,18 +619,44 @@ class Pool:
         self._suspects.pop(request, None)
 
     def observe_headers(self, account: Account, headers: Mapping[str, str]) -> None:
-        """Learn usage from the ``x-codex-{primary,secondary}-*`` headers, when present."""
-        self._learn_usage(account, reported.header_windows(headers, self._clock()))
+        """Learn usage from the ``x-codex-{primary,secondary}-*`` and ``x-codex-credits-*``
+        headers, when present."""
+        self._learn_usage(
+            account,
+            reported.header_windows(headers, self._clock()),
+            reported.header_window_minutes(headers),
+            reported.header_credits(headers),
+        )
 
     def observe_rate_limits(self, account: Account, event: Mapping[str, Any]) -> None:
         """Learn usage from a WebSocket ``codex.rate_limits`` event."""
-        self._learn_usage(account, reported.event_windows(event, self._clock()))
+        self._learn_usage(
+            account,
+            reported.event_windows(event, self._clock()),
+            reported.event_window_minutes(event),
+            reported.event_credits(event),
+        )
 
-    def _learn_usage(self, account: Account, windows: Mapping[str, tuple[float, float]]) -> None:
+    def view(self, accounts: Collection[Account]) -> pool_view.PoolView:
+        """The client's view of ``accounts`` (the ones a client key may use), now (S13)."""
+        now = self._clock()
+        return pool_view.view([account.usage(now) for account in accounts], now)
+
+    def _learn_usage(
+        self,
+        account: Account,
+        windows: Mapping[str, tuple[float, float]],
+        minutes: Mapping[str, int],
+        credits: pool_view.Credits | None,
+    ) -> None:
         for name, (used_percent, resets_at) in windows.items():
             window = account.primary if name == "primary" else account.secondary
             window.used_percent = used_percent
             window.resets_at = resets_at
+            window.reported = True
+            window.window_minutes = minutes.get(name, window.window_minutes)
+        if credits is not None:
+            account.learned.credits = credits
 
     # -- affinity -------------------------------------------------------------------------
 
@@ -679,6 +726,12 @@ class Lease:
 def _identity(credentials: Credentials) -> Identity:
     """Which upstream account the credentials speak for (tokens rotate; this does not)."""
     return credentials.api_key, credentials.account_id
+
+
+def _window(window: UsageWindow) -> pool_view.Window | None:
+    if not window.reported:
+        return None
+    return pool_view.Window(window.used_percent, window.window_minutes, window.resets_at)
 
 
 def _only_busy(candidate: balancer.Candidate, now: float) -> bool:

@@ -30,6 +30,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from codexlb import signals
 from codexlb.auth import ClientKeys
 from codexlb.credentials import Credentials
 from codexlb.errors import (
@@ -57,7 +58,6 @@ from codexlb.upstream import (
     compress_for,
     forward_headers,
     handshake_headers,
-    relayed_headers,
     send_uncompressed_by_default,
 )
 
@@ -321,7 +321,7 @@ class ClientSocket:
         assert self.upstream is not None
         headers = handshake_headers(self.upstream)
         learn_headers(self.services, account, headers)
-        return relayed_headers(headers, model=None)
+        return signals.client_headers(self.services, self.scope, headers, model=None)
 
     async def _connect_early_to(self, account: Account) -> bool:
         """Whether the early upstream socket opened; a 401 refreshes the token at once and
@@ -484,7 +484,9 @@ class ClientSocket:
             kind = frame.type
             if kind == "codex.rate_limits":
                 with contextlib.suppress(ValueError):
-                    exchange.observe_rate_limits(account, frame.json())
+                    shown = exchange.observe_rate_limits(account, frame.json())
+                    if shown is not None:
+                        frame = Frame(shown)
             step = recorder.observe(kind, frame)
             if step is HOLD:
                 held.append(frame.text)
