@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codexlb import db
 from codexlb.auth import AdminAccess, ClientKeys
 from codexlb.catalog import ModelCatalog
+from codexlb.codex_surface import CodexSurface
 from codexlb.config import Config
 from codexlb.credential_store import CredentialStore
 from codexlb.edge import BodyBudget, EdgeRunner
@@ -123,6 +124,7 @@ def create_app(
         app.router.add_get(f"{prefix}/responses", websockets.handle)
         app.router.add_post(f"{prefix}/responses/compact", proxy.compact)
         app.router.add_get(f"{prefix}/models", catalog.handle)
+    CodexSurface(services, keys).add_routes(app)
     app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
     app.router.add_get("/status", StatusView(services.pool, admin).handle)
     app.router.add_get("/healthz", _healthz)

@@ -252,3 +252,21 @@ def _credits_object(credits: Credits | None) -> dict[str, Any] | None:
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
+
+
+def tighter(pool: PoolView, key: PoolView) -> PoolView:
+    """``pool`` with a client key's own windows folded in: per window the fuller of the two
+    (with its reset), since the key may use no more than either allows."""
+
+    def window(name: str) -> PoolWindow | None:
+        ours, theirs = pool.window(name), key.window(name)
+        if ours is None or theirs is None:
+            return ours or theirs
+        return theirs if theirs.used_percent > ours.used_percent else ours
+
+    return PoolView(
+        window("primary"),
+        window("secondary"),
+        pool.credits,
+        limit_reached=pool.limit_reached or key.limit_reached,
+    )

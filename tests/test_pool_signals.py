@@ -117,3 +117,68 @@ async def test_websocket_events_learn_what_they_report(
     served = next(e for e in events if e["type"] == "codex.rate_limits")
     # The serving account's event says 80; the other account is still known at its figure.
     assert served["rate_limits"]["primary"]["used_percent"] in (50, 70)
+
+
+@pytest.mark.parametrize("path", ["/backend-api/wham/usage", "/api/codex/usage"])
+async def test_usage_endpoints_answer_the_pool_in_codex_schema(
+    pool: Balancer, http: aiohttp.ClientSession, path: str
+) -> None:
+    await learn_both(pool, http)
+    async with http.get(pool.url + path, headers=auth()) as response:
+        assert response.status == 200
+        payload = await response.json()
+    primary = payload["rate_limit"]["primary_window"]
+    assert primary["used_percent"] == 40
+    assert primary["limit_window_seconds"] == 18000
+    assert set(primary) == {
+        "used_percent",
+        "limit_window_seconds",
+        "reset_after_seconds",
+        "reset_at",
+    }
+    assert payload["rate_limit"]["allowed"] is True
+    assert payload["rate_limit"]["limit_reached"] is False
+    assert payload["plan_type"] == "pro"
+    assert payload["credits"]["has_credits"] is False
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/backend-api/wham/rate-limit-reset-credits", {"credits": [], "available_count": 0}),
+        ("/api/codex/rate-limit-reset-credits", {"credits": [], "available_count": 0}),
+        ("/backend-api/wham/settings/user", {"commit_attribution_enabled": False}),
+        (
+            "/backend-api/ps/plugins/installed",
+            {"plugins": [], "pagination": {"limit": 0, "next_page_token": None}},
+        ),
+        (
+            "/backend-api/ps/plugins/suggested/codex",
+            {"plugins": [], "pagination": {"limit": 0, "next_page_token": None}},
+        ),
+    ],
+)
+async def test_account_calls_get_quiet_answers(
+    pool: Balancer, two: Fake, http: aiohttp.ClientSession, path: str, expected: object
+) -> None:
+    async with http.get(pool.url + path, headers=auth()) as response:
+        assert response.status == 200
+        assert await response.json() == expected
+    async with http.get(pool.url + path) as response:
+        assert response.status == 401
+    assert two.received == []  # nothing of it goes upstream
+
+
+async def test_accounts_check_names_the_callers_account(
+    pool: Balancer, http: aiohttp.ClientSession
+) -> None:
+    headers = {**auth(), "chatgpt-account-id": "acct-own"}
+    async with http.get(pool.url + "/backend-api/wham/accounts/check", headers=headers) as answer:
+        body = await answer.json()
+    assert body["accounts"] == [
+        {
+            "id": "acct-own",
+            "workspace_backend_origin": pool.url,
+            "account_routing_override": "NO_CONSTRAINT",
+        }
+    ]

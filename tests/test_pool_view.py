@@ -12,6 +12,7 @@ from codexlb.pool_view import (
     Window,
     headers,
     rate_limits_event,
+    tighter,
     usage_payload,
     view,
 )
@@ -186,3 +187,29 @@ def test_usage_payload_of_an_unknown_pool_is_still_whole() -> None:
         }
         assert all(type(v) is int for v in window.values())
     assert payload["credits"] == {"has_credits": False, "unlimited": False, "balance": "0"}
+
+
+@pytest.mark.parametrize(
+    ("key", "expected_primary", "limit_reached"),
+    [
+        (PoolView(None, None, None, limit_reached=False), POOL.primary, False),
+        (
+            PoolView(PoolWindow(90, 300, 5), None, None, limit_reached=False),
+            PoolWindow(90, 300, 5),
+            False,
+        ),
+        (PoolView(PoolWindow(10, 300, 5), None, None, limit_reached=False), POOL.primary, False),
+        (
+            PoolView(PoolWindow(100, 300, 5), None, None, limit_reached=True),
+            PoolWindow(100, 300, 5),
+            True,
+        ),
+    ],
+)
+def test_a_keys_own_limits_fold_in_as_the_tighter(
+    key: PoolView, expected_primary: PoolWindow | None, limit_reached: bool
+) -> None:
+    shown = tighter(POOL, key)
+    assert shown.primary == expected_primary
+    assert shown.secondary == POOL.secondary
+    assert shown.limit_reached is limit_reached
