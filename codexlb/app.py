@@ -130,6 +130,9 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    # Registered last: they take what no route above does under the two prefixes (S13).
+    for prefix in ("/backend-api/codex", "/v1"):
+        app.router.add_route("*", prefix + "/{tail:.+}", proxy.side_call)
     return app
 
 

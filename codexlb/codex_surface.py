@@ -96,4 +96,3 @@ def key_view(services: Services, scope: str) -> pool_view.PoolView | None:
     or ``None`` for a key without limits: the one place they fold into what Codex reads of its
     rate limits. Keys carry no limits yet."""
     return None
-

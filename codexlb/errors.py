@@ -102,6 +102,12 @@ class NotFound(CodexLBError):
     code = "not_found"
 
 
+class MethodNotAllowed(CodexLBError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class PayloadTooLarge(CodexLBError):
     status = 413
     type = "invalid_request_error"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from aiohttp import web
 
 from codexlb.auth import ClientKeys
 from codexlb.edge import read_body
-from codexlb.errors import CodexLBError, SnapshotNotStored
+from codexlb.errors import CodexLBError, MethodNotAllowed, NotFound, SnapshotNotStored
 from codexlb.exchange import Exchange, affinity_key
 from codexlb.failover import Action, Failure, Phase, error_code
 from codexlb.http1 import Http1Response
@@ -68,8 +69,28 @@ class HttpProxy:
         the same conversation (parent's account, then affinity), with failover."""
         return await self._serve(request, "compact", self._attempt_compact)
 
+    async def side_call(self, request: web.Request) -> web.StreamResponse:
+        """Any other path under the two prefixes (``images/generations``, ``alpha/search``...):
+        relayed to an account chosen like a new request (session and thread affinity), with
+        failover before the first byte; its answer is passed back whole, nothing is stored
+        (SPEC S13)."""
+        path = side_call_path(request)
+        return await self._serve(
+            request,
+            "side",
+            lambda request, exchange, account, headers: self._attempt_side(
+                request, exchange, account, headers, path
+            ),
+            parse=CreateRequest.side_call,
+        )
+
     async def _serve(
-        self, request: web.Request, route: str, attempt: Attempt
+        self,
+        request: web.Request,
+        route: str,
+        attempt: Attempt,
+        *,
+        parse: Callable[[bytes], CreateRequest] = CreateRequest.from_bytes,
     ) -> web.StreamResponse:
         record = RequestRecord("http", "", new_request_id(request.headers), route)
         bodies = self.services.bodies
@@ -79,7 +100,7 @@ class HttpProxy:
             record.client_key = scope
             raw = await read_body(request, self.services.config, bodies)
             held = len(raw)
-            create = CreateRequest.from_bytes(raw)
+            create = parse(raw)
             del raw
             exchange = Exchange(
                 self.services,
@@ -150,6 +171,40 @@ class HttpProxy:
         path = "/responses/compact"
         return await self._try(exchange, account, headers, path, body, respond, sse=False)
 
+    async def _attempt_side(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        account: Account,
+        headers: Mapping[str, str],
+        path: str,
+    ) -> web.StreamResponse | None:
+        """One try of a side call on ``account``: its answer, passed through whole."""
+        limit = self._limits.max_upstream_response_bytes
+
+        async def respond(upstream: Http1Response) -> web.StreamResponse:
+            raw = await read_answer(upstream, limit, self._idle)
+            exchange.succeeded(account)
+            exchange.record.mark_first_byte()
+            shown = exchange.client_headers(upstream.headers)
+            content_type = upstream.headers.get("content-type")
+            if content_type is not None:
+                shown["Content-Type"] = content_type
+            return web.Response(status=upstream.status, body=raw, headers=shown)
+
+        body = exchange.request.raw or b""
+        return await self._try(
+            exchange,
+            account,
+            headers,
+            path,
+            body,
+            respond,
+            sse=False,
+            method=request.method,
+            content_type=request.headers.get("Content-Type"),
+        )
+
     async def _try(
         self,
         exchange: Exchange,
@@ -160,18 +215,24 @@ class HttpProxy:
         respond: Callable[[Http1Response], Awaitable[web.StreamResponse | None]],
         *,
         sse: bool,
+        method: str = "POST",
+        content_type: str | None = "application/json",
     ) -> web.StreamResponse | None:
-        """POST to ``account``; an error status, a connect failure or a broken answer before
-        anything reached the client ends as ``None`` (try again) or a passed-through error."""
+        """Send to ``account``; an error status, a connect failure or a broken answer before
+        anything reached the client ends as ``None`` (try again) or a passed-through error.
+        A side call (any ``method``) takes every 2xx as its answer, a turn only 200."""
         try:
-            upstream = await self.services.upstream.post(account, path, body, headers, sse=sse)
+            upstream = await self.services.upstream.post(
+                account, path, body, headers, sse=sse, method=method, content_type=content_type
+            )
         except UpstreamConnectError as exc:
             await exchange.judge(account, Failure(Phase.CONNECT, message=str(exc)))
             return None
         # Sent: a copy of a large body need not outlive the relay, which may last minutes.
         del body
         try:
-            if upstream.status != 200:
+            status = upstream.status
+            if status != 200 and (method == "POST" or not 200 <= status < 300):
                 return await self._refused(exchange, account, upstream)
             exchange.observe_headers(account, upstream.headers)
             return await respond(upstream)
@@ -321,6 +382,31 @@ def _pool_rate_limits(exchange: Exchange, account: Account, raw: bytes, data: by
     if shown is None:
         return raw
     return b"event: codex.rate_limits\ndata: " + shown.encode() + b"\n\n"
+
+
+SIDE_CALL_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+"""A path segment a side call may name: no dot segments, nothing encoded that could become
+one upstream (the account's credentials go with the call)."""
+OWN_PATHS = frozenset({"responses", "responses/compact", "models"})
+SIDE_CALL_PREFIXES = ("/backend-api/codex/", "/v1/")
+
+
+def side_call_path(request: web.Request) -> str:
+    """The upstream path of a side call, from the route's ``tail`` (after the prefix), with
+    the query; a bad path is refused (S1.4) before anything goes upstream."""
+    tail: str = request.match_info["tail"]
+    if tail in OWN_PATHS or tail.startswith("responses/"):
+        raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+    raw_path = request.raw_path.split("?", 1)[0]
+    prefix = next((p for p in SIDE_CALL_PREFIXES if raw_path.startswith(p)), None)
+    if prefix is None:
+        raise NotFound(f"Unknown path: {request.path}")
+    raw_tail = raw_path[len(prefix) :]
+    segments = raw_tail.split("/")
+    if not all(SIDE_CALL_SEGMENT.fullmatch(segment) for segment in segments):
+        raise NotFound(f"Unknown path: {request.path}")
+    query = request.rel_url.raw_query_string
+    return "/" + raw_tail + (f"?{query}" if query else "")
 
 
 _TOO_LARGE = "the response exceeds [limits] max_upstream_response_bytes"

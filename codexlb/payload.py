@@ -96,6 +96,12 @@ class CreateRequest:
         return cls(body, raw, _validated_input(body, raw))
 
     @classmethod
+    def side_call(cls, raw: bytes) -> CreateRequest:
+        """A side call's body (``images/generations``...): relayed as it came, whatever its
+        type. It has no conversation, so the exchange has nothing to replay or store."""
+        return cls({}, raw, [])
+
+    @classmethod
     def from_body(cls, body: Any, text: str | None = None) -> CreateRequest:
         """``body`` as parsed from ``text``, when the caller has it (a WebSocket message)."""
         return cls(body, None, _validated_input(body, text))

@@ -244,13 +244,23 @@ class Upstream:
         return self._session
 
     async def post(
-        self, account: Account, path: str, body: bytes, headers: Mapping[str, str], *, sse: bool
+        self,
+        account: Account,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        sse: bool,
+        method: str = "POST",
+        content_type: str | None = "application/json",
     ) -> Http1Response:
-        """POST ``body`` to ``account``; returns once the response headers arrived. The caller
-        reads the answer and then ``release()``s it."""
+        """POST ``body`` to ``account`` (or send it with another ``method``: a side call);
+        returns once the response headers arrived. The caller reads the answer and then
+        ``release()``s it."""
         request_headers = dict(headers)
         request_headers.update(account.credentials.auth_headers())
-        request_headers["Content-Type"] = "application/json"
+        if content_type is not None:
+            request_headers["Content-Type"] = content_type
         request_headers["Accept"] = "text/event-stream" if sse else "application/json"
         request_headers["Accept-Encoding"] = "identity"
         try:
@@ -259,6 +269,7 @@ class Upstream:
                 request_headers,
                 body,
                 first_byte_timeout=self._timeouts.first_byte_seconds,
+                method=method,
             )
         except ConnectFailed as exc:
             raise UpstreamConnectError(str(exc)) from exc
