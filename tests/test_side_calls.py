@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from codexlb.testing.fake_upstream import Fault
 from codexlb.testing.http_routes import TINY_PNG
@@ -130,7 +131,7 @@ async def test_the_clients_own_error_is_passed_on(
 async def test_paths_that_could_leave_the_prefix_are_refused(
     lb: Balancer, fake: Fake, http: aiohttp.ClientSession, path: str
 ) -> None:
-    url = aiohttp.client.URL(lb.url + path, encoded=True)
+    url = URL(lb.url + path, encoded=True)
     async with http.post(url, json={}, headers=auth()) as answer:
         assert answer.status in (404, 405)
         assert "error" in await answer.json()
