@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from codexlb import signals
+from codexlb import turn_state as turn_states
 from codexlb.credentials import Credentials
 from codexlb.errors import SnapshotNotStored, UpstreamUnavailable
 from codexlb.failover import Action, Failure, verdict
@@ -70,6 +71,7 @@ class Exchange:
         request: CreateRequest,
         affinity_key: str | None,
         record: RequestRecord,
+        turn_state: str | None = None,
     ) -> None:
         self.services = services
         self.scope = scope
@@ -98,6 +100,10 @@ class Exchange:
         """The first account this request met a server failure on (``failover.GIVE_UP``)."""
         self._given_up = False
         self._request_id: RequestId | None = None
+        self._body_turn_state = turn_states.in_body(request.body)
+        self.turn_state = turn_state or self._body_turn_state
+        """The turn state the client sent (a header, or ``client_metadata``): it goes only
+        to the account that issued it (``turn_state``)."""
 
     async def run(
         self,
@@ -187,7 +193,7 @@ class Exchange:
         account = None
         if len(self._tried - self._rate_limited) < max_attempts:
             account = pool.choose(
-                prefer=self.origin_account or prefer,
+                prefer=self.turn_state_owner or self.origin_account or prefer,
                 affinity_key=self.affinity_key,
                 exclude=self._tried,
             )
@@ -195,6 +201,30 @@ class Exchange:
             raise pool.exhausted(rate_limited=bool(self._tried) and self._rate_limited_only)
         self._attempt_on(account)
         return account
+
+    @property
+    def turn_state_owner(self) -> str | None:
+        """The account that issued the client's turn state: the rest of the turn prefers it."""
+        if self.turn_state is None:
+            return None
+        return self.services.pool.turn_state_owner(self.turn_state)
+
+    def upstream_headers(self, account: Account, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The client's forwarded ``headers`` for ``account``: without a turn state another
+        account issued."""
+        return turn_state_headers(self.services, account, headers)
+
+    def drops_turn_state(self, account: Account) -> bool:
+        """Whether the body's ``client_metadata`` turn state must not go to ``account``."""
+        return self._body_turn_state is not None and (
+            self.services.pool.turn_state_owner(self._body_turn_state) != account.name
+        )
+
+    def learn_turn_state(self, account: Account, value: str | None) -> None:
+        """``account`` issued the turn state ``value`` (an answer's header, a
+        ``response.metadata`` event)."""
+        if value is not None:
+            self.services.pool.remember_turn_state(value, account)
 
     def upstream_input(self, account: Account) -> list[Any] | None:
         """The input to send to ``account``, or ``None`` when the client's is sent as-is.
@@ -423,6 +453,16 @@ def handshake_account(services: Services, affinity_key: str | None) -> Account |
     return services.pool.choose(
         prefer=None, affinity_key=affinity_key, exclude=(), retry_refused=False
     )
+
+
+def turn_state_headers(
+    services: Services, account: Account, headers: Mapping[str, str]
+) -> Mapping[str, str]:
+    """``headers`` for ``account``: a turn state goes only to the account that issued it."""
+    value = turn_states.in_headers(headers)
+    if value is None or services.pool.turn_state_owner(value) == account.name:
+        return headers
+    return turn_states.without_header(headers)
 
 
 def learn_headers(services: Services, account: Account, headers: Mapping[str, str]) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from codexlb import turn_state
 from codexlb.auth import ClientKeys
 from codexlb.edge import read_body
 from codexlb.errors import CodexLBError, MethodNotAllowed, NotFound, SnapshotNotStored
@@ -108,6 +109,7 @@ class HttpProxy:
                 request=create,
                 affinity_key=affinity_key(request.headers, create),
                 record=record,
+                turn_state=turn_state.in_headers(request.headers),
             )
             headers = forward_headers(request.headers)
             response = await exchange.run(
@@ -142,7 +144,10 @@ class HttpProxy:
             account,
             headers,
             "/responses",
-            exchange.request.upstream_body(input_items=exchange.upstream_input(account)),
+            exchange.request.upstream_body(
+                input_items=exchange.upstream_input(account),
+                drop_turn_state=exchange.drops_turn_state(account),
+            ),
             respond,
             sse=True,
         )
@@ -155,7 +160,10 @@ class HttpProxy:
         headers: Mapping[str, str],
     ) -> web.StreamResponse | None:
         """One try of a compaction on ``account``: its JSON answer, passed through."""
-        body = exchange.request.upstream_json(input_items=exchange.upstream_input(account))
+        body = exchange.request.upstream_json(
+            input_items=exchange.upstream_input(account),
+            drop_turn_state=exchange.drops_turn_state(account),
+        )
         limit = self.services.config.limits.max_body_bytes
 
         async def respond(upstream: Http1Response) -> web.StreamResponse:
@@ -223,7 +231,13 @@ class HttpProxy:
         A side call (any ``method``) takes every 2xx as its answer, a turn only 200."""
         try:
             upstream = await self.services.upstream.post(
-                account, path, body, headers, sse=sse, method=method, content_type=content_type
+                account,
+                path,
+                body,
+                exchange.upstream_headers(account, headers),
+                sse=sse,
+                method=method,
+                content_type=content_type,
             )
         except UpstreamConnectError as exc:
             await exchange.judge(account, Failure(Phase.CONNECT, message=str(exc)))
@@ -235,6 +249,7 @@ class HttpProxy:
             if status != 200 and (method == "POST" or not 200 <= status < 300):
                 return await self._refused(exchange, account, upstream)
             exchange.observe_headers(account, upstream.headers)
+            exchange.learn_turn_state(account, turn_state.in_headers(upstream.headers))
             return await respond(upstream)
         except UpstreamBroken as exc:
             await exchange.judge(account, Failure(Phase.BREAK, message=str(exc)))

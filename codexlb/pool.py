@@ -51,6 +51,8 @@ AFFINITY_KEY_LENGTH = 128
 SHA-256: a client cannot make the pool hold kilobytes per entry."""
 FAILED_REQUESTS_REMEMBERED = 16
 """Requests an account remembers failing since its last success (``Learned.failed_requests``)."""
+TURN_STATE_SECONDS = 6 * 3600.0
+"""How long the issuer of a turn state is remembered: longer than any turn."""
 SUSPECTS_CAPACITY = 4096
 SUSPECT_SECONDS = 600.0
 """How long a request that failed on two accounts stays suspect (``Pool.give_up``)."""
@@ -323,6 +325,8 @@ class Pool:
         self._accounts: dict[str, Account] = {}
         self._draining: dict[str, Account] = {}
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._turn_states: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        """Turn state → the account that issued it, and until when it is remembered."""
         self._turns = itertools.count()
         self._suspects: OrderedDict[RequestId, float] = OrderedDict()
         self._next_retry = math.inf
@@ -663,23 +667,43 @@ class Pool:
     def remember_affinity(self, key: str | None, account: Account) -> None:
         if key is None or self._routing.affinity_ttl_seconds <= 0:
             return
-        key = _affinity_slot(key)
-        self._affinity[key] = (account.name, self._clock() + self._routing.affinity_ttl_seconds)
-        self._affinity.move_to_end(key)
-        while len(self._affinity) > AFFINITY_CAPACITY:
-            self._affinity.popitem(last=False)
+        self._remember(self._affinity, key, account, self._routing.affinity_ttl_seconds)
 
-    def _affinity_account(self, key: str | None, now: float) -> str | None:
-        if key is None:
-            return None
+    def remember_turn_state(self, value: str, account: Account) -> None:
+        """``account`` issued the turn state ``value`` (``turn_state``)."""
+        self._remember(self._turn_states, value, account, TURN_STATE_SECONDS)
+
+    def turn_state_owner(self, value: str) -> str | None:
+        """The account that issued the turn state ``value``, if known."""
+        return self._remembered(self._turn_states, value, self._clock())
+
+    def _remember(
+        self,
+        entries: OrderedDict[str, tuple[str, float]],
+        key: str,
+        account: Account,
+        seconds: float,
+    ) -> None:
         key = _affinity_slot(key)
-        entry = self._affinity.get(key)
+        entries[key] = (account.name, self._clock() + seconds)
+        entries.move_to_end(key)
+        while len(entries) > AFFINITY_CAPACITY:
+            entries.popitem(last=False)
+
+    def _remembered(
+        self, entries: OrderedDict[str, tuple[str, float]], key: str, now: float
+    ) -> str | None:
+        key = _affinity_slot(key)
+        entry = entries.get(key)
         if entry is None:
             return None
         if entry[1] <= now:
-            del self._affinity[key]
+            del entries[key]
             return None
         return entry[0]
+
+    def _affinity_account(self, key: str | None, now: float) -> str | None:
+        return None if key is None else self._remembered(self._affinity, key, now)
 
     def _any_error_cooldown(self, now: float) -> bool:
         return any(balancer.backing_off(a, now) for a in self.accounts)

@@ -30,7 +30,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from codexlb import signals
+from codexlb import signals, turn_state
 from codexlb.auth import ClientKeys
 from codexlb.credentials import Credentials
 from codexlb.errors import (
@@ -45,6 +45,7 @@ from codexlb.exchange import (
     handshake_account,
     learn_headers,
     reauthorize,
+    turn_state_headers,
 )
 from codexlb.failover import KEEPS_SOCKET, Action, Failure, Phase
 from codexlb.logs import RequestRecord, new_request_id
@@ -423,7 +424,12 @@ class ClientSocket:
                 return None
         changed = exchange.upstream_input(account)
         message = (
-            exchange.request.upstream_message(input_items=changed, anchored=exchange.live) or text
+            exchange.request.upstream_message(
+                input_items=changed,
+                anchored=exchange.live,
+                drop_turn_state=exchange.drops_turn_state(account),
+            )
+            or text
         )
         return await self._relay(exchange, account, message)
 
@@ -432,7 +438,7 @@ class ClientSocket:
         self.upstream = await self.services.upstream.websocket(
             account,
             "/responses",
-            self.forwarded,
+            turn_state_headers(self.services, account, self.forwarded),
             max_msg_size=self.services.config.limits.max_upstream_event_bytes,
         )
         self.services.metrics.websockets.labels("upstream").inc()
@@ -487,6 +493,9 @@ class ClientSocket:
                     shown = exchange.observe_rate_limits(account, frame.json())
                     if shown is not None:
                         frame = Frame(shown)
+            elif kind == "response.metadata":
+                with contextlib.suppress(ValueError):
+                    exchange.learn_turn_state(account, turn_state.in_metadata_event(frame.json()))
             step = recorder.observe(kind, frame)
             if step is HOLD:
                 held.append(frame.text)

@@ -78,6 +78,9 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
     }
     if isinstance(body.get("model"), str):
         reply_headers["openai-model"] = body["model"]
+    issued = state.new_turn_state(account.name)
+    if issued is not None:
+        reply_headers["x-codex-turn-state"] = issued
     try:
         if fault is not None and fault.kind == "slow_first_byte":
             await state.wait_closing(fault.seconds)
