@@ -332,7 +332,7 @@ async def _read_log(
 ) -> None:
     while line := (await stream.readline()).decode():
         log.append(line)
-        match = re.search(r"listening on (http://[\d.]+:\d+)", line)
+        match = re.search(r"listening on (https?://[\d.]+:\d+)", line)
         if match and not listening.done():
             listening.set_result(match.group(1))
     if not listening.done():
