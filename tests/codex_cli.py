@@ -32,7 +32,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -259,7 +259,9 @@ def write_chatgpt_login(home: Path, *, access_token: str, account_id: str) -> Pa
 
 
 @contextlib.contextmanager
-def codex_environment(home: Path, api_key: str | None) -> Iterator[tuple[dict[str, str], str]]:
+def codex_environment(
+    home: Path, api_key: str | None, extra: Mapping[str, str] | None = None
+) -> Iterator[tuple[dict[str, str], str]]:
     """Codex's environment for the block, and its fresh empty ``HOME`` (removed afterwards):
     ``CODEX_HOME``, ``CODEX_API_KEY`` (none for ``api_key=None``: the ChatGPT login of
     ``write_chatgpt_login``), and none of the caller's other Codex or OpenAI settings or shell
@@ -276,6 +278,7 @@ def codex_environment(home: Path, api_key: str | None) -> Iterator[tuple[dict[st
         env.update(CODEX_HOME=str(home), NO_COLOR="1", HOME=user_home)
         if api_key is not None:
             env.update(CODEX_API_KEY=api_key)
+        env.update(extra or {})
         yield env, user_home
 
 
@@ -289,13 +292,15 @@ async def run_codex(
     resume: str | None = None,
     ephemeral: bool = True,
     timeout: float = RUN_TIMEOUT,  # noqa: ASYNC109 (a subprocess bound, passed on)
+    env: Mapping[str, str] | None = None,
 ) -> CodexRun:
     """Run one non-interactive Codex turn in ``workdir`` (which must exist) and wait for it
     to exit.
 
     ``resume``: the id of a session saved in ``home`` (`CodexRun.thread_id` of a run with
     ``ephemeral`` False) to continue with ``prompt`` (``codex exec resume``). ``ephemeral``:
-    the session is not saved (a resumed one always is, to its own record).
+    the session is not saved (a resumed one always is, to its own record). ``env``: more
+    variables for Codex (``CODEX_CA_CERTIFICATE``...).
 
     Codex authenticates with ``api_key`` (``CODEX_API_KEY``, sent as the bearer token); the
     environment's other Codex and OpenAI settings are left out, and ``HOME`` is a fresh empty
@@ -311,7 +316,7 @@ async def run_codex(
     else:
         argv = ["exec", *options, *(["--ephemeral"] if ephemeral else []), "-C", str(workdir)]
         argv.append(prompt)
-    with codex_environment(home, api_key) as (env, user_home):
+    with codex_environment(home, api_key, env) as (environment, user_home):
         process = await asyncio.create_subprocess_exec(
             str(codex),
             *argv,
@@ -319,7 +324,7 @@ async def run_codex(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=env,
+            env=environment,
             start_new_session=True,
         )
         communicating = asyncio.ensure_future(process.communicate())

@@ -14,6 +14,7 @@ account or with a client key, over HTTP and WebSocket.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ from tests.harness import (
     stream_turn,
     user_message,
 )
+from tests.local_tls import LocalTls, make_local_tls, openssl_missing
 from tests.test_codex_app_server import (
     AppServer,
     app_server,
@@ -55,8 +57,11 @@ TWO = (
 
 
 @asynccontextmanager
-async def pool(tmp_path: Path, *, open_access: bool) -> AsyncIterator[tuple[Fake, Balancer]]:
-    """Two accounts at 20% and 60% behind codexlb, which has seen both report once."""
+async def pool(
+    tmp_path: Path, *, open_access: bool, tls: LocalTls | None = None
+) -> AsyncIterator[tuple[Fake, Balancer]]:
+    """Two accounts at 20% and 60% behind codexlb (listening with ``tls`` if given), which
+    has seen both report once."""
     async with running_fake(TWO) as fake:
         fake.responder = codex_responder
         data = config_data(
@@ -65,7 +70,12 @@ async def pool(tmp_path: Path, *, open_access: bool) -> AsyncIterator[tuple[Fake
             accounts=TWO,
             keys={} if open_access else CLIENT_KEYS,
         )
-        async with serve(make_config(data, tmp_path)) as lb, aiohttp.ClientSession() as http:
+        ssl_context = None if tls is None else tls_server_context(tls)
+        connector = aiohttp.TCPConnector(ssl=tls.client_context() if tls else True)
+        async with (
+            serve(make_config(data, tmp_path), ssl_context=ssl_context) as lb,
+            aiohttp.ClientSession(connector=connector) as http,
+        ):
             key = "any" if open_access else CLIENT_KEYS["alice"]
             for text in ("one", "two"):
                 answer = await stream_turn(
@@ -75,6 +85,12 @@ async def pool(tmp_path: Path, *, open_access: bool) -> AsyncIterator[tuple[Fake
             assert {r.account for r in fake.received} == {"a", "b"}
             fake.received.clear()
             yield fake, lb
+
+
+def tls_server_context(tls: LocalTls) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert, tls.key)
+    return context
 
 
 def _bearer(key: str) -> dict[str, str]:
@@ -199,4 +215,29 @@ async def test_codex_exec_with_chatgpt_login_generates_an_image_on_the_pool(
         assert "x-codex-image-turn-id" in images[0].headers
         messages = [item["text"] for item in run.completed_items("agent_message")]
         assert messages == ["The command printed: image data:image/png;base64,"], run.describe()
+        assert_own_token_never_went_upstream(fake)
+
+
+@pytest.mark.timeout(CASE_TIMEOUT, func_only=True)
+@pytest.mark.skipif(openssl_missing() is not None, reason=str(openssl_missing()))
+@pytest.mark.parametrize("websockets", [False, True], ids=["https", "wss"])
+async def test_codex_with_chatgpt_login_over_tls_trusting_the_local_authority(
+    codex: Path, tmp_path: Path, websockets: bool
+) -> None:
+    """The README's recipe: a certificate from the local authority its two ``openssl``
+    commands make, and Codex trusting that authority through ``CODEX_CA_CERTIFICATE``."""
+    tls = make_local_tls(tmp_path / "tls")
+    async with pool(tmp_path, open_access=True, tls=tls) as (fake, lb):
+        assert lb.url.startswith("https://")
+        home, workdir = chatgpt_home(tmp_path, lb.url, websockets=websockets)
+        run = await codex_cli.run_codex(
+            codex,
+            home=home,
+            workdir=workdir,
+            api_key=None,
+            env={"CODEX_CA_CERTIFICATE": str(tls.ca)},
+        )
+        codex_cli.assert_ran_echo_hello(run)
+        transports = {r.transport for r in response_requests(fake.received)}
+        assert transports == {"ws" if websockets else "http"}, summary(fake.received)
         assert_own_token_never_went_upstream(fake)
