@@ -211,6 +211,7 @@ class HttpProxy:
             sse=False,
             method=request.method,
             content_type=request.headers.get("Content-Type"),
+            any_success=True,
         )
 
     async def _try(
@@ -225,10 +226,11 @@ class HttpProxy:
         sse: bool,
         method: str = "POST",
         content_type: str | None = "application/json",
+        any_success: bool = False,
     ) -> web.StreamResponse | None:
         """Send to ``account``; an error status, a connect failure or a broken answer before
         anything reached the client ends as ``None`` (try again) or a passed-through error.
-        A side call (any ``method``) takes every 2xx as its answer, a turn only 200."""
+        The answer is a 200, or with ``any_success`` (a side call) any 2xx."""
         try:
             upstream = await self.services.upstream.post(
                 account,
@@ -246,7 +248,7 @@ class HttpProxy:
         del body
         try:
             status = upstream.status
-            if status != 200 and (method == "POST" or not 200 <= status < 300):
+            if status != 200 and not (any_success and 200 <= status < 300):
                 return await self._refused(exchange, account, upstream)
             exchange.observe_headers(account, upstream.headers)
             exchange.learn_turn_state(account, turn_state.in_headers(upstream.headers))

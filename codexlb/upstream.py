@@ -310,12 +310,15 @@ def _url(base_url: str, path: str) -> URL:
 
 
 async def read_answer(response: Http1Response, limit: int, idle_timeout: float) -> bytes:
-    """The whole body of a non-streamed answer (an error status's, a compaction's), at most
-    ``limit`` bytes; ``UpstreamBroken`` when it does not arrive whole."""
+    """The whole body of a non-streamed answer (an error status's, a compaction's, a side
+    call's), at most ``limit`` bytes; ``UpstreamBroken`` when it does not arrive whole or is
+    larger."""
     try:
-        body = await response.read(limit, idle_timeout)
+        body = await response.read(limit + 1, idle_timeout)
     except Http1Error as exc:
         raise UpstreamBroken(f"answer broke off: {exc}") from exc
+    if len(body) > limit:
+        raise UpstreamBroken(f"answer larger than {limit} bytes")
     if not response.complete:
         raise UpstreamBroken("answer incomplete")
     return body

@@ -5,13 +5,17 @@ stored."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import pytest
 from yarl import URL
 
 from codexlb.testing.fake_upstream import Fault
 from codexlb.testing.http_routes import TINY_PNG
-from tests.harness import Balancer, Fake, auth
+from tests.harness import Balancer, Fake, auth, config_data, make_config, serve
+
+MIB = 1024 * 1024
 
 IMAGE = {
     "prompt": "a cat",
@@ -144,3 +148,33 @@ async def test_own_paths_with_another_method_are_not_relayed(
     async with http.put(lb.url + "/v1/responses", json={}, headers=auth()) as answer:
         assert answer.status == 405
     assert fake.received == []
+
+
+async def test_any_success_status_is_the_answer(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession
+) -> None:
+    created = b'{"id": "call_1", "object": "realtime.call"}'
+    fake.script(Fault.raw(created, status=201, headers={"Content-Type": "application/json"}))
+    async with http.post(lb.url + "/v1/realtime/calls", json={}, headers=auth()) as answer:
+        assert answer.status == 201
+        assert await answer.read() == created
+    assert len(fake.received) == 1
+
+
+async def test_an_upstream_answer_over_the_limit_is_a_bad_gateway(
+    fake: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A side call's answer is read whole, within ``max_upstream_response_bytes``: a larger
+    one is a broken upstream, never a truncated answer."""
+    data = config_data(
+        fake.url,
+        f"sqlite+aiosqlite:///{tmp_path / 'lb.db'}",
+        limits={"max_upstream_response_bytes": MIB},
+    )
+    fake.script(*[Fault.raw(b"x" * (MIB + 1)) for _ in range(3)])
+    async with (
+        serve(make_config(data, tmp_path)) as small,
+        http.post(small.url + "/v1/alpha/search", json={}, headers=auth()) as answer,
+    ):
+        assert answer.status == 502
+        assert (await answer.json())["error"]["code"] == "upstream_error"
