@@ -3,8 +3,9 @@
 Codex logged in with ChatGPT asks its ``chatgpt_base_url`` about the account: at start
 (``accounts/check``), before each turn (``settings/user``), for the status line and the
 app-server's ``account/rateLimits/read`` (``usage``, ``rate-limit-reset-credits``), and for
-plugins (``ps/...``). The path is ``/backend-api/wham/<path>`` when the configured URL holds
-``/backend-api``, else ``/api/codex/<path>``; both are served here.
+plugins and apps (``ps/plugins/...``, the MCP server at ``ps/mcp``). The path is
+``/backend-api/wham/<path>`` when the configured URL holds ``/backend-api``, else
+``/api/codex/<path>``; both are served here.
 
 ``usage`` answers the view of the pool the client key may use (``signals``) in the schema
 Codex parses (``pool_view.usage_payload``), folded with the key's own limits when it has any
@@ -17,6 +18,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 
 from codexlb import pool_view, signals
@@ -29,6 +31,13 @@ ACCOUNT_PREFIXES = ("/backend-api/wham", "/api/codex")
 PLUGIN_PREFIXES = ("/backend-api/ps", "/api/codex/ps")
 DEFAULT_ACCOUNT_ID = "codexlb"
 """The account ``accounts/check`` names when the client sent no ``chatgpt-account-id``."""
+MCP_VERSION = "2025-03-26"
+MCP_EMPTY_LISTS = {
+    "tools/list": "tools",
+    "resources/list": "resources",
+    "resources/templates/list": "resourceTemplates",
+    "prompts/list": "prompts",
+}
 NO_PLUGINS = {"plugins": [], "pagination": {"limit": 0, "next_page_token": None}}
 
 
@@ -46,6 +55,7 @@ class CodexSurface:
             app.router.add_get(f"{prefix}/accounts/check", self.accounts_check)
             app.router.add_get(f"{prefix}/settings/user", self.user_settings)
         for prefix in PLUGIN_PREFIXES:
+            app.router.add_post(f"{prefix}/mcp", self.mcp)
             app.router.add_get(f"{prefix}/plugins/installed", self.no_plugins)
             app.router.add_get(f"{prefix}/plugins/list", self.no_plugins)
             app.router.add_get(f"{prefix}/plugins/suggested/{{surface}}", self.no_plugins)
@@ -86,6 +96,37 @@ class CodexSurface:
         """``GET .../ps/plugins/...``: an empty page."""
         self._scope(request)
         return web.json_response(NO_PLUGINS)
+
+    async def mcp(self, request: web.Request) -> web.Response:
+        """``POST .../ps/mcp``: the apps' MCP server (streamable HTTP, JSON answers), here one
+        that offers nothing, so that Codex's MCP client starts without an error."""
+        self._scope(request)
+        try:
+            message = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            message = None
+        if not isinstance(message, dict):
+            error = {"code": -32700, "message": "Send one JSON-RPC message."}
+            return web.json_response({"jsonrpc": "2.0", "id": None, "error": error}, status=400)
+        if "id" not in message:  # a notification: nothing to answer
+            return web.Response(status=202)
+        answer: dict[str, Any] = {"jsonrpc": "2.0", "id": message["id"]}
+        method = message.get("method")
+        if method == "initialize":
+            params = message.get("params")
+            version = params.get("protocolVersion") if isinstance(params, dict) else None
+            answer["result"] = {
+                "protocolVersion": version if isinstance(version, str) else MCP_VERSION,
+                "capabilities": {"tools": {"listChanged": False}},
+                "serverInfo": {"name": "codexlb", "version": "1"},
+            }
+        elif isinstance(method, str) and method in MCP_EMPTY_LISTS:
+            answer["result"] = {MCP_EMPTY_LISTS[method]: []}
+        elif method == "ping":
+            answer["result"] = {}
+        else:
+            answer["error"] = {"code": -32601, "message": "Method not found"}
+        return web.json_response(answer)
 
     def _scope(self, request: web.Request) -> str:
         return self.keys.scope_for(request.headers.get("Authorization"))

@@ -215,6 +215,7 @@ async def test_codex_exec_with_chatgpt_login_generates_an_image_on_the_pool(
         assert "x-codex-image-turn-id" in images[0].headers
         messages = [item["text"] for item in run.completed_items("agent_message")]
         assert messages == ["The command printed: image data:image/png;base64,"], run.describe()
+        assert " ERROR " not in run.stderr, run.describe()  # its account calls went quietly
         assert_own_token_never_went_upstream(fake)
 
 

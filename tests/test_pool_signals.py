@@ -182,3 +182,38 @@ async def test_accounts_check_names_the_callers_account(
             "account_routing_override": "NO_CONSTRAINT",
         }
     ]
+
+
+async def test_the_apps_mcp_server_offers_nothing(
+    pool: Balancer, two: Fake, http: aiohttp.ClientSession
+) -> None:
+    url = pool.url + "/backend-api/ps/mcp"
+
+    async def call(message: object) -> aiohttp.ClientResponse:
+        async with http.post(url, json=message, headers=auth()) as response:
+            await response.read()
+            return response
+
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize"}
+    initialize["params"] = {"protocolVersion": "2025-06-18", "capabilities": {}}
+    async with http.post(url, json=initialize, headers=auth()) as response:
+        result = (await response.json())["result"]
+    assert result["protocolVersion"] == "2025-06-18"
+    assert result["serverInfo"]["name"] == "codexlb"
+    notified = await call({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert notified.status == 202
+    async with http.post(
+        url, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, headers=auth()
+    ) as response:
+        assert await response.json() == {"jsonrpc": "2.0", "id": 2, "result": {"tools": []}}
+    async with http.post(
+        url, json={"jsonrpc": "2.0", "id": 3, "method": "tools/call"}, headers=auth()
+    ) as response:
+        assert (await response.json())["error"]["code"] == -32601
+    async with http.post(
+        url, data=b"[1, 2]", headers={**auth(), "Content-Type": "application/json"}
+    ) as response:
+        assert response.status == 400
+    async with http.post(url, json=initialize) as response:
+        assert response.status == 401
+    assert two.received == []
