@@ -406,12 +406,17 @@ SIDE_CALL_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
 one upstream (the account's credentials go with the call)."""
 OWN_PATHS = frozenset({"responses", "responses/compact", "models"})
 SIDE_CALL_PREFIXES = ("/backend-api/codex/", "/v1/")
+SIDE_CALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+"""Methods whose answer carries a body to read (``HEAD``'s does not, ``OPTIONS`` is a
+browser's): the others are refused."""
 
 
 def side_call_path(request: web.Request) -> str:
     """The upstream path of a side call, from the route's ``tail`` (after the prefix), with
     the query; a bad path is refused (S1.4) before anything goes upstream."""
     tail: str = request.match_info["tail"]
+    if request.method not in SIDE_CALL_METHODS:
+        raise MethodNotAllowed(f"Method {request.method} is not relayed.")
     if tail in OWN_PATHS or tail.startswith("responses/"):
         raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
     raw_path = request.raw_path.split("?", 1)[0]

@@ -178,3 +178,12 @@ async def test_an_upstream_answer_over_the_limit_is_a_bad_gateway(
     ):
         assert answer.status == 502
         assert (await answer.json())["error"]["code"] == "upstream_error"
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "TRACE"])
+async def test_methods_without_a_body_to_relay_are_refused(
+    lb: Balancer, fake: Fake, http: aiohttp.ClientSession, method: str
+) -> None:
+    async with http.request(method, lb.url + "/v1/alpha/search", headers=auth()) as answer:
+        assert answer.status == 405
+    assert fake.received == []
