@@ -212,6 +212,8 @@ class Exchange:
     def upstream_headers(self, account: Account, headers: Mapping[str, str]) -> Mapping[str, str]:
         """The client's forwarded ``headers`` for ``account``: without a turn state another
         account issued."""
+        if self.turn_state is None:  # none sent, none to drop
+            return headers
         return turn_state_headers(self.services, account, headers)
 
     def drops_turn_state(self, account: Account) -> bool:
@@ -458,8 +460,9 @@ def handshake_account(services: Services, affinity_key: str | None) -> Account |
 def turn_state_headers(
     services: Services, account: Account, headers: Mapping[str, str]
 ) -> Mapping[str, str]:
-    """``headers`` for ``account``: a turn state goes only to the account that issued it."""
-    value = turn_states.in_headers(headers)
+    """``headers`` (as the client named them) for ``account``: a turn state goes only to the
+    account that issued it."""
+    value = turn_states.in_any_case(headers)
     if value is None or services.pool.turn_state_owner(value) == account.name:
         return headers
     return turn_states.without_header(headers)

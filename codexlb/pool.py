@@ -53,6 +53,10 @@ FAILED_REQUESTS_REMEMBERED = 16
 """Requests an account remembers failing since its last success (``Learned.failed_requests``)."""
 TURN_STATE_SECONDS = 6 * 3600.0
 """How long the issuer of a turn state is remembered: longer than any turn."""
+VIEW_SECONDS = 1.0
+"""How long the client's view of the pool is reused while nothing it is made of changes."""
+VIEWS_CACHED = 64
+"""Views kept at once (one per set of accounts client keys may use)."""
 SUSPECTS_CAPACITY = 4096
 SUSPECT_SECONDS = 600.0
 """How long a request that failed on two accounts stays suspect (``Pool.give_up``)."""
@@ -103,6 +107,8 @@ class Learned:
     primary: UsageWindow = field(default_factory=UsageWindow)
     secondary: UsageWindow = field(default_factory=UsageWindow)
     credits: pool_view.Credits | None = None
+    reported_headers: tuple[str | None, ...] = ()
+    """The usage headers last learned from, as received: the same again teach nothing."""
 
 
 @dataclass(slots=True)
@@ -327,6 +333,9 @@ class Pool:
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._turn_states: OrderedDict[str, tuple[str, float]] = OrderedDict()
         """Turn state → the account that issued it, and until when it is remembered."""
+        self._generation = 0
+        """Counts the changes of what the client's view of the pool is made of (``view``)."""
+        self._views: dict[tuple[str, ...] | None, tuple[int, float, pool_view.PoolView]] = {}
         self._turns = itertools.count()
         self._suspects: OrderedDict[RequestId, float] = OrderedDict()
         self._next_retry = math.inf
@@ -480,6 +489,7 @@ class Pool:
         self._accounts = accounts
         routing = config.routing != self._routing
         self._routing = config.routing
+        self._changed()
         return Reconfiguration(
             tuple(added), tuple(removed), tuple(changed), tuple(reloaded), routing
         )
@@ -524,6 +534,7 @@ class Pool:
         learned.cooldown_until = max(learned.cooldown_until, until)
         learned.rate_limited_until = max(learned.rate_limited_until, until)
         account.failure = "rate limited"
+        self._changed()
         log.warning("account %s is rate limited until %s", account.name, _fmt_time(until))
 
     def failed(self, account: Account, reason: str, *, request: RequestId | None = None) -> None:
@@ -560,6 +571,7 @@ class Pool:
         learned.error_streak += 1
         learned.cooldown_until = max(learned.cooldown_until, self._clock() + delay)
         account.failure = reason
+        self._changed()
         log.warning("account %s failed (%s); cooling down %.1fs", account.name, reason, delay)
 
     def unauthorized(self, account: Account) -> None:
@@ -569,6 +581,7 @@ class Pool:
         refused again), so that an account whose upstream recovered comes back by itself."""
         first = account.refused is None
         account.refused = account.credentials
+        self._changed()
         account.failure = None  # what failed before does not outlive these credentials
         routing = self._routing
         if not routing.unauthorized_retry_seconds:
@@ -596,6 +609,7 @@ class Pool:
         """The upstream served an account with the credentials it refused before."""
         account.refused = None
         account.retry_at = account.retry_delay = 0.0
+        self._changed()
         log.warning("account %s: the upstream accepts its credentials again", account.name)
 
     # -- requests that fail everywhere ----------------------------------------------------
@@ -624,7 +638,12 @@ class Pool:
 
     def observe_headers(self, account: Account, headers: Mapping[str, str]) -> None:
         """Learn usage from the ``x-codex-{primary,secondary}-*`` and ``x-codex-credits-*``
-        headers, when present."""
+        headers, when present. Most answers repeat the last ones: those are not read again."""
+        raw = tuple([headers.get(name) for name in reported.USAGE_HEADERS])
+        learned = account.learned
+        if raw == learned.reported_headers:
+            return
+        learned.reported_headers = raw
         self._learn_usage(
             account,
             reported.header_windows(headers, self._clock()),
@@ -634,6 +653,7 @@ class Pool:
 
     def observe_rate_limits(self, account: Account, event: Mapping[str, Any]) -> None:
         """Learn usage from a WebSocket ``codex.rate_limits`` event."""
+        account.learned.reported_headers = ()  # the next headers are news again
         self._learn_usage(
             account,
             reported.event_windows(event, self._clock()),
@@ -641,10 +661,26 @@ class Pool:
             reported.event_credits(event),
         )
 
-    def view(self, accounts: Collection[Account]) -> pool_view.PoolView:
-        """The client's view of ``accounts`` (the ones a client key may use), now (S13)."""
+    def view(self, accounts: Collection[Account] | None = None) -> pool_view.PoolView:
+        """The client's view of ``accounts`` (the ones a client key may use; by default all),
+        now (S13). Every answer carries it, so it is computed again only when what it is made
+        of changed (a usage figure, a rate limit, a refusal, the configuration), or after
+        ``VIEW_SECONDS`` (a cooldown that ended, a window that reset)."""
         now = self._clock()
-        return pool_view.view([account.usage(now) for account in accounts], now)
+        key = None if accounts is None else tuple(account.name for account in accounts)
+        cached = self._views.get(key)
+        if cached is not None and cached[0] == self._generation and now < cached[1]:
+            return cached[2]
+        chosen = self._accounts.values() if accounts is None else accounts
+        shown = pool_view.view([account.usage(now) for account in chosen], now)
+        if len(self._views) >= VIEWS_CACHED:
+            self._views.clear()
+        self._views[key] = (self._generation, now + VIEW_SECONDS, shown)
+        return shown
+
+    def _changed(self) -> None:
+        """Something the client's view of the pool is made of changed (``view``)."""
+        self._generation += 1
 
     def _learn_usage(
         self,
@@ -655,12 +691,21 @@ class Pool:
     ) -> None:
         for name, (used_percent, resets_at) in windows.items():
             window = account.primary if name == "primary" else account.secondary
-            window.used_percent = used_percent
-            window.resets_at = resets_at
-            window.reported = True
-            window.window_minutes = minutes.get(name, window.window_minutes)
-        if credits is not None:
+            window_minutes = minutes.get(name, window.window_minutes)
+            if (
+                window.used_percent != used_percent
+                or window.resets_at != resets_at
+                or window.window_minutes != window_minutes
+                or not window.reported
+            ):
+                window.used_percent = used_percent
+                window.resets_at = resets_at
+                window.reported = True
+                window.window_minutes = window_minutes
+                self._changed()
+        if credits is not None and credits != account.learned.credits:
             account.learned.credits = credits
+            self._changed()
 
     # -- affinity -------------------------------------------------------------------------
 

@@ -24,6 +24,17 @@ HORIZON_SECONDS = 7 * 24 * 3600.0
 """The farthest reset time believed: a usage window is at most a week long."""
 
 USAGE_WINDOWS = ("primary", "secondary")
+USAGE_HEADERS = (
+    *(
+        f"x-codex-{name}-{field}"
+        for name in USAGE_WINDOWS
+        for field in ("used-percent", "reset-at", "window-minutes")
+    ),
+    "x-codex-credits-has-credits",
+    "x-codex-credits-unlimited",
+    "x-codex-credits-balance",
+)
+"""Every header the pool learns usage from (``Pool.observe_headers``)."""
 _WINDOW_HEADERS = tuple(
     (name, f"x-codex-{name}-used-percent", f"x-codex-{name}-reset-at") for name in USAGE_WINDOWS
 )

@@ -21,15 +21,17 @@ if TYPE_CHECKING:
     from codexlb.app import Services
     from codexlb.pool import Account
 
+FORMATTED_VIEWS = 8
+"""Views whose headers are kept formatted (one per set of accounts keys may use, mostly one)."""
 DEFAULT_LIMIT_IDS = (None, "codex")
 """A ``codex.rate_limits`` event for these limit ids describes the default windows; an event
 for another metered limit (a model's own) passes as the serving account's."""
 
 
-def accounts_for(services: Services, scope: str) -> list[Account]:
-    """The accounts the client key ``scope`` may draw from: the pool's. (A key limited to some
-    accounts, SPEC S9 ``accounts``, narrows this list here.)"""
-    return services.pool.accounts
+def accounts_for(services: Services, scope: str) -> list[Account] | None:
+    """The accounts the client key ``scope`` may draw from; ``None``: all of the pool's. (A key
+    limited to some accounts, SPEC S9 ``accounts``, names them here.)"""
+    return None
 
 
 def current(services: Services, scope: str) -> pool_view.PoolView:
@@ -42,13 +44,23 @@ def client_headers(
 ) -> dict[str, str]:
     """The headers a client gets with an upstream answer (``upstream.relayed_headers``), with
     the pool's rate-limit headers in place of the serving account's."""
-    headers = {
-        name: value
-        for name, value in relayed_headers(upstream, model).items()
-        if name.lower() not in pool_view.RATE_LIMIT_HEADERS
-    }
-    headers.update(pool_view.headers(current(services, scope)))
+    headers = relayed_headers(upstream, model, beside_pool_limits=True)
+    headers.update(_pool_headers(current(services, scope)))
     return headers
+
+
+_formatted: list[tuple[pool_view.PoolView, tuple[tuple[str, str], ...]]] = []
+
+
+def _pool_headers(view: pool_view.PoolView) -> tuple[tuple[str, str], ...]:
+    """``pool_view.headers``, formatted once per view: the pool hands out the same view object
+    while nothing it is made of changes (``Pool.view``)."""
+    for known, formatted in _formatted:
+        if known is view:
+            return formatted
+    formatted = tuple(pool_view.headers(view).items())
+    _formatted[:] = [(view, formatted), *_formatted[: FORMATTED_VIEWS - 1]]
+    return formatted
 
 
 def rate_limits_event(services: Services, scope: str, event: Any) -> str | None:

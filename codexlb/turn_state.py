@@ -32,14 +32,17 @@ def in_body(body: Mapping[str, Any]) -> str | None:
 
 
 def in_headers(headers: Mapping[str, str]) -> str | None:
-    """The turn state of a request's or an answer's headers (any case of the name)."""
-    value = headers.get(HEADER)
-    if value is None:
-        for name, candidate in headers.items():
-            if name.lower() == HEADER:
-                value = candidate
-                break
-    return value or None
+    """The turn state of headers whose names are looked up case-insensitively (a client
+    request's) or kept in lower case (an upstream answer's)."""
+    return headers.get(HEADER) or None
+
+
+def in_any_case(headers: Mapping[str, str]) -> str | None:
+    """The turn state of headers kept with the case the client sent their names in."""
+    for name, value in headers.items():
+        if name.lower() == HEADER:
+            return value or None
+    return None
 
 
 def in_metadata_event(event: Any) -> str | None:

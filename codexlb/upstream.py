@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from codexlb import pool_view
 from codexlb.config import TimeoutsConfig
 from codexlb.http1 import ConnectFailed, Http1Client, Http1Error, Http1Response, remember
 from codexlb.pool import Account
@@ -118,19 +119,26 @@ models ETag, request id and rate limits."""
 
 # Header names' verdicts, remembered per direction (``http1.remember``).
 _relayed_names: dict[str, bool] = {}
+_relayed_beside_pool: dict[str, bool] = {}
 _forwarded_names: dict[str, bool] = {}
 
 
-def relayed_headers(headers: Mapping[str, str], model: str | None) -> dict[str, str]:
+def relayed_headers(
+    headers: Mapping[str, str], model: str | None, *, beside_pool_limits: bool = False
+) -> dict[str, str]:
     """The upstream's useful response headers; ``openai-model`` only when it matches the
-    requested model (Codex warns of a reroute otherwise)."""
+    requested model (Codex warns of a reroute otherwise). ``beside_pool_limits``: without the
+    account's rate-limit headers, which the pool's replace (``signals``)."""
+    known = _relayed_beside_pool if beside_pool_limits else _relayed_names
     relayed: dict[str, str] = {}
     for name, value in headers.items():
-        relay = _relayed_names.get(name)
+        relay = known.get(name)
         if relay is None:
             lower = name.lower()
             relay = lower in RELAYED_HEADERS or lower.startswith(RELAYED_PREFIXES)
-            remember(_relayed_names, name, relay)
+            if beside_pool_limits and lower in pool_view.RATE_LIMIT_HEADERS:
+                relay = False
+            remember(known, name, relay)
         if relay:
             relayed[name] = value
     upstream_model = headers.get("openai-model")
