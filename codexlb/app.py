@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codexlb import db
 from codexlb.auth import AdminAccess, ClientKeys
 from codexlb.catalog import ModelCatalog
+from codexlb.codex_surface import CodexSurface
 from codexlb.config import Config, ModelsConfig
 from codexlb.credential_store import CredentialStore
 from codexlb.dashboard import Dashboard
@@ -151,6 +152,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", translated.chat_completions)
     app.router.add_post("/v1/messages", translated.messages)
     app.router.add_post("/v1/messages/count_tokens", translated.count_tokens)
+    CodexSurface(services, keys).add_routes(app)
     app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
     app.router.add_get("/status", StatusView(services.pool, admin).handle)
     app.router.add_get("/v1/usage", UsageView(services.limits).handle)
@@ -159,6 +161,9 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    # Registered last: they take what no route above does under the two prefixes (S13).
+    for prefix in ("/backend-api/codex", "/v1"):
+        app.router.add_route("*", prefix + "/{tail:.+}", proxy.side_call)
     return app
 
 

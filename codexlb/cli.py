@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 import urllib.error
@@ -27,7 +28,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
-from codexlb import db
+from codexlb import db, tls
 from codexlb.auth import hash_key
 from codexlb.config import Config, ConfigError, ServerConfig, load_config, load_server_config
 from codexlb.credentials import CredentialsError, import_auth_snippet, load_credentials
@@ -249,7 +250,12 @@ def _print_models(config: Config) -> None:
 
 def _check_config(config: Config) -> int:
     ok = True
-    print(f"listen    http://{config.server.host}:{config.server.port}")
+    print(f"listen    {tls.scheme(config.server)}://{config.server.host}:{config.server.port}")
+    try:
+        tls.server_context(config.server)
+    except ConfigError as exc:
+        print(f"UNUSABLE: {exc}")
+        ok = False
     print(f"database  {_redact_url(config.database.url)}")
     print(f"client keys: {', '.join(k.name for k in config.api_keys) or '(none: open access)'}")
     print("accounts:")
@@ -359,7 +365,7 @@ def _server_url(server: ServerConfig) -> str | None:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{server.port}"
+    return f"{tls.scheme(server)}://{host}:{server.port}"
 
 
 def _serve(config: Config, config_path: Path) -> int:
@@ -367,8 +373,13 @@ def _serve(config: Config, config_path: Path) -> int:
     if problem:
         log.error("%s", problem)
         return 1
+    try:
+        ssl_context = tls.server_context(config.server)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 1
     with contextlib.suppress(KeyboardInterrupt):
-        _event_loop_runner()(_run(config, config_path))
+        _event_loop_runner()(_run(config, config_path, ssl_context))
     return 0
 
 
@@ -398,7 +409,9 @@ def _settle_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-async def _run(config: Config, config_path: Path) -> None:
+async def _run(
+    config: Config, config_path: Path, ssl_context: ssl.SSLContext | None = None
+) -> None:
     from codexlb.app import RELOADER, make_runner
     from codexlb.edge import raise_fd_limit
 
@@ -409,11 +422,11 @@ async def _run(config: Config, config_path: Path) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, runner.app[RELOADER].request)
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port)
+        site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context)
         await site.start()
         for address in runner.addresses:
             host, port = address[0], address[1]
-            log.info("codexlb listening on http://%s:%s", host, port)
+            log.info("codexlb listening on %s://%s:%s", tls.scheme(config.server), host, port)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -74,6 +74,15 @@ class ServerConfig(_Section):
     allowed_origins: tuple[Annotated[str, BeforeValidator(_origin)], ...] = ()
     """Browser origins (``https://app.example``) whose pages may call codexlb. A request with
     any other ``Origin`` is refused; one without (Codex CLI, the SDKs) is not concerned."""
+    tls_cert: Path | None = None
+    """A PEM certificate chain: with ``tls_key``, codexlb listens with TLS (``tls``)."""
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give tls_cert and tls_key together, or neither")
+        return self
 
     @property
     def is_loopback(self) -> bool:
@@ -382,7 +391,7 @@ def _config_error(
 
 
 def _anchor_paths(config: Config, base: Path) -> Config:
-    """Make a relative SQLite path and ``auth_file`` paths relative to the config file."""
+    """Make a relative SQLite path, ``auth_file`` and TLS paths relative to the config file."""
     url = config.database.url
     for prefix in ("sqlite+aiosqlite:///", "sqlite:///"):
         if url.startswith(prefix):
@@ -394,7 +403,17 @@ def _anchor_paths(config: Config, base: Path) -> Config:
         a.model_copy(update={"auth_file": _anchor(a.auth_file, base)}) if a.auth_file else a
         for a in config.accounts
     )
-    return config.model_copy(update={"database": DatabaseConfig(url=url), "accounts": accounts})
+    server = config.server
+    if server.tls_cert is not None and server.tls_key is not None:
+        server = server.model_copy(
+            update={
+                "tls_cert": _anchor(server.tls_cert, base),
+                "tls_key": _anchor(server.tls_key, base),
+            }
+        )
+    return config.model_copy(
+        update={"database": DatabaseConfig(url=url), "accounts": accounts, "server": server}
+    )
 
 
 def _anchor(path: Path, base: Path) -> Path:

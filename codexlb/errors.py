@@ -135,6 +135,12 @@ class ModelNotFound(CodexLBError):
         )
 
 
+class MethodNotAllowed(CodexLBError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class PayloadTooLarge(CodexLBError):
     status = 413
     type = "invalid_request_error"

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
+from codexlb import signals
+from codexlb import turn_state as turn_states
 from codexlb.credentials import Credentials
 from codexlb.errors import SnapshotNotStored, UpstreamUnavailable
 from codexlb.failover import Action, Failure, verdict
@@ -73,6 +75,7 @@ class Exchange:
         affinity_key: str | None,
         record: RequestRecord,
         stateless: bool = False,
+        turn_state: str | None = None,
     ) -> None:
         self.services = services
         self.stateless = stateless
@@ -108,6 +111,10 @@ class Exchange:
         """The client key's admission (``limits``): its accounts, its place in flight."""
         self._counted = False
         """The request is in the key's usage already (with the tokens of its response)."""
+        self._body_turn_state = turn_states.in_body(request.body)
+        self.turn_state = turn_state or self._body_turn_state
+        """The turn state the client sent (a header, or ``client_metadata``): it goes only
+        to the account that issued it (``turn_state``)."""
 
     async def run(
         self,
@@ -215,7 +222,7 @@ class Exchange:
             if barred := self.admission.barred([a.name for a in pool.accounts]):
                 exclude = self._tried | barred
             account = pool.choose(
-                prefer=self.origin_account or prefer,
+                prefer=self.turn_state_owner or self.origin_account or prefer,
                 affinity_key=self.affinity_key,
                 exclude=exclude,
             )
@@ -223,6 +230,32 @@ class Exchange:
             raise pool.exhausted(rate_limited=bool(self._tried) and self._rate_limited_only)
         self._attempt_on(account)
         return account
+
+    @property
+    def turn_state_owner(self) -> str | None:
+        """The account that issued the client's turn state: the rest of the turn prefers it."""
+        if self.turn_state is None:
+            return None
+        return self.services.pool.turn_state_owner(self.turn_state)
+
+    def upstream_headers(self, account: Account, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The client's forwarded ``headers`` for ``account``: without a turn state another
+        account issued."""
+        if self.turn_state is None:  # none sent, none to drop
+            return headers
+        return turn_state_headers(self.services, account, headers)
+
+    def drops_turn_state(self, account: Account) -> bool:
+        """Whether the body's ``client_metadata`` turn state must not go to ``account``."""
+        return self._body_turn_state is not None and (
+            self.services.pool.turn_state_owner(self._body_turn_state) != account.name
+        )
+
+    def learn_turn_state(self, account: Account, value: str | None) -> None:
+        """``account`` issued the turn state ``value`` (an answer's header, a
+        ``response.metadata`` event)."""
+        if value is not None:
+            self.services.pool.remember_turn_state(value, account)
 
     def upstream_input(self, account: Account) -> list[Any] | None:
         """The input to send to ``account``, or ``None`` when the client's is sent as-is.
@@ -385,10 +418,17 @@ class Exchange:
         """Learn the account's usage from an upstream answer's headers."""
         self.services.pool.observe_headers(account, headers)
 
-    def observe_rate_limits(self, account: Account, event: Any) -> None:
-        """Learn the account's usage from a ``codex.rate_limits`` event."""
+    def observe_rate_limits(self, account: Account, event: Any) -> str | None:
+        """Learn the account's usage from a ``codex.rate_limits`` event (parsed); returns the
+        event the client gets in its place (the pool's, ``signals``), or ``None`` to pass it
+        on as it is."""
         if isinstance(event, dict):
             self.services.pool.observe_rate_limits(account, event)
+        return signals.rate_limits_event(self.services, self.scope, event)
+
+    def client_headers(self, upstream: Mapping[str, str]) -> dict[str, str]:
+        """The headers the client gets with an upstream answer: the pool's rate limits."""
+        return signals.client_headers(self.services, self.scope, upstream, self.request.model)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -455,6 +495,17 @@ def handshake_account(services: Services, affinity_key: str | None, scope: str) 
     return services.pool.choose(
         prefer=None, affinity_key=affinity_key, exclude=exclude, retry_refused=False
     )
+
+
+def turn_state_headers(
+    services: Services, account: Account, headers: Mapping[str, str]
+) -> Mapping[str, str]:
+    """``headers`` (as the client named them) for ``account``: a turn state goes only to the
+    account that issued it."""
+    value = turn_states.in_any_case(headers)
+    if value is None or services.pool.turn_state_owner(value) == account.name:
+        return headers
+    return turn_states.without_header(headers)
 
 
 def learn_headers(services: Services, account: Account, headers: Mapping[str, str]) -> None:

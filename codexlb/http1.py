@@ -281,7 +281,13 @@ class Http1Client:
         self._closed = False
 
     async def post(
-        self, url: URL, headers: Mapping[str, str], body: bytes, *, first_byte_timeout: float
+        self,
+        url: URL,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        first_byte_timeout: float,
+        method: str = "POST",
     ) -> Http1Response:
         """Send the request; returns once the response headers arrived.
 
@@ -291,7 +297,7 @@ class Http1Client:
         if self._closed:
             raise ConnectFailed("client is closed")
         origin = origin_of(url)
-        request = _request_head(url, headers, len(body))
+        request = _request_head(url, headers, len(body), method)
         for attempt in range(2):
             connection = self._idle_connection(origin) if attempt == 0 else None
             fresh = connection is None
@@ -379,8 +385,8 @@ def origin_of(url: URL) -> Origin:
     return (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
 
 
-def _request_head(url: URL, headers: Mapping[str, str], length: int) -> bytes:
-    head = f"{_request_line(url)}{header_fields(headers)}Content-Length: {length}\r\n\r\n"
+def _request_head(url: URL, headers: Mapping[str, str], length: int, method: str) -> bytes:
+    head = f"{_request_line(url, method)}{header_fields(headers)}Content-Length: {length}\r\n\r\n"
     # aiohttp decodes incoming header bytes as UTF-8 with surrogateescape: this restores them.
     return head.encode("utf-8", "surrogateescape")
 
@@ -397,7 +403,7 @@ def header_fields(headers: Mapping[str, str]) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _request_line(url: URL) -> str:
-    """The request line and ``Host`` field of a POST to ``url`` (once per URL)."""
+def _request_line(url: URL, method: str) -> str:
+    """The request line and ``Host`` field of a request to ``url`` (once per URL)."""
     host = url.host if url.is_default_port() else f"{url.host}:{url.port}"
-    return f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host}\r\n"
+    return f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host}\r\n"

@@ -20,16 +20,18 @@ import contextlib
 import functools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
 
+from codexlb import turn_state
 from codexlb.auth import ClientKeys
 from codexlb.config import ModelsConfig
 from codexlb.edge import read_body
-from codexlb.errors import CodexLBError, SnapshotNotStored
+from codexlb.errors import CodexLBError, MethodNotAllowed, NotFound, SnapshotNotStored
 from codexlb.exchange import Exchange, affinity_key
 from codexlb.failover import Action, Failure, Phase, error_code
 from codexlb.http1 import Http1Response
@@ -45,7 +47,6 @@ from codexlb.upstream import (
     UpstreamEvents,
     forward_headers,
     read_answer,
-    relayed_headers,
 )
 
 if TYPE_CHECKING:
@@ -85,12 +86,29 @@ class HttpProxy:
         translated back event by event."""
         return await self._serve(request, door.route, self._attempt, (door, models))
 
+    async def side_call(self, request: web.Request) -> web.StreamResponse:
+        """Any other path under the two prefixes (``images/generations``, ``alpha/search``...):
+        relayed to an account chosen like a new request (session and thread affinity), with
+        failover before the first byte; its answer is passed back whole, nothing is stored
+        (SPEC S13)."""
+        path = side_call_path(request)
+        return await self._serve(
+            request,
+            "side",
+            lambda request, exchange, account, headers: self._attempt_side(
+                request, exchange, account, headers, path
+            ),
+            parse=CreateRequest.side_call,
+        )
+
     async def _serve(
         self,
         request: web.Request,
         route: str,
         attempt: Attempt,
         door: tuple[Door, ModelsConfig] | None = None,
+        *,
+        parse: Callable[[bytes], CreateRequest] = CreateRequest.from_bytes,
     ) -> web.StreamResponse:
         record = RequestRecord("http", "", new_request_id(request.headers), route)
         bodies = self.services.bodies
@@ -106,7 +124,7 @@ class HttpProxy:
             raw = await read_body(request, self.services.config, bodies)
             held = len(raw)
             if door is None:
-                create = CreateRequest.from_bytes(raw)
+                create = parse(raw)
                 key = affinity_key(request.headers, create)
                 headers = forward_headers(request.headers)
             else:
@@ -122,6 +140,7 @@ class HttpProxy:
                 affinity_key=key,
                 record=record,
                 stateless=door is not None,
+                turn_state=turn_state.in_headers(request.headers),
             )
             response = await exchange.run(
                 lambda account: attempt(request, exchange, account, headers)
@@ -155,7 +174,10 @@ class HttpProxy:
             account,
             headers,
             "/responses",
-            exchange.request.upstream_body(input_items=exchange.upstream_input(account)),
+            exchange.request.upstream_body(
+                input_items=exchange.upstream_input(account),
+                drop_turn_state=exchange.drops_turn_state(account),
+            ),
             respond,
             sse=True,
         )
@@ -192,7 +214,10 @@ class HttpProxy:
         headers: Mapping[str, str],
     ) -> web.StreamResponse | None:
         """One try of a compaction on ``account``: its JSON answer, passed through."""
-        body = exchange.request.upstream_json(input_items=exchange.upstream_input(account))
+        body = exchange.request.upstream_json(
+            input_items=exchange.upstream_input(account),
+            drop_turn_state=exchange.drops_turn_state(account),
+        )
         limit = self.services.config.limits.max_body_bytes
 
         async def respond(upstream: Http1Response) -> web.StreamResponse:
@@ -202,11 +227,46 @@ class HttpProxy:
             return web.Response(
                 body=raw,
                 content_type="application/json",
-                headers=relayed_headers(upstream.headers, exchange.request.model),
+                headers=exchange.client_headers(upstream.headers),
             )
 
         path = "/responses/compact"
         return await self._try(exchange, account, headers, path, body, respond, sse=False)
+
+    async def _attempt_side(
+        self,
+        request: web.Request,
+        exchange: Exchange,
+        account: Account,
+        headers: Mapping[str, str],
+        path: str,
+    ) -> web.StreamResponse | None:
+        """One try of a side call on ``account``: its answer, passed through whole."""
+        limit = self._limits.max_upstream_response_bytes
+
+        async def respond(upstream: Http1Response) -> web.StreamResponse:
+            raw = await read_answer(upstream, limit, self._idle)
+            exchange.succeeded(account)
+            exchange.record.mark_first_byte()
+            shown = exchange.client_headers(upstream.headers)
+            content_type = upstream.headers.get("content-type")
+            if content_type is not None:
+                shown["Content-Type"] = content_type
+            return web.Response(status=upstream.status, body=raw, headers=shown)
+
+        body = exchange.request.raw or b""
+        return await self._try(
+            exchange,
+            account,
+            headers,
+            path,
+            body,
+            respond,
+            sse=False,
+            method=request.method,
+            content_type=request.headers.get("Content-Type"),
+            any_success=True,
+        )
 
     async def _try(
         self,
@@ -219,20 +279,34 @@ class HttpProxy:
         *,
         sse: bool,
         translation: Translation | None = None,
+        method: str = "POST",
+        content_type: str | None = "application/json",
+        any_success: bool = False,
     ) -> web.StreamResponse | None:
-        """POST to ``account``; an error status, a connect failure or a broken answer before
-        anything reached the client ends as ``None`` (try again) or a passed-through error."""
+        """Send to ``account``; an error status, a connect failure or a broken answer before
+        anything reached the client ends as ``None`` (try again) or a passed-through error.
+        The answer is a 200, or with ``any_success`` (a side call) any 2xx."""
         try:
-            upstream = await self.services.upstream.post(account, path, body, headers, sse=sse)
+            upstream = await self.services.upstream.post(
+                account,
+                path,
+                body,
+                exchange.upstream_headers(account, headers),
+                sse=sse,
+                method=method,
+                content_type=content_type,
+            )
         except UpstreamConnectError as exc:
             await exchange.judge(account, Failure(Phase.CONNECT, message=str(exc)))
             return None
         # Sent: a copy of a large body need not outlive the relay, which may last minutes.
         del body
         try:
-            if upstream.status != 200:
+            status = upstream.status
+            if status != 200 and not (any_success and 200 <= status < 300):
                 return await self._refused(exchange, account, upstream, translation)
             exchange.observe_headers(account, upstream.headers)
+            exchange.learn_turn_state(account, turn_state.in_headers(upstream.headers))
             return await respond(upstream)
         except UpstreamBroken as exc:
             await exchange.judge(account, Failure(Phase.BREAK, message=str(exc)))
@@ -290,15 +364,15 @@ class HttpProxy:
         """Relay one attempt's events; ``translate`` (another API, S11) turns each into the
         bytes the client gets instead of the event itself."""
         recorder = ResponseRecorder(max_response_bytes=self._limits.max_upstream_response_bytes)
-        sink = _ClientStream(
-            request, exchange, relayed_headers(upstream.headers, exchange.request.model)
-        )
+        sink = _ClientStream(request, exchange, exchange.client_headers(upstream.headers))
         batches = self._events(upstream)
         try:
             while (events := await batches.next_batch()) is not None:
                 if recorder.exceeds(batches.received):
                     raise UpstreamBroken(_TOO_LARGE)
                 for raw, kind, data in events:
+                    if kind == "codex.rate_limits":
+                        raw = _pool_rate_limits(exchange, account, raw, data)
                     step = recorder.observe(kind, data)
                     if translate is not None:
                         raw = translate(kind, data, raw)
@@ -372,7 +446,7 @@ class HttpProxy:
                     if not response.get("output"):
                         response = {**response, "output": recorder.ordered_output()}
                     exchange.record.mark_first_byte()
-                    headers = relayed_headers(upstream.headers, exchange.request.model)
+                    headers = exchange.client_headers(upstream.headers)
                     if translation is not None:
                         status, reply = translation.reply(response)
                         return web.json_response(reply, status=status, headers=headers)
@@ -399,6 +473,48 @@ class HttpProxy:
         return UpstreamEvents(
             upstream, self._idle, max_event_bytes=self._limits.max_upstream_event_bytes
         )
+
+
+def _pool_rate_limits(exchange: Exchange, account: Account, raw: bytes, data: bytes) -> bytes:
+    """A ``codex.rate_limits`` event as the client gets it: the pool's (``signals``)."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return raw
+    shown = exchange.observe_rate_limits(account, event)
+    if shown is None:
+        return raw
+    return b"event: codex.rate_limits\ndata: " + shown.encode() + b"\n\n"
+
+
+SIDE_CALL_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
+"""A path segment a side call may name: no dot segments, nothing encoded that could become
+one upstream (the account's credentials go with the call)."""
+OWN_PATHS = frozenset({"responses", "responses/compact", "models"})
+SIDE_CALL_PREFIXES = ("/backend-api/codex/", "/v1/")
+SIDE_CALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+"""Methods whose answer carries a body to read (``HEAD``'s does not, ``OPTIONS`` is a
+browser's): the others are refused."""
+
+
+def side_call_path(request: web.Request) -> str:
+    """The upstream path of a side call, from the route's ``tail`` (after the prefix), with
+    the query; a bad path is refused (S1.4) before anything goes upstream."""
+    tail: str = request.match_info["tail"]
+    if request.method not in SIDE_CALL_METHODS:
+        raise MethodNotAllowed(f"Method {request.method} is not relayed.")
+    if tail in OWN_PATHS or tail.startswith("responses/"):
+        raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+    raw_path = request.raw_path.split("?", 1)[0]
+    prefix = next((p for p in SIDE_CALL_PREFIXES if raw_path.startswith(p)), None)
+    if prefix is None:
+        raise NotFound(f"Unknown path: {request.path}")
+    raw_tail = raw_path[len(prefix) :]
+    segments = raw_tail.split("/")
+    if not all(SIDE_CALL_SEGMENT.fullmatch(segment) for segment in segments):
+        raise NotFound(f"Unknown path: {request.path}")
+    query = request.rel_url.raw_query_string
+    return "/" + raw_tail + (f"?{query}" if query else "")
 
 
 _TOO_LARGE = "the response exceeds [limits] max_upstream_response_bytes"

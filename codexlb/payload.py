@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from codexlb import turn_state
 from codexlb.errors import InvalidRequest
 from codexlb.replay import normalize_input
 
@@ -96,43 +97,67 @@ class CreateRequest:
         return cls(body, raw, _validated_input(body, raw))
 
     @classmethod
+    def side_call(cls, raw: bytes) -> CreateRequest:
+        """A side call's body (``images/generations``...): relayed as it came, whatever its
+        type. It has no conversation, so the exchange has nothing to replay or store."""
+        return cls({}, raw, [])
+
+    @classmethod
     def from_body(cls, body: Any, text: str | None = None) -> CreateRequest:
         """``body`` as parsed from ``text``, when the caller has it (a WebSocket message)."""
         return cls(body, None, _validated_input(body, text))
 
     def upstream_message(
-        self, *, input_items: list[Any] | None, anchored: bool = False
+        self,
+        *,
+        input_items: list[Any] | None,
+        anchored: bool = False,
+        drop_turn_state: bool = False,
     ) -> str | None:
         """The ``response.create`` text for an upstream WebSocket with other input (a replay,
-        or ``anchored``: the client's delta, changed, after its live anchor), or ``None`` when
-        the client's own message can go as it is."""
-        if input_items is None:
+        or ``anchored``: the client's delta, changed, after its live anchor) or without the
+        turn state (``drop_turn_state``, see ``turn_state``), or ``None`` when the client's
+        own message can go as it is."""
+        if input_items is None and not drop_turn_state:
             return None
-        message = {"type": "response.create", **self.body, "input": input_items}
-        if not anchored:
-            message.pop("previous_response_id", None)
+        body = turn_state.without_in_body(self.body) if drop_turn_state else self.body
+        message = {"type": "response.create", **body}
+        if input_items is not None:
+            message["input"] = input_items
+            if not anchored:
+                message.pop("previous_response_id", None)
         return orjson.dumps(message).decode()
 
-    def upstream_json(self, *, input_items: list[Any] | None) -> bytes:
+    def upstream_json(
+        self, *, input_items: list[Any] | None, drop_turn_state: bool = False
+    ) -> bytes:
         """The body for a non-streaming upstream call (compact): as sent, or replayed."""
-        if input_items is None and self.raw is not None and "previous_response_id" not in self.body:
+        if (
+            input_items is None
+            and not drop_turn_state
+            and self.raw is not None
+            and "previous_response_id" not in self.body
+        ):
             return self.raw
-        body = dict(self.body)
+        body = turn_state.without_in_body(self.body) if drop_turn_state else dict(self.body)
         body.pop("previous_response_id", None)
         if input_items is not None:
             body["input"] = input_items
         return orjson.dumps(body)
 
-    def upstream_body(self, *, input_items: list[Any] | None) -> bytes:
+    def upstream_body(
+        self, *, input_items: list[Any] | None, drop_turn_state: bool = False
+    ) -> bytes:
         """The streaming body for the upstream: the client's bytes when nothing must change."""
         if (
             input_items is None
+            and not drop_turn_state
             and self.raw is not None
             and self.stream
             and "previous_response_id" not in self.body
         ):
             return self.raw
-        body = dict(self.body)
+        body = turn_state.without_in_body(self.body) if drop_turn_state else dict(self.body)
         body.pop("previous_response_id", None)
         body["stream"] = True
         if input_items is not None:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from codexlb import balancer, reported
+from codexlb import balancer, pool_view, reported
 from codexlb.config import AccountConfig, Config, RoutingConfig
 from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, PoolBusy, UpstreamUnavailable, UsageLimitReached
@@ -51,6 +51,12 @@ AFFINITY_KEY_LENGTH = 128
 SHA-256: a client cannot make the pool hold kilobytes per entry."""
 FAILED_REQUESTS_REMEMBERED = 16
 """Requests an account remembers failing since its last success (``Learned.failed_requests``)."""
+TURN_STATE_SECONDS = 6 * 3600.0
+"""How long the issuer of a turn state is remembered: longer than any turn."""
+VIEW_SECONDS = 1.0
+"""How long the client's view of the pool is reused while nothing it is made of changes."""
+VIEWS_CACHED = 64
+"""Views kept at once (one per set of accounts client keys may use)."""
 SUSPECTS_CAPACITY = 4096
 SUSPECT_SECONDS = 600.0
 """How long a request that failed on two accounts stays suspect (``Pool.give_up``)."""
@@ -73,6 +79,9 @@ window at 100% until its reset), ``cooling_down`` (backing off after errors), ``
 class UsageWindow:
     used_percent: float = 0.0
     resets_at: float = 0.0
+    window_minutes: int | None = None
+    reported: bool = False
+    """Whether the upstream ever reported this window for the account."""
 
     def full_until(self) -> float:
         """When a window that is used up resets (0 when it is not used up, or unknown)."""
@@ -97,6 +106,9 @@ class Learned:
     ``FAILED_REQUESTS_REMEMBERED``: a request failing again adds nothing to the streak."""
     primary: UsageWindow = field(default_factory=UsageWindow)
     secondary: UsageWindow = field(default_factory=UsageWindow)
+    credits: pool_view.Credits | None = None
+    reported_headers: tuple[str | None, ...] = ()
+    """The usage headers last learned from, as received: the same again teach nothing."""
 
 
 @dataclass(slots=True)
@@ -234,6 +246,23 @@ class Account:
             return "busy"
         return "ok"
 
+    def usage(self, now: float) -> pool_view.AccountUsage:
+        """The account as the client's view of the pool sees it (``pool_view``): available
+        unless disabled, unusable or rate limited (a busy account or one backing off after
+        errors is back in moments)."""
+        state = self.state(now)
+        learned = self.learned
+        recovers_at = 0.0
+        if state == "rate_limited":
+            recovers_at = max(learned.rate_limited_until, self.usage_resets_at)
+        return pool_view.AccountUsage(
+            available=state in ("ok", "busy", "cooling_down"),
+            primary=_window(learned.primary),
+            secondary=_window(learned.secondary),
+            credits=learned.credits,
+            recovers_at=recovers_at,
+        )
+
     def candidate(self) -> balancer.Candidate:
         """The account as the balancer sees it now, as plain values."""
         return balancer.Candidate(
@@ -302,6 +331,11 @@ class Pool:
         self._accounts: dict[str, Account] = {}
         self._draining: dict[str, Account] = {}
         self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._turn_states: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        """Turn state → the account that issued it, and until when it is remembered."""
+        self._generation = 0
+        """Counts the changes of what the client's view of the pool is made of (``view``)."""
+        self._views: dict[tuple[str, ...] | None, tuple[int, float, pool_view.PoolView]] = {}
         self._turns = itertools.count()
         self._suspects: OrderedDict[RequestId, float] = OrderedDict()
         self._next_retry = math.inf
@@ -455,6 +489,7 @@ class Pool:
         self._accounts = accounts
         routing = config.routing != self._routing
         self._routing = config.routing
+        self._changed()
         return Reconfiguration(
             tuple(added), tuple(removed), tuple(changed), tuple(reloaded), routing
         )
@@ -499,6 +534,7 @@ class Pool:
         learned.cooldown_until = max(learned.cooldown_until, until)
         learned.rate_limited_until = max(learned.rate_limited_until, until)
         account.failure = "rate limited"
+        self._changed()
         log.warning("account %s is rate limited until %s", account.name, _fmt_time(until))
 
     def failed(self, account: Account, reason: str, *, request: RequestId | None = None) -> None:
@@ -535,6 +571,7 @@ class Pool:
         learned.error_streak += 1
         learned.cooldown_until = max(learned.cooldown_until, self._clock() + delay)
         account.failure = reason
+        self._changed()
         log.warning("account %s failed (%s); cooling down %.1fs", account.name, reason, delay)
 
     def unauthorized(self, account: Account) -> None:
@@ -544,6 +581,7 @@ class Pool:
         refused again), so that an account whose upstream recovered comes back by itself."""
         first = account.refused is None
         account.refused = account.credentials
+        self._changed()
         account.failure = None  # what failed before does not outlive these credentials
         routing = self._routing
         if not routing.unauthorized_retry_seconds:
@@ -571,6 +609,7 @@ class Pool:
         """The upstream served an account with the credentials it refused before."""
         account.refused = None
         account.retry_at = account.retry_delay = 0.0
+        self._changed()
         log.warning("account %s: the upstream accepts its credentials again", account.name)
 
     # -- requests that fail everywhere ----------------------------------------------------
@@ -598,41 +637,118 @@ class Pool:
         self._suspects.pop(request, None)
 
     def observe_headers(self, account: Account, headers: Mapping[str, str]) -> None:
-        """Learn usage from the ``x-codex-{primary,secondary}-*`` headers, when present."""
-        self._learn_usage(account, reported.header_windows(headers, self._clock()))
+        """Learn usage from the ``x-codex-{primary,secondary}-*`` and ``x-codex-credits-*``
+        headers, when present. Most answers repeat the last ones: those are not read again."""
+        raw = tuple([headers.get(name) for name in reported.USAGE_HEADERS])
+        learned = account.learned
+        if raw == learned.reported_headers:
+            return
+        learned.reported_headers = raw
+        self._learn_usage(
+            account,
+            reported.header_windows(headers, self._clock()),
+            reported.header_window_minutes(headers),
+            reported.header_credits(headers),
+        )
 
     def observe_rate_limits(self, account: Account, event: Mapping[str, Any]) -> None:
         """Learn usage from a WebSocket ``codex.rate_limits`` event."""
-        self._learn_usage(account, reported.event_windows(event, self._clock()))
+        account.learned.reported_headers = ()  # the next headers are news again
+        self._learn_usage(
+            account,
+            reported.event_windows(event, self._clock()),
+            reported.event_window_minutes(event),
+            reported.event_credits(event),
+        )
 
-    def _learn_usage(self, account: Account, windows: Mapping[str, tuple[float, float]]) -> None:
+    def view(self, accounts: Collection[Account] | None = None) -> pool_view.PoolView:
+        """The client's view of ``accounts`` (the ones a client key may use; by default all),
+        now (S13). Every answer carries it, so it is computed again only when what it is made
+        of changed (a usage figure, a rate limit, a refusal, the configuration), or after
+        ``VIEW_SECONDS`` (a cooldown that ended, a window that reset)."""
+        now = self._clock()
+        key = None if accounts is None else tuple(account.name for account in accounts)
+        cached = self._views.get(key)
+        if cached is not None and cached[0] == self._generation and now < cached[1]:
+            return cached[2]
+        chosen = self._accounts.values() if accounts is None else accounts
+        shown = pool_view.view([account.usage(now) for account in chosen], now)
+        if len(self._views) >= VIEWS_CACHED:
+            self._views.clear()
+        self._views[key] = (self._generation, now + VIEW_SECONDS, shown)
+        return shown
+
+    def _changed(self) -> None:
+        """Something the client's view of the pool is made of changed (``view``)."""
+        self._generation += 1
+
+    def _learn_usage(
+        self,
+        account: Account,
+        windows: Mapping[str, tuple[float, float]],
+        minutes: Mapping[str, int],
+        credits: pool_view.Credits | None,
+    ) -> None:
         for name, (used_percent, resets_at) in windows.items():
             window = account.primary if name == "primary" else account.secondary
-            window.used_percent = used_percent
-            window.resets_at = resets_at
+            window_minutes = minutes.get(name, window.window_minutes)
+            if (
+                window.used_percent != used_percent
+                or window.resets_at != resets_at
+                or window.window_minutes != window_minutes
+                or not window.reported
+            ):
+                window.used_percent = used_percent
+                window.resets_at = resets_at
+                window.reported = True
+                window.window_minutes = window_minutes
+                self._changed()
+        if credits is not None and credits != account.learned.credits:
+            account.learned.credits = credits
+            self._changed()
 
     # -- affinity -------------------------------------------------------------------------
 
     def remember_affinity(self, key: str | None, account: Account) -> None:
         if key is None or self._routing.affinity_ttl_seconds <= 0:
             return
-        key = _affinity_slot(key)
-        self._affinity[key] = (account.name, self._clock() + self._routing.affinity_ttl_seconds)
-        self._affinity.move_to_end(key)
-        while len(self._affinity) > AFFINITY_CAPACITY:
-            self._affinity.popitem(last=False)
+        self._remember(self._affinity, key, account, self._routing.affinity_ttl_seconds)
 
-    def _affinity_account(self, key: str | None, now: float) -> str | None:
-        if key is None:
-            return None
+    def remember_turn_state(self, value: str, account: Account) -> None:
+        """``account`` issued the turn state ``value`` (``turn_state``)."""
+        self._remember(self._turn_states, value, account, TURN_STATE_SECONDS)
+
+    def turn_state_owner(self, value: str) -> str | None:
+        """The account that issued the turn state ``value``, if known."""
+        return self._remembered(self._turn_states, value, self._clock())
+
+    def _remember(
+        self,
+        entries: OrderedDict[str, tuple[str, float]],
+        key: str,
+        account: Account,
+        seconds: float,
+    ) -> None:
         key = _affinity_slot(key)
-        entry = self._affinity.get(key)
+        entries[key] = (account.name, self._clock() + seconds)
+        entries.move_to_end(key)
+        while len(entries) > AFFINITY_CAPACITY:
+            entries.popitem(last=False)
+
+    def _remembered(
+        self, entries: OrderedDict[str, tuple[str, float]], key: str, now: float
+    ) -> str | None:
+        key = _affinity_slot(key)
+        entry = entries.get(key)
         if entry is None:
             return None
         if entry[1] <= now:
-            del self._affinity[key]
+            del entries[key]
             return None
         return entry[0]
+
+    def _affinity_account(self, key: str | None, now: float) -> str | None:
+        return None if key is None else self._remembered(self._affinity, key, now)
 
     def _any_error_cooldown(self, now: float) -> bool:
         return any(balancer.backing_off(a, now) for a in self.accounts)
@@ -679,6 +795,12 @@ class Lease:
 def _identity(credentials: Credentials) -> Identity:
     """Which upstream account the credentials speak for (tokens rotate; this does not)."""
     return credentials.api_key, credentials.account_id
+
+
+def _window(window: UsageWindow) -> pool_view.Window | None:
+    if not window.reported:
+        return None
+    return pool_view.Window(window.used_percent, window.window_minutes, window.resets_at)
 
 
 def _only_busy(candidate: balancer.Candidate, now: float) -> bool:

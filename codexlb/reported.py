@@ -18,10 +18,23 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from codexlb.pool_view import Credits
+
 HORIZON_SECONDS = 7 * 24 * 3600.0
 """The farthest reset time believed: a usage window is at most a week long."""
 
 USAGE_WINDOWS = ("primary", "secondary")
+USAGE_HEADERS = (
+    *(
+        f"x-codex-{name}-{field}"
+        for name in USAGE_WINDOWS
+        for field in ("used-percent", "reset-at", "window-minutes")
+    ),
+    "x-codex-credits-has-credits",
+    "x-codex-credits-unlimited",
+    "x-codex-credits-balance",
+)
+"""Every header the pool learns usage from (``Pool.observe_headers``)."""
 _WINDOW_HEADERS = tuple(
     (name, f"x-codex-{name}-used-percent", f"x-codex-{name}-reset-at") for name in USAGE_WINDOWS
 )
@@ -129,3 +142,78 @@ def _numeric(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+MAX_WINDOW_MINUTES = 366 * 24 * 60
+
+
+def window_minutes(value: Any) -> int | None:
+    """A window's length in minutes: a positive whole number up to a year, else ``None``."""
+    result = number(value)
+    if result is None or result < 1:
+        return None
+    return int(min(result, MAX_WINDOW_MINUTES))
+
+
+def header_window_minutes(headers: Mapping[str, str]) -> dict[str, int]:
+    """The window lengths the ``x-codex-{primary,secondary}-window-minutes`` headers report."""
+    minutes: dict[str, int] = {}
+    for name in USAGE_WINDOWS:
+        value = window_minutes(headers.get(f"x-codex-{name}-window-minutes"))
+        if value is not None:
+            minutes[name] = value
+    return minutes
+
+
+def event_window_minutes(event: Mapping[str, Any]) -> dict[str, int]:
+    """The window lengths a ``codex.rate_limits`` event reports."""
+    limits = event.get("rate_limits")
+    minutes: dict[str, int] = {}
+    if isinstance(limits, Mapping):
+        for name in USAGE_WINDOWS:
+            values = limits.get(name)
+            if isinstance(values, Mapping):
+                value = window_minutes(values.get("window_minutes"))
+                if value is not None:
+                    minutes[name] = value
+    return minutes
+
+
+def header_credits(headers: Mapping[str, str]) -> Credits | None:
+    """The credits the ``x-codex-credits-*`` headers report (both flags are required)."""
+    has_credits = _flag(headers.get("x-codex-credits-has-credits"))
+    unlimited = _flag(headers.get("x-codex-credits-unlimited"))
+    if has_credits is None or unlimited is None:
+        return None
+    return Credits(has_credits, unlimited, _balance(headers.get("x-codex-credits-balance")))
+
+
+def event_credits(event: Mapping[str, Any]) -> Credits | None:
+    """The credits a ``codex.rate_limits`` event reports."""
+    credits = event.get("credits")
+    if not isinstance(credits, Mapping):
+        return None
+    has_credits, unlimited = credits.get("has_credits"), credits.get("unlimited")
+    if not isinstance(has_credits, bool) or not isinstance(unlimited, bool):
+        return None
+    return Credits(has_credits, unlimited, _balance(credits.get("balance")))
+
+
+def _flag(value: Any) -> bool | None:
+    if not isinstance(value, str):
+        return None
+    lower = value.strip().lower()
+    if lower in ("true", "1"):
+        return True
+    if lower in ("false", "0"):
+        return False
+    return None
+
+
+MAX_BALANCE = 1e12
+
+
+def _balance(value: Any) -> float | None:
+    """A credit balance: a finite, non-negative number below ``MAX_BALANCE``."""
+    result = number(value)
+    return None if result is None else min(max(result, 0.0), MAX_BALANCE)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import aiohttp
 from yarl import URL
 
-from codexlb import websocket
+from codexlb import pool_view, websocket
 from codexlb.config import TimeoutsConfig
 from codexlb.http1 import ConnectFailed, Http1Client, Http1Error, Http1Response, remember
 from codexlb.pool import Account
@@ -117,19 +117,26 @@ models ETag, request id and rate limits."""
 
 # Header names' verdicts, remembered per direction (``http1.remember``).
 _relayed_names: dict[str, bool] = {}
+_relayed_beside_pool: dict[str, bool] = {}
 _forwarded_names: dict[str, bool] = {}
 
 
-def relayed_headers(headers: Mapping[str, str], model: str | None) -> dict[str, str]:
+def relayed_headers(
+    headers: Mapping[str, str], model: str | None, *, beside_pool_limits: bool = False
+) -> dict[str, str]:
     """The upstream's useful response headers; ``openai-model`` only when it matches the
-    requested model (Codex warns of a reroute otherwise)."""
+    requested model (Codex warns of a reroute otherwise). ``beside_pool_limits``: without the
+    account's rate-limit headers, which the pool's replace (``signals``)."""
+    known = _relayed_beside_pool if beside_pool_limits else _relayed_names
     relayed: dict[str, str] = {}
     for name, value in headers.items():
-        relay = _relayed_names.get(name)
+        relay = known.get(name)
         if relay is None:
             lower = name.lower()
             relay = lower in RELAYED_HEADERS or lower.startswith(RELAYED_PREFIXES)
-            remember(_relayed_names, name, relay)
+            if beside_pool_limits and lower in pool_view.RATE_LIMIT_HEADERS:
+                relay = False
+            remember(known, name, relay)
         if relay:
             relayed[name] = value
     upstream_model = headers.get("openai-model")
@@ -195,13 +202,23 @@ class Upstream:
         return self._session
 
     async def post(
-        self, account: Account, path: str, body: bytes, headers: Mapping[str, str], *, sse: bool
+        self,
+        account: Account,
+        path: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        sse: bool,
+        method: str = "POST",
+        content_type: str | None = "application/json",
     ) -> Http1Response:
-        """POST ``body`` to ``account``; returns once the response headers arrived. The caller
-        reads the answer and then ``release()``s it."""
+        """POST ``body`` to ``account`` (or send it with another ``method``: a side call);
+        returns once the response headers arrived. The caller reads the answer and then
+        ``release()``s it."""
         request_headers = dict(headers)
         request_headers.update(account.credentials.auth_headers())
-        request_headers["Content-Type"] = "application/json"
+        if content_type is not None:
+            request_headers["Content-Type"] = content_type
         request_headers["Accept"] = "text/event-stream" if sse else "application/json"
         request_headers["Accept-Encoding"] = "identity"
         try:
@@ -210,6 +227,7 @@ class Upstream:
                 request_headers,
                 body,
                 first_byte_timeout=self._timeouts.first_byte_seconds,
+                method=method,
             )
         except ConnectFailed as exc:
             raise UpstreamConnectError(str(exc)) from exc
@@ -245,12 +263,15 @@ def _url(base_url: str, path: str) -> URL:
 
 
 async def read_answer(response: Http1Response, limit: int, idle_timeout: float) -> bytes:
-    """The whole body of a non-streamed answer (an error status's, a compaction's), at most
-    ``limit`` bytes; ``UpstreamBroken`` when it does not arrive whole."""
+    """The whole body of a non-streamed answer (an error status's, a compaction's, a side
+    call's), at most ``limit`` bytes; ``UpstreamBroken`` when it does not arrive whole or is
+    larger."""
     try:
-        body = await response.read(limit, idle_timeout)
+        body = await response.read(limit + 1, idle_timeout)
     except Http1Error as exc:
         raise UpstreamBroken(f"answer broke off: {exc}") from exc
+    if len(body) > limit:
+        raise UpstreamBroken(f"answer larger than {limit} bytes")
     if not response.complete:
         raise UpstreamBroken("answer incomplete")
     return body

@@ -30,6 +30,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from codexlb import signals, turn_state
 from codexlb.auth import ClientKeys
 from codexlb.credentials import Credentials
 from codexlb.errors import (
@@ -44,10 +45,11 @@ from codexlb.exchange import (
     handshake_account,
     learn_headers,
     reauthorize,
+    turn_state_headers,
 )
 from codexlb.failover import KEEPS_SOCKET, Action, Failure, Phase
 from codexlb.frames import TEXT as TEXT_FRAME
-from codexlb.frames import server_frame
+from codexlb.frames import frame_head, server_frame
 from codexlb.http1 import remember
 from codexlb.logs import RequestRecord, new_request_id
 from codexlb.payload import CreateRequest
@@ -59,7 +61,6 @@ from codexlb.upstream import (
     UpstreamConnectError,
     UpstreamRefused,
     forward_headers,
-    relayed_headers,
 )
 from codexlb.websocket import SocketClosed, UpstreamSocket
 
@@ -321,7 +322,7 @@ class ClientSocket:
         assert self.upstream is not None
         headers = self.upstream.headers
         learn_headers(self.services, account, headers)
-        return relayed_headers(headers, model=None)
+        return signals.client_headers(self.services, self.scope, headers, model=None)
 
     async def _connect_early_to(self, account: Account) -> bool:
         """Whether the early upstream socket opened; a 401 refreshes the token at once and
@@ -423,7 +424,12 @@ class ClientSocket:
                 return None
         changed = exchange.upstream_input(account)
         message = (
-            exchange.request.upstream_message(input_items=changed, anchored=exchange.live) or text
+            exchange.request.upstream_message(
+                input_items=changed,
+                anchored=exchange.live,
+                drop_turn_state=exchange.drops_turn_state(account),
+            )
+            or text
         )
         return await self._relay(exchange, account, message)
 
@@ -432,7 +438,7 @@ class ClientSocket:
         self.upstream = await self.services.upstream.websocket(
             account,
             "/responses",
-            self.forwarded,
+            turn_state_headers(self.services, account, self.forwarded),
             max_msg_size=self.services.config.limits.max_upstream_event_bytes,
         )
         self.services.metrics.websockets.labels("upstream").inc()
@@ -488,7 +494,14 @@ class ClientSocket:
                 kind = event_type(payload)
                 if kind == "codex.rate_limits":
                     with contextlib.suppress(ValueError):
-                        exchange.observe_rate_limits(account, orjson.loads(payload))
+                        pooled = exchange.observe_rate_limits(account, orjson.loads(payload))
+                        if pooled is not None:  # the pool's limits, in place of the account's
+                            payload = pooled.encode()
+                            head = frame_head(TEXT_FRAME, len(payload))
+                elif kind == "response.metadata":
+                    with contextlib.suppress(ValueError):
+                        found = turn_state.in_metadata_event(orjson.loads(payload))
+                        exchange.learn_turn_state(account, found)
                 step = observe(kind, payload)
                 if step is HOLD:
                     held += (head, payload)

@@ -22,6 +22,7 @@ installing over each other.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import json
@@ -30,8 +31,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +106,16 @@ def install_codex(
         return binary
 
 
-def write_codex_home(home: Path, lb_url: str, *, websockets: bool) -> Path:
+def write_codex_home(
+    home: Path, lb_url: str, *, websockets: bool, chatgpt_base_url: str | None = None
+) -> Path:
     """Write ``home/config.toml`` sending Codex to codexlb at ``lb_url`` (``http://host:port``)
-    over WebSocket or HTTP; its side calls (``chatgpt_base_url``) stay on loopback too."""
+    over WebSocket or HTTP; its account calls go to ``chatgpt_base_url`` (by default a path
+    of ``lb_url`` codexlb does not serve, so that they stay on loopback)."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f"""model_provider = "lb"
-chatgpt_base_url = "{lb_url}/chatgpt/"
+chatgpt_base_url = "{chatgpt_base_url or lb_url + "/chatgpt/"}"
 check_for_update_on_startup = false
 
 [analytics]
@@ -214,11 +220,52 @@ def assert_ran_echo_hello(run: CodexRun, *, retries: bool = False) -> None:
     assert [message["text"] for message in messages] == [FINAL_MESSAGE], run.describe()
 
 
+def write_chatgpt_login(home: Path, *, access_token: str, account_id: str) -> Path:
+    """``home/auth.json`` as ``codex login`` writes it for a ChatGPT account (PROTOCOL.md §6):
+    unsigned JWTs naming the account, valid for an hour. Run Codex with ``api_key=None``
+    then, so that it uses this login."""
+    claims = {
+        "email": "codex-user@example.com",
+        "exp": int(time.time()) + 3600,
+        "https://api.openai.com/auth": {
+            "chatgpt_account_id": account_id,
+            "chatgpt_plan_type": "pro",
+        },
+    }
+    id_token = ".".join(
+        base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+        for part in ({"alg": "none", "typ": "JWT"}, claims, {"sig": 0})
+    )
+    access_claims = {**claims, "sub": "codex-user"}
+    access_jwt = ".".join(
+        base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+        for part in ({"alg": "none", "typ": "JWT"}, access_claims, {"token": access_token})
+    )
+    login = {
+        "auth_mode": "chatgpt",
+        "OPENAI_API_KEY": None,
+        "tokens": {
+            "id_token": id_token,
+            "access_token": access_jwt,
+            "refresh_token": "rt-codex-user",
+            "account_id": account_id,
+        },
+        "last_refresh": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+    }
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "auth.json"
+    path.write_text(json.dumps(login, indent=2))
+    return path
+
+
 @contextlib.contextmanager
-def codex_environment(home: Path, api_key: str) -> Iterator[tuple[dict[str, str], str]]:
+def codex_environment(
+    home: Path, api_key: str | None, extra: Mapping[str, str] | None = None
+) -> Iterator[tuple[dict[str, str], str]]:
     """Codex's environment for the block, and its fresh empty ``HOME`` (removed afterwards):
-    ``CODEX_HOME``, ``CODEX_API_KEY``, and none of the caller's other Codex or OpenAI settings
-    or shell profile variables, so that the login shell running the model's commands reads no
+    ``CODEX_HOME``, ``CODEX_API_KEY`` (none for ``api_key=None``: the ChatGPT login of
+    ``write_chatgpt_login``), and none of the caller's other Codex or OpenAI settings or shell
+    profile variables, so that the login shell running the model's commands reads no
     profile."""
     with tempfile.TemporaryDirectory(
         prefix="codex-user-home-", ignore_cleanup_errors=True
@@ -228,7 +275,10 @@ def codex_environment(home: Path, api_key: str) -> Iterator[tuple[dict[str, str]
             for name, value in os.environ.items()
             if not name.startswith(("CODEX_", "OPENAI_")) and name not in PROFILE_VARIABLES
         }
-        env.update(CODEX_HOME=str(home), CODEX_API_KEY=api_key, NO_COLOR="1", HOME=user_home)
+        env.update(CODEX_HOME=str(home), NO_COLOR="1", HOME=user_home)
+        if api_key is not None:
+            env.update(CODEX_API_KEY=api_key)
+        env.update(extra or {})
         yield env, user_home
 
 
@@ -237,18 +287,20 @@ async def run_codex(
     *,
     home: Path,
     workdir: Path,
-    api_key: str,
+    api_key: str | None,
     prompt: str = PROMPT,
     resume: str | None = None,
     ephemeral: bool = True,
     timeout: float = RUN_TIMEOUT,  # noqa: ASYNC109 (a subprocess bound, passed on)
+    env: Mapping[str, str] | None = None,
 ) -> CodexRun:
     """Run one non-interactive Codex turn in ``workdir`` (which must exist) and wait for it
     to exit.
 
     ``resume``: the id of a session saved in ``home`` (`CodexRun.thread_id` of a run with
     ``ephemeral`` False) to continue with ``prompt`` (``codex exec resume``). ``ephemeral``:
-    the session is not saved (a resumed one always is, to its own record).
+    the session is not saved (a resumed one always is, to its own record). ``env``: more
+    variables for Codex (``CODEX_CA_CERTIFICATE``...).
 
     Codex authenticates with ``api_key`` (``CODEX_API_KEY``, sent as the bearer token); the
     environment's other Codex and OpenAI settings are left out, and ``HOME`` is a fresh empty
@@ -264,7 +316,7 @@ async def run_codex(
     else:
         argv = ["exec", *options, *(["--ephemeral"] if ephemeral else []), "-C", str(workdir)]
         argv.append(prompt)
-    with codex_environment(home, api_key) as (env, user_home):
+    with codex_environment(home, api_key, env) as (environment, user_home):
         process = await asyncio.create_subprocess_exec(
             str(codex),
             *argv,
@@ -272,7 +324,7 @@ async def run_codex(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=env,
+            env=environment,
             start_new_session=True,
         )
         communicating = asyncio.ensure_future(process.communicate())

@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import sqlite3
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -106,14 +107,18 @@ class Balancer:
 
 
 @asynccontextmanager
-async def serve(config: Config) -> AsyncIterator[Balancer]:
+async def serve(
+    config: Config, *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[Balancer]:
+    """codexlb for ``config`` on loopback (with TLS given ``ssl_context``: ``https://``)."""
     runner = make_runner(config, shutdown_timeout=5)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         host, port = runner.addresses[0][:2]
-        yield Balancer(f"http://{host}:{port}", runner.app)
+        scheme = "https" if ssl_context is not None else "http"
+        yield Balancer(f"{scheme}://{host}:{port}", runner.app)
     finally:
         await runner.cleanup()
 
@@ -332,7 +337,7 @@ async def _read_log(
 ) -> None:
     while line := (await stream.readline()).decode():
         log.append(line)
-        match = re.search(r"listening on (http://[\d.]+:\d+)", line)
+        match = re.search(r"listening on (https?://[\d.]+:\d+)", line)
         if match and not listening.done():
             listening.set_result(match.group(1))
     if not listening.done():

@@ -758,3 +758,48 @@ async def test_websocket_answers_one_frame_per_event_and_compression_is_settable
     assert kinds[0] == "codex.rate_limits"
     assert kinds.count("response.output_text.delta") == 20
     assert len(frames) == 1 + 20 + len(NORMAL_EVENTS) - 3
+
+
+async def test_turn_states_are_issued_on_request_and_what_comes_back_is_logged(
+    served: Served,
+) -> None:
+    status, headers, _ = await post(served, request_body())
+    assert status == 200
+    assert "x-codex-turn-state" not in headers  # off by default
+    served.fake.issue_turn_states = True
+    _, headers, _ = await post(served, request_body())
+    issued = headers["x-codex-turn-state"]
+    assert served.fake.turn_states[issued] == "a"
+    ws_url = "ws" + served.url.removeprefix("http") + PATH
+    async with served.http.ws_connect(ws_url, headers=AUTH["b"]) as ws:
+        frame = {"type": "response.create", **request_body(client_metadata={"k": "v"})}
+        frame["client_metadata"]["x-codex-turn-state"] = issued
+        await ws.send_json(frame)
+        kinds = [(await ws.receive_json(timeout=5))["type"] for _ in range(3)]
+    assert kinds == ["codex.rate_limits", "response.metadata", "response.created"]
+    await post(served, request_body(), account="b")
+    received = served.fake.turn_states_received()
+    assert ("b", issued) in received  # a foreign turn state, as the fake saw it
+    assert served.fake.turn_states[issued] == "a"
+
+
+async def test_side_calls_answer_an_image_or_an_echo(served: Served) -> None:
+    url = served.url + "/backend-api/codex/images/generations"
+    async with served.http.post(url, json={"prompt": "p"}, headers=AUTH["a"]) as response:
+        assert response.status == 200
+        assert (await response.json())["data"][0]["b64_json"]
+        assert response.headers["x-codex-primary-used-percent"] == "12.5"
+    url = served.url + "/v1/alpha/search?q=1"
+    async with served.http.post(url, json={"q": 1}, headers=AUTH["p"]) as response:
+        echo = await response.json()
+    assert echo == {
+        "object": "side_call",
+        "path": "/v1/alpha/search",
+        "query": "q=1",
+        "account": "p",
+        "method": "POST",
+        "body": {"q": 1},
+    }
+    async with served.http.post(url, json={}) as response:
+        assert response.status == 401
+    assert [r.path for r in served.fake.received][-1] == "/v1/alpha/search"

@@ -194,3 +194,31 @@ def test_upstream_body_does_not_mutate_the_request() -> None:
     assert request.body["previous_response_id"] == "resp_1"
     assert request.body["input"] == "hi"
     assert "stream" not in request.body
+
+
+TURN = {"x-codex-turn-state": "ts-a-1", "other": "kept"}
+
+
+def test_turn_state_is_dropped_from_every_shape_of_the_upstream_body() -> None:
+    request = CreateRequest.from_bytes(
+        body(stream=True, input=[USER_HI], previous_response_id="resp_1", client_metadata=TURN)
+    )
+    # A live anchor whose socket belongs to another account: the delta and the anchor stay.
+    message = json.loads(request.upstream_message(input_items=None, drop_turn_state=True) or "")
+    assert message["client_metadata"] == {"other": "kept"}
+    assert message["previous_response_id"] == "resp_1"
+    assert message["input"] == [USER_HI]
+    assert message["type"] == "response.create"
+    assert request.upstream_message(input_items=None) is None  # as the client sent it
+    for sent in (
+        request.upstream_body(input_items=None, drop_turn_state=True),
+        request.upstream_json(input_items=None, drop_turn_state=True),
+    ):
+        assert json.loads(sent)["client_metadata"] == {"other": "kept"}
+    assert request.body["client_metadata"] == TURN  # the request itself is left as it came
+
+
+def test_a_body_without_turn_state_is_sent_as_it_came() -> None:
+    raw = body(stream=True, input=[USER_HI], client_metadata={"other": "kept"})
+    request = CreateRequest.from_bytes(raw)
+    assert request.upstream_body(input_items=None) is raw

@@ -41,7 +41,7 @@ from openai.types.responses import Response
 
 from codexlb.config import ServerConfig, load_config, parse_config
 from codexlb.credentials import AUTH_CLAIM, codex_timestamp, load_credentials
-from tests import codex_cli
+from tests import codex_cli, local_tls, test_codex_surface_cli
 from tests.harness import (
     ACCOUNTS,
     ADMIN_KEY,
@@ -145,8 +145,10 @@ def check_codex_config(data: Mapping[str, Any], tmp_path: Path) -> None:
     the fields tests/codex_cli.py gives the real Codex CLI in tests/test_codex_cli.py."""
     provider = data["model_providers"][data["model_provider"]]
     url = urlsplit(provider["base_url"])
-    assert url.scheme == "http"
+    assert url.scheme in ("http", "https")  # https: codexlb with [server] tls_cert
     assert url.netloc == README_ADDRESS
+    if "chatgpt_base_url" in data:  # Codex logged in with ChatGPT: its account calls too
+        assert data["chatgpt_base_url"] == f"{url.scheme}://{url.netloc}/backend-api/"
     assert url.path + "/responses" == CODEX_PATH
     assert provider["wire_api"] == "responses"
     home = codex_cli.write_codex_home(
@@ -608,13 +610,30 @@ async def codex_login(ws: Workspace, command: Command) -> None:
 
 async def codex(ws: Workspace, command: Command) -> None:
     """Not run here: tests/test_codex_cli.py runs the real Codex CLI through codexlb, with the
-    client key in ``CODEX_API_KEY`` and the provider of the README's Codex config."""
-    assert command.env == {"CODEX_API_KEY": f"${KEY_VARIABLE}"}
-    assert "CODEX_API_KEY=api_key" in inspect.getsource(codex_cli.codex_environment)
+    client key in ``CODEX_API_KEY`` and the provider of the README's Codex config;
+    tests/test_codex_surface_cli.py runs it logged in with ChatGPT over TLS, trusting the
+    README's local authority in ``CODEX_CA_CERTIFICATE``."""
+    if "CODEX_CA_CERTIFICATE" in command.env:
+        assert command.env == {"CODEX_CA_CERTIFICATE": "ca.pem"}
+        assert "CODEX_CA_CERTIFICATE" in inspect.getsource(test_codex_surface_cli)
+    else:
+        assert command.env == {"CODEX_API_KEY": f"${KEY_VARIABLE}"}
+        assert "CODEX_API_KEY=api_key" in inspect.getsource(codex_cli.codex_environment)
     codex_configs = [b for b in BLOCKS if b.kind == "toml" and "model_providers" in b.text]
     assert codex_configs, "the README runs codex but shows no Codex config"
     for block in codex_configs:
         check_codex_config(tomllib.loads(block.text), ws.root)
+
+
+async def openssl(ws: Workspace, command: Command) -> None:
+    """Run for real: the README's local certificate authority and server certificate, the
+    very commands tests/local_tls.py makes the TLS tests' certificates with."""
+    if shutil.which("openssl") is None:
+        pytest.skip(f"openssl is not installed: cannot run the README line {command.line!r}")
+    assert " ".join(command.argv) in local_tls.COMMANDS
+    (await ws.run(command.argv)).ok()
+    if "-CA" in command.argv:
+        (await ws.run(["openssl", "verify", "-CAfile", "ca.pem", "server.pem"])).ok()
 
 
 async def bench_help(ws: Workspace, command: Command) -> None:
@@ -644,6 +663,7 @@ COMMANDS: tuple[tuple[str, Runner], ...] = (
     (r"kill -HUP <pid>", sighup),
     (r"codex login", codex_login),
     (r"codex", codex),
+    (r"openssl req .*", openssl),
     (r"python bench/\w+\.py( .*)?", bench_help),
 )
 """README command (``.venv/bin/`` dropped from codexlb and python) → how it is exercised."""

@@ -4,6 +4,7 @@
 sent, it returns the output items of the model's answer.
 
     user asks "Run the shell command: <cmd>"  →  one call of Codex's shell tool running <cmd>
+    user asks "Generate an image of <prompt>" →  one code-mode call of Codex's image tool
     the last input item is that tool's output →  a final assistant message quoting the output
 
 Codex offers its shell in several shapes, depending on the version and the model it believes
@@ -31,6 +32,9 @@ from typing import Any
 
 from codexlb.testing import events
 
+IMAGE_REQUEST = re.compile(r"generate an image of\s*(?P<prompt>.+)", re.IGNORECASE | re.DOTALL)
+IMAGE_TOOL = "image_gen__imagegen"
+"""Codex's image tool as code mode nests it (it calls ``{base}/images/generations``)."""
 SHELL_REQUEST = re.compile(r"run the shell command:\s*(?P<command>.+)", re.IGNORECASE | re.DOTALL)
 TOOL_OUTPUTS = frozenset({"function_call_output", "custom_tool_call_output"})
 FINAL_PREFIX = "The command printed: "
@@ -47,6 +51,10 @@ def codex_responder(account: str, body: Any) -> list[dict[str, Any]]:
     if last.get("type") in TOOL_OUTPUTS:
         return [_message(FINAL_PREFIX + command_output(last.get("output")))]
     text = events.last_user_text([last])
+    image = IMAGE_REQUEST.search(text)
+    if image is not None:
+        call = image_call(offered_tools(body), image.group("prompt").strip())
+        return [call] if call is not None else [_message("I have no image tool.")]
     match = SHELL_REQUEST.search(text)
     if match is None:
         return [_message("Ask me to run a shell command: 'Run the shell command: <command>'.")]
@@ -94,6 +102,26 @@ def shell_call(tools: list[Mapping[str, Any]], command: str) -> dict[str, Any] |
                 "status": "completed",
             }
     return None
+
+
+def image_call(tools: list[Mapping[str, Any]], prompt: str) -> dict[str, Any] | None:
+    """One code-mode call of Codex's image tool with ``prompt``, printing the start of the
+    image's data URL (what the tool returned), or None when the tool is not offered."""
+    code_mode = {(t.get("type"), t.get("name")): t for t in tools}.get(("custom", CODE_MODE_TOOL))
+    if code_mode is None or f"{IMAGE_TOOL}(" not in str(code_mode.get("description", "")):
+        return None
+    source = (
+        '// @exec: {"yield_time_ms": 120000}\n'
+        f"const result = await tools.{IMAGE_TOOL}({{prompt: {json.dumps(prompt)}}});\n"
+        'text("image " + result.image_url.slice(0, 22));'
+    )
+    return {
+        "type": "custom_tool_call",
+        "call_id": events.new_id("call"),
+        "name": CODE_MODE_TOOL,
+        "input": source,
+        "status": "completed",
+    }
 
 
 def command_output(output: object) -> str:

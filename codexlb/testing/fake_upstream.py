@@ -6,7 +6,8 @@ response goes out in a single write, or one write per event with ``event_writes`
 
     FakeUpstream            serving: app(), start(), close(); the standalone entry point
     ├── state.UpstreamState accounts, usage, scripted faults, records; auth, validation, events
-    ├── http_routes         POST {prefix}/responses (SSE), GET .../models
+    ├── http_routes         POST {prefix}/responses (SSE), GET .../models, side calls
+                            (``images/generations`` and any other path under a prefix)
     ├── ws_routes           GET {prefix}/responses upgraded to WebSocket mode
     ├── oauth.FakeOAuth     POST /oauth/token: refresh grants, rotation (``fake.oauth``)
     ├── faults              `Fault` values and OpenAI-shaped error rendering
@@ -46,6 +47,7 @@ __all__ = ["FakeAccount", "FakeUpstream", "Fault", "ReceivedRequest", "Responder
 logger = logging.getLogger(__name__)
 
 PREFIXES = ("/backend-api/codex", "/v1", "")
+SIDE_CALL_PREFIXES = ("/backend-api/codex", "/v1")
 MODELS_PATHS = ("/backend-api/codex/models", "/v1/models")
 SHUTDOWN_TIMEOUT = 2.0
 STANDALONE_KEEP = 1000
@@ -98,6 +100,9 @@ class FakeUpstream(UpstreamState):
         for path in MODELS_PATHS:
             app.router.add_get(path, functools.partial(http_routes.models, self))
         app.router.add_post(TOKEN_PATH, self.oauth.handle)
+        for prefix in SIDE_CALL_PREFIXES:  # last: what no route above takes
+            tail = f"{prefix}/{{tail:.+}}"
+            app.router.add_route("*", tail, functools.partial(http_routes.side_call, self))
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app

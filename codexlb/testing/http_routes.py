@@ -79,6 +79,9 @@ async def post_response(state: UpstreamState, request: web.Request) -> web.Strea
     }
     if isinstance(body.get("model"), str):
         reply_headers["openai-model"] = body["model"]
+    issued = state.new_turn_state(account.name)
+    if issued is not None:
+        reply_headers["x-codex-turn-state"] = issued
     try:
         if fault is not None and fault.kind == "slow_first_byte":
             await state.wait_closing(fault.seconds)
@@ -181,6 +184,35 @@ async def models(state: UpstreamState, request: web.Request) -> web.StreamRespon
     if headers.get("if-none-match") == MODELS_ETAG:
         return web.Response(status=304, headers=reply_headers)
     return web.json_response({"models": []}, headers=reply_headers)
+
+
+TINY_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+    "AAAABJRU5ErkJggg=="
+)
+"""A 1x1 PNG, base64: the image every ``images/*`` call of the fake answers."""
+
+
+async def side_call(state: UpstreamState, request: web.Request) -> web.StreamResponse:
+    """Any other path under a prefix (``images/generations``, ``alpha/search``...): recorded
+    like a response request (faults apply); ``images/*`` answers a tiny image, anything else
+    ``{"object": "side_call", "path", "query", "account", "method", "body"}``."""
+    arrival = await _arrive(state, request)
+    if isinstance(arrival, web.Response):
+        return arrival
+    headers = {"x-request-id": arrival.request_id, **state.rate_limit_headers(arrival.account.name)}
+    if request.match_info["tail"].startswith("images/"):
+        answer: dict[str, Any] = {"created": int(time.time()), "data": [{"b64_json": TINY_PNG}]}
+    else:
+        answer = {
+            "object": "side_call",
+            "path": request.path,
+            "query": request.query_string,
+            "account": arrival.account.name,
+            "method": request.method,
+            "body": arrival.body,
+        }
+    return web.json_response(answer, headers=headers)
 
 
 def lower_headers(headers: Mapping[str, str]) -> dict[str, str]:

@@ -119,6 +119,11 @@ class UpstreamState:
         self.responder: Responder | None = None
         self.keep = keep
         self.received: list[ReceivedRequest] = []
+        self.issue_turn_states = False
+        """Give every response a new turn state (HTTP: an ``x-codex-turn-state`` header;
+        WebSocket: a ``response.metadata`` event), recorded in ``turn_states``."""
+        self.turn_states: dict[str, str] = {}
+        """Every turn state issued → the account that issued it."""
         self.handshakes: list[ReceivedRequest] = []
         self.disconnects = 0
         self.sockets: set[web.WebSocketResponse] = set()
@@ -173,6 +178,27 @@ class UpstreamState:
         if account not in self._used:
             raise KeyError(account)
         self._rate_limits[account] = rate_limits
+
+    def new_turn_state(self, account: str) -> str | None:
+        """A new turn state from ``account`` when ``issue_turn_states`` is on, else None."""
+        if not self.issue_turn_states:
+            return None
+        value = f"ts-{account}-{len(self.turn_states) + 1}"
+        self.turn_states[value] = account
+        return value
+
+    def turn_states_received(self) -> list[tuple[str | None, str]]:
+        """(receiving account, turn state) for every request that carried one, as a header
+        or in ``client_metadata``."""
+        found = []
+        for request in self.received:
+            values = [request.headers.get("x-codex-turn-state")]
+            if isinstance(request.body, dict):
+                metadata = request.body.get("client_metadata")
+                if isinstance(metadata, dict):
+                    values.append(metadata.get("x-codex-turn-state"))
+            found += [(request.account, v) for v in values if isinstance(v, str)]
+        return found
 
     def requests_for(self, account: str) -> list[ReceivedRequest]:
         """The received requests that authenticated as ``account``, in arrival order."""

@@ -126,12 +126,17 @@ class _Session:
             return False
         response_events = self.state.plan_events(body, self.account, fault)
         frames = [events.encode_json(self.state.rate_limits_frame(self.account.name))]
+        issued = self.state.new_turn_state(self.account.name)
+        if issued is not None:
+            metadata = {"type": "response.metadata", "headers": {"x-codex-turn-state": issued}}
+            frames.append(events.encode_json(metadata))
+        lead = len(frames)  # frames before the response's own events
         frames += [events.encode_json(event) for event in response_events]
         self.responding = True
         if fault is not None and fault.kind == "slow_first_byte":
             await self.state.wait_closing(fault.seconds)
         if fault is not None and fault.kind in ("drop_after", "stall_after"):
-            frames = frames[: fault.events + 1]
+            frames = frames[: fault.events + lead]
         if fault is not None and fault.kind == "slow_finish":
             if not await self._send(frames[:-1]):
                 self.state.count_disconnect()
