@@ -156,8 +156,9 @@ def create_app(
     app.router.add_get("/v1/responses/{response_id}", StoredResponses(services.store, keys).handle)
     app.router.add_get("/status", StatusView(services.pool, admin).handle)
     app.router.add_get("/v1/usage", UsageView(services.limits).handle)
-    key_names = [key.name for key in config.api_keys]
-    Dashboard(services.pool, services.metrics.activity, admin, key_names).add_routes(app.router)
+    Dashboard(services.pool, services.metrics.activity, admin, services.limits).add_routes(
+        app.router
+    )
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

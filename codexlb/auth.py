@@ -41,6 +41,10 @@ class ClientKeys:
         self._settings = {key.name: key for key in keys}
         self._unlimited = frozenset(key.name for key in keys if not key.limited)
 
+    def names(self) -> list[str]:
+        """The configured keys' names, in the file's order."""
+        return list(self._settings)
+
     def unlimited(self, scope: str) -> bool:
         """Whether ``scope`` is a configured key with no settings beyond its key (or the
         open scope): nothing to check for its requests."""

@@ -65,7 +65,7 @@ class CodexSurface:
         scope = self._scope(request)
         now = time.time()
         shown = signals.current(self.services, scope)
-        own = key_view(self.services, scope)
+        own = await key_view(self.services, scope)
         if own is not None:
             shown = pool_view.tighter(shown, own)
         return web.json_response(pool_view.usage_payload(shown, now))
@@ -132,8 +132,11 @@ class CodexSurface:
         return self.keys.scope_for(request.headers.get("Authorization"))
 
 
-def key_view(services: Services, scope: str) -> pool_view.PoolView | None:
+async def key_view(services: Services, scope: str) -> pool_view.PoolView | None:
     """The client key's own windows (SPEC S9 ``tokens_per_5h``, ``tokens_per_week``) as a view,
     or ``None`` for a key without limits: the one place they fold into what Codex reads of its
-    rate limits. Keys carry no limits yet."""
-    return None
+    usage."""
+    settings = services.limits.keys.settings(scope)
+    if settings is None or (settings.tokens_per_5h is None and settings.tokens_per_week is None):
+        return None
+    return pool_view.key_windows(await services.limits.key_usage(scope))

@@ -35,7 +35,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -50,6 +50,7 @@ from codexlb.errors import (
     InvalidRequest,
     RequestTimeout,
 )
+from codexlb.limits import KeyLimits
 from codexlb.logs import Throttled
 from codexlb.pool import Pool
 from codexlb.status import pool_status
@@ -173,12 +174,38 @@ class LoginLimiter:
         return failures
 
 
-def key_panel(activity: Activity, names: Iterable[str]) -> list[dict[str, Any]]:
-    """The client keys panel: per key name, requests and tokens today and over seven days,
-    and its limits (each ``{"name", "used", "limit", "resets_at"}``; none are configurable
-    yet). The one source of the panel: limits and durable usage plug in here."""
-    usage = activity.key_usage(names)
-    return [{"name": name, **counts, "limits": []} for name, counts in usage.items()]
+async def key_panel(activity: Activity, limits: KeyLimits) -> list[dict[str, Any]]:
+    """The client keys panel: per key name (the configured ones, as reloaded, and any seen),
+    requests and tokens today and over seven days, and its limits, each
+    ``{"name", "used", "limit", "resets_at"}`` (SPEC S9, as ``GET /v1/usage`` counts them)."""
+    usage = activity.key_usage(limits.keys.names())
+    return [
+        {"name": name, **counts, "limits": await _key_limits(limits, name)}
+        for name, counts in usage.items()
+    ]
+
+
+async def _key_limits(limits: KeyLimits, name: str) -> list[dict[str, Any]]:
+    settings = limits.keys.settings(name)
+    if settings is None or not settings.limited:
+        return []
+    windows = (await limits.key_usage(name))["windows"]
+    shown = [
+        ("requests_per_minute", windows["minute"]["requests"], settings.requests_per_minute, None),
+        ("max_inflight", limits.inflight(name), settings.max_inflight, None),
+        ("tokens_per_5h", windows["5h"]["tokens"], settings.tokens_per_5h, windows["5h"]),
+        ("tokens_per_week", windows["week"]["tokens"], settings.tokens_per_week, windows["week"]),
+    ]
+    return [
+        {
+            "name": limit_name,
+            "used": used,
+            "limit": limit,
+            "resets_at": window.get("resets_at") if window else None,
+        }
+        for limit_name, used, limit, window in shown
+        if limit is not None
+    ]
 
 
 class Dashboard:
@@ -187,14 +214,14 @@ class Dashboard:
         pool: Pool,
         activity: Activity,
         admin: AdminAccess,
-        key_names: Iterable[str],
+        limits: KeyLimits,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._activity = activity
         self._admin = admin
-        self._key_names = tuple(key_names)
+        self._limits = limits
         self.sessions = Sessions(clock)
         self.logins = LoginLimiter(clock)
         package = resources.files("codexlb") / "web"
@@ -264,7 +291,7 @@ class Dashboard:
         for account in status["accounts"]:
             attempts, failed = hour.get(account["name"], (0, 0))
             account["hour"] = {"requests": attempts, "errors": failed}
-        status["keys"] = key_panel(self._activity, self._key_names)
+        status["keys"] = await key_panel(self._activity, self._limits)
         status["minutes"] = self._activity.hour()
         return web.json_response(status, headers=JSON_HEADERS)
 

@@ -23,7 +23,7 @@ The shapes: ``headers`` (the ``x-codex-*`` rate-limit headers of an HTTP answer 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,6 +252,28 @@ def _credits_object(credits: Credits | None) -> dict[str, Any] | None:
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
+
+
+def key_windows(usage: Mapping[str, Any]) -> PoolView | None:
+    """A client key's own token windows (SPEC S9 ``tokens_per_5h`` as the primary window,
+    ``tokens_per_week`` as the secondary), from its ``GET /v1/usage`` body; ``None`` for a key
+    with neither limit."""
+    windows = usage.get("windows") or {}
+
+    def window(name: str, minutes: int) -> PoolWindow | None:
+        found = windows.get(name) or {}
+        limit, tokens = found.get("limit"), found.get("tokens") or 0
+        if not limit:
+            return None
+        used = min(100, math.ceil(100 * tokens / limit))
+        resets = found.get("resets_at")
+        return PoolWindow(used, minutes, int(resets) if resets else None)
+
+    primary, secondary = window("5h", 300), window("week", 7 * 24 * 60)
+    if primary is None and secondary is None:
+        return None
+    full = any(w is not None and w.used_percent >= 100 for w in (primary, secondary))
+    return PoolView(primary, secondary, None, limit_reached=full)
 
 
 def tighter(pool: PoolView, key: PoolView) -> PoolView:

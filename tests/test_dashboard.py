@@ -8,6 +8,7 @@ import asyncio
 import fnmatch
 import json
 import re
+import time
 import tomllib
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
@@ -569,3 +570,29 @@ def test_the_recent_list_is_bounded_and_filtered() -> None:
         "accounts": ["a"],
         "statuses": ["200", "429", "502"],
     }
+
+
+async def test_a_keys_limits_show_as_bars_of_what_it_used(
+    fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data = status_config(fake, tmp_path)
+    for entry in data["api_keys"]:
+        if entry["name"] == "alice":
+            entry.update(tokens_per_5h=100_000, requests_per_minute=60)
+    async with serve(make_config(data, tmp_path)) as lb:
+        result = await stream_turn(http, lb.url, {"input": [user_message("hello")]})
+        assert result.status == 200
+        usage = result.completed["usage"]
+        async with http.get(lb.url + "/admin/overview", headers=ADMIN) as response:
+            keys = {k["name"]: k for k in (await response.json())["keys"]}
+    limits = {limit["name"]: limit for limit in keys["alice"]["limits"]}
+    assert list(limits) == ["requests_per_minute", "tokens_per_5h"]
+    assert (limits["requests_per_minute"]["used"], limits["requests_per_minute"]["limit"]) == (
+        1,
+        60,
+    )
+    spent = usage["input_tokens"] + usage["output_tokens"]
+    assert (limits["tokens_per_5h"]["used"], limits["tokens_per_5h"]["limit"]) == (spent, 100_000)
+    # when the turn's tokens leave the window
+    assert time.time() + 4.9 * 3600 < limits["tokens_per_5h"]["resets_at"] <= time.time() + 18060
+    assert keys["bob"]["limits"] == []

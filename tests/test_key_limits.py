@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -481,3 +482,18 @@ async def test_a_reload_that_would_open_access_on_a_public_bind_is_rejected(
             lb.url + "/v1/responses", json={"model": "m", "input": []}
         ) as response:
             assert response.status == 401
+
+
+async def test_codex_usage_shows_a_keys_own_window_when_it_is_fuller(
+    fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with limited(fake, tmp_path, alice={"tokens_per_5h": 50}) as (lb, _):
+        status, response, _ = await turn(http, lb)
+        assert status == 200
+        spent = tokens(response)
+        async with http.get(lb.url + "/backend-api/wham/usage", headers=auth()) as answer:
+            primary = (await answer.json())["rate_limit"]["primary_window"]
+        assert primary["used_percent"] == math.ceil(100 * spent / 50)
+        async with http.get(lb.url + "/backend-api/wham/usage", headers=auth("bob")) as answer:
+            # bob has no limits: the pool's window (the fake reports 0% used)
+            assert (await answer.json())["rate_limit"]["primary_window"]["used_percent"] < 10

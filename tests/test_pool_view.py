@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from codexlb.pool_view import (
@@ -11,6 +13,7 @@ from codexlb.pool_view import (
     PoolWindow,
     Window,
     headers,
+    key_windows,
     rate_limits_event,
     tighter,
     usage_payload,
@@ -213,3 +216,38 @@ def test_a_keys_own_limits_fold_in_as_the_tighter(
     assert shown.primary == expected_primary
     assert shown.secondary == POOL.secondary
     assert shown.limit_reached is limit_reached
+
+
+def usage_body(five_hours: tuple[int, int | None], week: tuple[int, int | None]) -> dict[str, Any]:
+    """The ``windows`` of a ``GET /v1/usage`` body: (tokens, limit) per window."""
+    return {
+        "windows": {
+            "5h": {"tokens": five_hours[0], "limit": five_hours[1], "resets_at": 1000},
+            "week": {"tokens": week[0], "limit": week[1], "resets_at": None},
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    ("five_hours", "week", "primary", "secondary", "reached"),
+    [
+        ((0, None), (0, None), None, None, None),
+        ((25, 100), (0, None), PoolWindow(25, 300, 1000), None, False),
+        ((1, 3), (10, 1000), PoolWindow(34, 300, 1000), PoolWindow(1, 10080, None), False),
+        ((150, 100), (0, None), PoolWindow(100, 300, 1000), None, True),
+        ((0, None), (1000, 1000), None, PoolWindow(100, 10080, None), True),
+    ],
+)
+def test_a_keys_windows_from_its_usage(
+    five_hours: tuple[int, int | None],
+    week: tuple[int, int | None],
+    primary: PoolWindow | None,
+    secondary: PoolWindow | None,
+    reached: bool | None,
+) -> None:
+    shown = key_windows(usage_body(five_hours, week))
+    if reached is None:
+        assert shown is None
+        return
+    assert shown is not None
+    assert (shown.primary, shown.secondary, shown.limit_reached) == (primary, secondary, reached)
