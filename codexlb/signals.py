@@ -29,9 +29,13 @@ for another metered limit (a model's own) passes as the serving account's."""
 
 
 def accounts_for(services: Services, scope: str) -> list[Account] | None:
-    """The accounts the client key ``scope`` may draw from; ``None``: all of the pool's. (A key
-    limited to some accounts, SPEC S9 ``accounts``, names them here.)"""
-    return None
+    """The accounts the client key ``scope`` may draw from (SPEC S9 ``accounts``); ``None``:
+    all of the pool's."""
+    settings = services.keys.settings(scope)
+    if settings is None or settings.accounts is None:
+        return None
+    allowed = settings.accounts
+    return [account for account in services.pool.accounts if account.name in allowed]
 
 
 def current(services: Services, scope: str) -> pool_view.PoolView:

@@ -217,3 +217,22 @@ async def test_the_apps_mcp_server_offers_nothing(
     async with http.post(url, json=initialize) as response:
         assert response.status == 401
     assert two.received == []
+
+
+async def test_a_key_limited_to_some_accounts_sees_only_theirs(
+    two: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data = config_data(two.url, f"sqlite+aiosqlite:///{tmp_path / 'lb.db'}", accounts=TWO)
+    for entry in data["api_keys"]:
+        if entry["name"] == "bob":
+            entry["accounts"] = ["b"]
+    async with serve(make_config(data, tmp_path)) as lb:
+        await learn_both(lb, http)  # alice: both accounts, mean 40
+        result = await stream_turn(http, lb.url, {"input": [user_message("b")]}, client="bob")
+        assert result.status == 200
+        # bob's turn went to b (now at 80 after it): b's figure alone, not the pool's mean
+        assert int(result.headers["x-codex-primary-used-percent"]) >= 60
+        async with http.get(lb.url + "/backend-api/wham/usage", headers=auth("bob")) as answer:
+            assert (await answer.json())["rate_limit"]["primary_window"]["used_percent"] >= 60
+        async with http.get(lb.url + "/backend-api/wham/usage", headers=auth()) as answer:
+            assert (await answer.json())["rate_limit"]["primary_window"]["used_percent"] < 60
