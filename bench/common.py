@@ -431,8 +431,9 @@ def scan_codexlb_log(path: Path) -> dict[str, Any]:
     }
 
 
-def git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
+def git_commit(root: Path | None = None) -> str | None:
+    """The short commit of ``root`` (by default this checkout)."""
+    root = root or Path(__file__).resolve().parent.parent
     try:
         done = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -49,6 +49,7 @@ from bench.common import (
     cpu_seconds,
     deltas_list,
     distribution_ms,
+    git_commit,
     minus,
     positive,
     progress,
@@ -313,7 +314,11 @@ async def run_levels(
             tmp.mkdir()
             progress(f"responses of {deltas} deltas")
             shape = Shape(deltas, compress)
-            async with serving(tmp, shape=shape) as servers, contextlib.AsyncExitStack() as stack:
+            under = () if args.codexlb_tree is None else ("env", f"PYTHONPATH={args.codexlb_tree}")
+            async with (
+                serving(tmp, under, shape=shape) as servers,
+                contextlib.AsyncExitStack() as stack,
+            ):
                 if found.path is not None:
                     progress("starting nginx")
                     proxy = await nginx.start(found.path, tmp, servers.fake.url)
@@ -372,6 +377,8 @@ async def run_levels(
             "concurrency": args.concurrency,
             "rounds": args.rounds,
             "warmup": args.warmup,
+            "codexlb_tree": None if args.codexlb_tree is None else str(args.codexlb_tree),
+            "codexlb_commit": git_commit(args.codexlb_tree),
             **settings,
         }
         return run_report(whole, all_settings, {"levels": levels, **sections}, failures)
@@ -529,3 +536,10 @@ def add_level_arguments(
         help=f"the nginx binary (default: nginx on PATH, else {nginx.FALLBACK_PATH})",
     )
     parser.add_argument("--no-nginx", action="store_true", help="leave out the side through nginx")
+    parser.add_argument(
+        "--codexlb-tree",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="run codexlb from the checkout in DIR (the fake stays this one's): another version",
+    )

@@ -490,7 +490,20 @@ def _pool_rate_limits(exchange: Exchange, account: Account, raw: bytes, data: by
 SIDE_CALL_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*")
 """A path segment a side call may name: no dot segments, nothing encoded that could become
 one upstream (the account's credentials go with the call)."""
-OWN_PATHS = frozenset({"responses", "responses/compact", "models"})
+OWN_PATHS = frozenset(
+    {
+        "responses",
+        "responses/compact",
+        "models",
+        "usage",
+        "chat/completions",
+        "messages",
+        "messages/count_tokens",
+    }
+)
+"""codexlb's own paths under the prefixes: another method on them is refused, not relayed."""
+OWN_TREES = ("responses/", "messages/")
+"""Paths under codexlb's own APIs (Anthropic's ``/v1/messages`` is never an upstream path)."""
 SIDE_CALL_PREFIXES = ("/backend-api/codex/", "/v1/")
 SIDE_CALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 """Methods whose answer carries a body to read (``HEAD``'s does not, ``OPTIONS`` is a
@@ -503,8 +516,10 @@ def side_call_path(request: web.Request) -> str:
     tail: str = request.match_info["tail"]
     if request.method not in SIDE_CALL_METHODS:
         raise MethodNotAllowed(f"Method {request.method} is not relayed.")
-    if tail in OWN_PATHS or tail.startswith("responses/"):
+    if tail in OWN_PATHS:
         raise MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+    if tail.startswith(OWN_TREES):
+        raise NotFound(f"Unknown path: {request.path}")
     raw_path = request.raw_path.split("?", 1)[0]
     prefix = next((p for p in SIDE_CALL_PREFIXES if raw_path.startswith(p)), None)
     if prefix is None:
