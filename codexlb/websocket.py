@@ -68,6 +68,31 @@ class SocketClosed(Exception):
 class UpstreamSocket(asyncio.Protocol):
     """One client WebSocket connection (see the module's docstring)."""
 
+    __slots__ = (
+        "_buffered",
+        "_close_sent",
+        "_drain",
+        "_handshake",
+        "_heartbeat",
+        "_key",
+        "_last_received",
+        "_loop",
+        "_lost",
+        "_max",
+        "_offered_deflate",
+        "_parser",
+        "_ping_at",
+        "_reader",
+        "_ready",
+        "_waiter",
+        "close_reason",
+        "closed",
+        "deflate",
+        "headers",
+        "status",
+        "transport",
+    )
+
     def __init__(self, key: str, max_message_bytes: int, offered_deflate: bool) -> None:
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
