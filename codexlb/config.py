@@ -89,6 +89,17 @@ class DatabaseConfig(_Section):
         default="sqlite+aiosqlite:///codexlb.db", repr=False
     )
     """May carry a password (PostgreSQL): resolved from ``env:NAME``, kept out of ``repr``."""
+    heartbeat_seconds: float = Field(default=1.0, gt=0, le=60)
+    """PostgreSQL replicas (S12): how often each one tells the others it is alive, and what
+    it carries."""
+    replica_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    """A replica silent this long is taken for dead: its in-flight requests stop counting."""
+
+    @model_validator(mode="after")
+    def _timeout_spans_heartbeats(self) -> DatabaseConfig:
+        if self.replica_timeout_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("replica_timeout_seconds must be at least twice heartbeat_seconds")
+        return self
 
 
 class UpstreamConfig(_Section):
@@ -103,6 +114,8 @@ class ApiKeyConfig(_Section):
     name: str = Field(min_length=1)
     key: Secret | None = None
     key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    """Rolling 60 s, across the replicas (S9, S12)."""
 
     @model_validator(mode="after")
     def _one_key(self) -> ApiKeyConfig:
@@ -346,7 +359,8 @@ def _anchor_paths(config: Config, base: Path) -> Config:
         a.model_copy(update={"auth_file": _anchor(a.auth_file, base)}) if a.auth_file else a
         for a in config.accounts
     )
-    return config.model_copy(update={"database": DatabaseConfig(url=url), "accounts": accounts})
+    database = config.database.model_copy(update={"url": url})
+    return config.model_copy(update={"database": database, "accounts": accounts})
 
 
 def _anchor(path: Path, base: Path) -> Path:

@@ -115,6 +115,7 @@ class Exchange:
         the first attempt forwards the anchor there while it is eligible. Later attempts go
         to the account ``next_account`` picks (``prefer``: the transport's open socket).
         """
+        await self.services.request_rate.admit(self.scope)
         pool = self.services.pool
         account = live_on if live_on is not None and pool.eligible(live_on) else None
         if account is not None and await self._moved_away_from(account):

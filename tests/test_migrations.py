@@ -31,7 +31,15 @@ async def test_the_migrations_build_the_tables_the_code_describes(engine: AsyncE
 
 
 def test_every_table_is_described_in_one_metadata() -> None:
-    assert set(metadata.tables) == {"snapshots", "item_owners", "account_credentials"}
+    assert set(metadata.tables) == {
+        "snapshots",
+        "item_owners",
+        "account_credentials",
+        "account_knowledge",
+        "affinity",
+        "key_counters",
+        "replicas",
+    }
 
 
 async def test_owners_recorded_before_the_integer_keys_are_carried_over(database_url: str) -> None:
