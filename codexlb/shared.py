@@ -49,7 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb.config import DatabaseConfig
 from codexlb.knowledge import Knowledge
-from codexlb.pool import AFFINITY_CAPACITY, Account, Pool
+from codexlb.pool import AFFINITY_CAPACITY, AFFINITY_KEY_LENGTH, Account, Pool
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ FLUSH_DELAY_SECONDS = 0.02
 """What the writer waits after the first change, gathering a burst into one transaction."""
 RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 """Back-off of the writer and of the listening connection after a failure."""
+MAX_SLOT_CHARS = 2 * AFFINITY_KEY_LENGTH
+"""No slot the pool makes is longer (``pool._affinity_slot``)."""
 AFFINITY_PRUNE_BEATS = 60
 """Expired affinity rows are deleted every this many heartbeats."""
 
@@ -508,6 +510,7 @@ def _pin(entry: Any) -> tuple[str, str, float]:
         isinstance(entry, list)
         and len(entry) == 3
         and isinstance(entry[0], str)
+        and len(entry[0]) <= MAX_SLOT_CHARS
         and isinstance(entry[1], str)
         and isinstance(entry[2], int | float)
     ):

@@ -68,10 +68,10 @@ STATUS_TIMEOUT = 1.0
 
 
 def replica_config(
-    tmp_path: Path, fake: Fake, database_url: str, **sections: Mapping[str, Any]
+    fake: Fake, database_url: str, database: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Round robin, so that a replica that knew nothing would try every account in turn."""
-    data = config_data(fake.url, database_url, admin={"key": ADMIN_KEY}, **sections)
+    data = config_data(fake.url, database_url, admin={"key": ADMIN_KEY}, database=database or {})
     data["routing"]["strategy"] = "round_robin"
     return data
 
@@ -116,7 +116,7 @@ def served_by(fake: Fake, count: int) -> list[str | None]:
 async def test_a_rate_limit_met_by_one_replica_is_respected_by_the_others_and_a_joiner(
     database_url: str, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    config = replica_config(tmp_path, fake, database_url)
+    config = replica_config(fake, database_url)
     async with replicas(config, tmp_path) as (one, two, three):
         fake.script(Fault.status(429, resets_in=3600), account="a")
         for _ in range(3):  # round robin reaches account a within three requests
@@ -155,7 +155,7 @@ async def test_a_rate_limit_met_by_one_replica_is_respected_by_the_others_and_a_
 async def test_a_session_pinned_by_one_replica_is_honoured_by_the_others(
     database_url: str, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    config = replica_config(tmp_path, fake, database_url)
+    config = replica_config(fake, database_url)
     session = {"session-id": "0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"}
     async with replicas(config, tmp_path) as (one, two, three):
         first = await stream_turn(http, one.url, {"input": [user_message("warm")]})
@@ -177,7 +177,7 @@ async def test_a_session_pinned_by_one_replica_is_honoured_by_the_others(
 async def test_a_key_limited_to_30_requests_per_minute_gets_30_across_three_replicas(
     database_url: str, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    config = replica_config(tmp_path, fake, database_url)
+    config = replica_config(fake, database_url)
     config["api_keys"][0]["requests_per_minute"] = 30  # alice
     async with replicas(config, tmp_path) as servers:
         turns = []
@@ -206,7 +206,6 @@ async def test_a_replica_killed_mid_stream_leaves_no_account_busy(
     database_url: str, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     config = replica_config(
-        tmp_path,
         fake,
         database_url,
         database={"heartbeat_seconds": 0.2, "replica_timeout_seconds": 1.0},
