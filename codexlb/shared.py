@@ -48,7 +48,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from codexlb.config import DatabaseConfig
-from codexlb.knowledge import Knowledge
+from codexlb.knowledge import Knowledge, merged
 from codexlb.pool import AFFINITY_CAPACITY, AFFINITY_KEY_LENGTH, Account, Pool
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 """Back-off of the writer and of the listening connection after a failure."""
 MAX_SLOT_CHARS = 2 * AFFINITY_KEY_LENGTH
 """No slot the pool makes is longer (``pool._affinity_slot``)."""
+RESET_SLACK_SECONDS = 2.0
 AFFINITY_PRUNE_BEATS = 60
 """Expired affinity rows are deleted every this many heartbeats."""
 
@@ -198,6 +199,9 @@ class PostgresState:
         self._tasks: list[asyncio.Task[None]] = []
         self._accounts: set[str] = set()
         """Accounts whose knowledge changed since the last flush."""
+        self._told: dict[str, Knowledge] = {}
+        """What the others know of each account, as far as this replica can tell: what it
+        wrote and what it adopted. Knowledge that tells them nothing new is not written."""
         self._pins: dict[str, tuple[str, float]] = {}
         self._leases_changed = False
         self._watch_leases = False
@@ -303,11 +307,13 @@ class PostgresState:
         leases = self._leases_changed and self._watch_leases
         self._leases_changed = False
         try:
-            rows = [
-                {"account": name, **account.knowledge().row()}
+            news = {
+                name: knowledge
                 for name in names
                 if (account := self._pool.get(name)) is not None
-            ]
+                and not _nothing_new(self._told.get(name), knowledge := account.knowledge())
+            }
+            rows = [{"account": name, **knowledge.row()} for name, knowledge in news.items()]
             if not rows and not pins and not leases:
                 return
             async with self._engine.begin() as conn:
@@ -323,6 +329,8 @@ class PostgresState:
                     await self._notify(conn, "a", entries)
                 if leases:
                     await self._notify(conn, "i", [self._pool.leases()])
+            for name, knowledge in news.items():
+                self._told[name] = merged(self._told.get(name), knowledge)
         except BaseException:
             self._accounts |= names
             self._pins = {**pins, **self._pins}
@@ -472,7 +480,10 @@ class PostgresState:
         for row in rows:
             if not isinstance(row, dict) or not isinstance(row.get("account"), str):
                 raise ValueError("knowledge without an account")
-            self._pool.adopt(row["account"], Knowledge.from_row(row))
+            name, news = row["account"], Knowledge.from_row(row)
+            self._pool.adopt(name, news)
+            if self._pool.get(name) is not None:
+                self._told[name] = merged(self._told.get(name), news)
 
     def _heard(self, replica: str, leases: Any) -> None:
         if not isinstance(leases, dict) or not all(
@@ -497,6 +508,23 @@ class PostgresState:
             for name, count in leases.items():
                 total[name] = total.get(name, 0) + count
         self._pool.set_elsewhere(total)
+
+
+def _nothing_new(told: Knowledge | None, knowledge: Knowledge) -> bool:
+    """Whether ``knowledge`` tells the others nothing they do not know: the same but for the
+    time of the observation and reset times that moved by less than ``RESET_SLACK_SECONDS``
+    (an upstream that reports "resets in N seconds" moves them at every answer)."""
+    if told is None:
+        return False
+    resets = ("primary_resets_at", "secondary_resets_at")
+    for name in Knowledge.__dataclass_fields__:
+        old, new = getattr(told, name), getattr(knowledge, name)
+        if name == "usage_at" or old == new:
+            continue
+        if name in resets and abs(old - new) < RESET_SLACK_SECONDS:
+            continue
+        return False
+    return True
 
 
 def _entries(value: Any) -> list[Any]:

@@ -232,3 +232,31 @@ def _pinned(lb: Balancer, slot: str) -> str | None:
 def _plain(database_url: str) -> str:
     assert POSTGRES_ADMIN_URL
     return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_usage_reported_again_unchanged_is_not_written_again(
+    database_url: str, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data = config_data(fake.url, database_url, routing={"strategy": "round_robin"})
+    told: list[str] = []
+    listener = await asyncpg.connect(_plain(database_url))
+    try:
+        await listener.add_listener(
+            CHANNEL,
+            lambda _c, _p, _ch, payload: told.extend(
+                entry["account"] for entry in json.loads(payload).get("k", [])
+            ),
+        )
+        async with serve(make_config(data, tmp_path)) as lb:
+            for round_ in range(3):
+                for _ in range(3):  # one request on each account
+                    turn = await stream_turn(http, lb.url, {"input": [user_message("hi")]})
+                    assert turn.status == 200
+                await eventually(lambda: len(told) >= 3, timeout=2.0)
+                if round_ == 1:
+                    fake.set_usage("b", 55.0)
+            await eventually(lambda: len(told) >= 4, timeout=2.0)
+        assert sorted(told) == ["a", "b", "b", "c"]
+    finally:
+        await listener.close()
