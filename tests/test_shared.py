@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codexlb.knowledge import Knowledge, merged
 from codexlb.pool import Pool
 from codexlb.shared import CHANNEL, LocalState, PostgresState
+from codexlb.testing.faults import Fault
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.harness import (
     CODEX_PATH,
@@ -260,3 +262,29 @@ async def test_usage_reported_again_unchanged_is_not_written_again(
         assert sorted(told) == ["a", "b", "b", "c"]
     finally:
         await listener.close()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_replica_whose_listening_connection_dies_reconnects_and_catches_up(
+    database_url: str, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    config = make_config(config_data(fake.url, database_url), tmp_path)
+    async with serve(config) as one, serve(config) as two:
+        shared = two.services.shared
+        assert isinstance(shared, PostgresState)
+        listener = shared._listener
+        assert listener is not None
+        admin = await asyncpg.connect(_plain(database_url))
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", listener.get_server_pid())
+        finally:
+            await admin.close()
+        await eventually(lambda: shared._listener is not listener, timeout=1.0)
+        # Learned by the first replica while the second may not be listening yet.
+        fake.script(Fault.status(429, resets_in=3600), account="a")
+        while fake.pending_faults:
+            turn = await stream_turn(http, one.url, {"input": [user_message("hi")]})
+            assert turn.status == 200
+        a = two.services.pool.get("a")
+        assert a is not None
+        await eventually(lambda: a.state(time.time()) == "rate_limited", timeout=3.0)
