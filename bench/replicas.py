@@ -145,6 +145,7 @@ async def round_trip_ms(database_url: str, samples: int) -> float:
             start = time.perf_counter()
             await state.take("bench", limit=10**9, window=60)
             times.append(time.perf_counter() - start)
+        await state.close()
         return statistics.median(times) * 1000
     finally:
         await engine.dispose()

@@ -64,9 +64,12 @@ async def test_replicas_racing_for_a_shared_counter_take_exactly_its_limit(
 ) -> None:
     config = make_config({"database": {"url": str(engine.url)}}, tmp_path)
     states = [PostgresState(engine, Pool(config), config.database) for _ in range(3)]
-    taken = await asyncio.gather(
-        *(s.take("rpm:alice", limit=7, window=60) for s in states for _ in range(8))
-    )
+    try:
+        taken = await asyncio.gather(
+            *(s.take("rpm:alice", limit=7, window=60) for s in states for _ in range(8))
+        )
+    finally:
+        await asyncio.gather(*(s.close() for s in states))
     assert sum(t.admitted for t in taken) == 7
     assert sorted(t.used for t in taken if t.admitted) == list(range(1, 8))
     refused = [t for t in taken if not t.admitted]
