@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -89,6 +90,10 @@ class SharedState(Protocol):
         """Count one unit of ``counter`` unless ``limit`` units were counted in the last
         ``window`` seconds (rolling, to the second) by any replica."""
 
+    async def used(self, counter: str, *, window: float) -> int:
+        """The units of ``counter`` counted in the last ``window`` seconds by any replica
+        (``GET /v1/usage`` answers the same from every replica)."""
+
 
 def shared_state(engine: AsyncEngine, pool: Pool, settings: DatabaseConfig) -> SharedState:
     """The ``SharedState`` for the engine's database."""
@@ -112,12 +117,9 @@ class LocalState:
 
     async def take(self, counter: str, *, limit: int, window: float) -> Taken:
         now = self._clock()
-        second = int(now)
-        span = max(int(-(-window // 1)), 1)
+        second, span = int(now), _span(window)
         buckets = self._buckets.setdefault(counter, deque())
-        while buckets and buckets[0][0] <= second - span:
-            buckets.popleft()
-        used = sum(count for _, count in buckets)
+        used = self._count(buckets, second, span)
         if used >= limit:
             return Taken(False, used, max(buckets[0][0] + span - now, 0.0))
         if buckets and buckets[-1][0] == second:
@@ -125,6 +127,21 @@ class LocalState:
         else:
             buckets.append([second, 1])
         return Taken(True, used + 1, 0.0)
+
+    async def used(self, counter: str, *, window: float) -> int:
+        buckets = self._buckets.get(counter)
+        return 0 if buckets is None else self._count(buckets, int(self._clock()), _span(window))
+
+    @staticmethod
+    def _count(buckets: deque[list[int]], second: int, span: int) -> int:
+        while buckets and buckets[0][0] <= second - span:
+            buckets.popleft()
+        return sum(count for _, count in buckets)
+
+
+def _span(window: float) -> int:
+    """Whole seconds of buckets a window covers (as ``codexlb_take`` computes it)."""
+    return max(math.ceil(window), 1)
 
 
 _KNOWLEDGE_COLUMNS = tuple(Knowledge.__dataclass_fields__)
@@ -182,6 +199,10 @@ LIVE_REPLICAS = text(
     "WHERE heartbeat_at >= now() - make_interval(secs => :timeout) AND replica <> :replica"
 )
 TAKE_SQL = "SELECT admitted, used, retry_after FROM codexlb_take($1, $2, $3)"
+USED_SQL = (
+    "SELECT coalesce(sum(count), 0) FROM key_counters WHERE counter = $1 "
+    "AND second > floor(extract(epoch from clock_timestamp()))::bigint - $2"
+)
 COUNTER_CONNECTIONS = 8
 """Connections of a replica's counter pool: a take holds one for a round trip."""
 
@@ -272,11 +293,24 @@ class PostgresState:
         assert row is not None  # the function returns one row
         return Taken(bool(row["admitted"]), int(row["used"]), float(row["retry_after"]))
 
+    async def used(self, counter: str, *, window: float) -> int:
+        try:
+            counters = self._counters or await self._open_counters()
+            used = await counters.fetchval(USED_SQL, counter, _span(window))
+        except Exception as exc:
+            log.warning("counter %s not read (%s)", counter, type(exc).__name__)
+            return 0
+        return int(used)
+
     async def _open_counters(self) -> asyncpg.Pool:
         async with self._counters_lock:
             if self._counters is None:
                 self._counters = await asyncpg.create_pool(
-                    self._dsn, min_size=1, max_size=COUNTER_CONNECTIONS, timeout=10
+                    self._dsn,
+                    min_size=1,
+                    max_size=COUNTER_CONNECTIONS,
+                    timeout=10,
+                    reset=_keep_session,
                 )
             return self._counters
 
@@ -528,6 +562,11 @@ class PostgresState:
             for name, count in leases.items():
                 total[name] = total.get(name, 0) + count
         self._pool.set_elsewhere(total)
+
+
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """A counter connection runs single ``TAKE`` statements and keeps no session state: the
+    reset asyncpg makes on each release (a round trip) has nothing to undo."""
 
 
 def _nothing_new(told: Knowledge | None, knowledge: Knowledge) -> bool:

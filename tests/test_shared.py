@@ -54,8 +54,11 @@ async def test_a_local_counter_admits_its_limit_per_rolling_window() -> None:
     clock.now += 59.0  # the first second is still in the window
     assert not (await counters.take("k", limit=3, window=60)).admitted
     assert (await counters.take("other", limit=3, window=60)).admitted
+    assert await counters.used("k", window=60) == 3
     clock.now += 1.0
+    assert await counters.used("k", window=60) == 0
     assert (await counters.take("k", limit=3, window=60)).admitted
+    assert await counters.used("nothing", window=60) == 0
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -68,6 +71,7 @@ async def test_replicas_racing_for_a_shared_counter_take_exactly_its_limit(
         taken = await asyncio.gather(
             *(s.take("rpm:alice", limit=7, window=60) for s in states for _ in range(8))
         )
+        assert [await s.used("rpm:alice", window=60) for s in states] == [7, 7, 7]
     finally:
         await asyncio.gather(*(s.close() for s in states))
     assert sum(t.admitted for t in taken) == 7
