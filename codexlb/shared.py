@@ -20,7 +20,8 @@ what the pool learns to the others. Two implementations:
     take the last unit.
   - liveness: each replica upserts its row in ``replicas`` every ``heartbeat_seconds`` and
     announces its in-flight leases per account (at once, too, when some account has a
-    ``max_inflight``); the others count them against those accounts. A replica silent for
+    ``max_inflight``) and its gauges (``add_gauges``: a client key's requests in flight, say);
+    the others count them (``Account.elsewhere``, ``elsewhere``). A replica silent for
     ``replica_timeout_seconds`` (killed, cut off) is dropped, and so are its leases: no
     account stays busy because of a dead replica. Its row is deleted by the next heartbeat
     of any replica.
@@ -40,7 +41,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple, Protocol
 
 import asyncpg
@@ -68,6 +69,11 @@ AFFINITY_PRUNE_BEATS = 60
 """Expired affinity rows are deleted every this many heartbeats."""
 
 
+InFlight = dict[str, dict[str, int]]
+"""What a replica carries, as its heartbeat says: ``{"a": {account: requests in flight},
+"g": {gauge: value}}``."""
+
+
 class Taken(NamedTuple):
     """The answer of ``SharedState.take``."""
 
@@ -93,6 +99,17 @@ class SharedState(Protocol):
     async def used(self, counter: str, *, window: float) -> int:
         """The units of ``counter`` counted in the last ``window`` seconds by any replica
         (``GET /v1/usage`` answers the same from every replica)."""
+
+    def add_gauges(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Publish what ``source`` returns (gauge name → this replica's value, such as a
+        client key's requests in flight) with every heartbeat; ``gauges_changed`` sends it at
+        once. A replica taken for dead stops counting."""
+
+    def gauges_changed(self) -> None:
+        """A value of a gauge source changed: tell the others now (not awaited)."""
+
+    def elsewhere(self, gauge: str) -> int:
+        """The sum of ``gauge`` over the other live replicas (no round trip)."""
 
 
 def shared_state(engine: AsyncEngine, pool: Pool, settings: DatabaseConfig) -> SharedState:
@@ -131,6 +148,15 @@ class LocalState:
     async def used(self, counter: str, *, window: float) -> int:
         buckets = self._buckets.get(counter)
         return 0 if buckets is None else self._count(buckets, int(self._clock()), _span(window))
+
+    def add_gauges(self, source: Callable[[], Mapping[str, int]]) -> None:
+        return None
+
+    def gauges_changed(self) -> None:
+        return None
+
+    def elsewhere(self, gauge: str) -> int:
+        return 0
 
     @staticmethod
     def _count(buckets: deque[list[int]], second: int, span: int) -> int:
@@ -230,8 +256,12 @@ class PostgresState:
         self._watch_leases = False
         """Some account has a ``max_inflight``: lease changes go out at once, not with the
         next heartbeat."""
-        self._peers: dict[str, tuple[float, dict[str, int]]] = {}
-        """Live replicas: when they were last heard of (monotonic), their leases."""
+        self._gauge_sources: list[Callable[[], Mapping[str, int]]] = []
+        self._gauges_changed = False
+        self._peers: dict[str, tuple[float, InFlight]] = {}
+        """Live replicas: when they were last heard of (monotonic), what they carry."""
+        self._elsewhere: dict[str, int] = {}
+        """Gauges summed over the live peers."""
         self._beats = 0
         self._failing = False
         self._counters: asyncpg.Pool | None = None
@@ -331,6 +361,25 @@ class PostgresState:
         if self._watch_leases:
             self._wake.set()
 
+    # -- gauges ---------------------------------------------------------------------------
+
+    def add_gauges(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._gauge_sources.append(source)
+
+    def gauges_changed(self) -> None:
+        self._gauges_changed = True
+        self._wake.set()
+
+    def elsewhere(self, gauge: str) -> int:
+        return self._elsewhere.get(gauge, 0)
+
+    def _carried(self) -> InFlight:
+        """What this replica carries: leases per account, and its gauges."""
+        gauges: dict[str, int] = {}
+        for source in self._gauge_sources:
+            gauges.update(source())
+        return {"a": self._pool.leases(), "g": gauges}
+
     # -- telling the others ---------------------------------------------------------------
 
     async def _write_forever(self) -> None:
@@ -358,8 +407,8 @@ class PostgresState:
         """Write and announce what changed; on failure it stays pending."""
         names, self._accounts = self._accounts, set()
         pins, self._pins = self._pins, {}
-        leases = self._leases_changed and self._watch_leases
-        self._leases_changed = False
+        leases = (self._leases_changed and self._watch_leases) or self._gauges_changed
+        self._leases_changed = self._gauges_changed = False
         try:
             news = {  # in one order on every replica: concurrent upserts cannot deadlock
                 name: knowledge
@@ -382,13 +431,13 @@ class PostgresState:
                     )
                     await self._notify(conn, "a", entries)
                 if leases:
-                    await self._notify(conn, "i", [self._pool.leases()])
+                    await self._notify(conn, "i", [self._carried()])
             for name, knowledge in news.items():
                 self._told[name] = merged(self._told.get(name), knowledge)
         except BaseException:
             self._accounts |= names
             self._pins = {**pins, **self._pins}
-            self._leases_changed = self._leases_changed or leases
+            self._gauges_changed = self._gauges_changed or leases
             raise
 
     async def _notify(self, conn: Any, kind: str, entries: Iterable[Any]) -> None:
@@ -432,18 +481,18 @@ class PostgresState:
 
     async def _beat(self) -> None:
         self._watch_leases = any(a.max_inflight for a in self._pool.accounts)
-        leases = self._pool.leases()
+        carried = self._carried()
         self._beats += 1
         async with self._engine.begin() as conn:
             await conn.execute(
-                HEARTBEAT, {"replica": self.replica, "inflight": orjson.dumps(leases).decode()}
+                HEARTBEAT, {"replica": self.replica, "inflight": orjson.dumps(carried).decode()}
             )
             await conn.execute(DROP_DEAD, {"timeout": self._settings.replica_timeout_seconds})
             if self._beats % AFFINITY_PRUNE_BEATS == 0:
                 await conn.execute(
                     text("DELETE FROM affinity WHERE expires_at < :now"), {"now": time.time()}
                 )
-            await self._notify(conn, "i", [leases])
+            await self._notify(conn, "i", [carried])
 
     # -- hearing the others ---------------------------------------------------------------
 
@@ -539,13 +588,12 @@ class PostgresState:
             if self._pool.get(name) is not None:
                 self._told[name] = merged(self._told.get(name), news)
 
-    def _heard(self, replica: str, leases: Any) -> None:
-        if not isinstance(leases, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in leases.items()
+    def _heard(self, replica: str, carried: Any) -> None:
+        if not isinstance(carried, dict) or not all(
+            _counts(carried.get(part, {})) for part in ("a", "g")
         ):
-            raise ValueError("leases must map account names to counts")
-        self._peers[replica] = (time.monotonic(), leases)
+            raise ValueError("in-flight counts must map names to counts")
+        self._peers[replica] = (time.monotonic(), carried)
 
     def _forget_silent_peers(self) -> None:
         cutoff = time.monotonic() - self._settings.replica_timeout_seconds
@@ -557,11 +605,13 @@ class PostgresState:
             self._count_elsewhere()
 
     def _count_elsewhere(self) -> None:
-        total: dict[str, int] = {}
-        for _, leases in self._peers.values():
-            for name, count in leases.items():
-                total[name] = total.get(name, 0) + count
-        self._pool.set_elsewhere(total)
+        totals: dict[str, dict[str, int]] = {"a": {}, "g": {}}
+        for _, carried in self._peers.values():
+            for part, total in totals.items():
+                for name, count in carried.get(part, {}).items():
+                    total[name] = total.get(name, 0) + count
+        self._pool.set_elsewhere(totals["a"])
+        self._elsewhere = totals["g"]
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -584,6 +634,13 @@ def _nothing_new(told: Knowledge | None, knowledge: Knowledge) -> bool:
             continue
         return False
     return True
+
+
+def _counts(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in value.items()
+    )
 
 
 def _entries(value: Any) -> list[Any]:

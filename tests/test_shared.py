@@ -295,3 +295,26 @@ async def test_a_replica_whose_listening_connection_dies_reconnects_and_catches_
         a = two.services.pool.get("a")
         assert a is not None
         await eventually(lambda: a.state(time.time()) == "rate_limited", timeout=3.0)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_gauge_of_one_replica_counts_at_the_others_while_it_lives(
+    database_url: str, fake: Fake, tmp_path: Path
+) -> None:
+    """What a per-key ``max_inflight`` needs: each replica's requests in flight per key."""
+    config = make_config(config_data(fake.url, database_url), tmp_path)
+    carried = {"key:alice": 2}
+    async with serve(config) as two:
+        other = two.services.shared
+        async with serve(config) as one:
+            one.services.shared.add_gauges(lambda: carried)
+            one.services.shared.gauges_changed()
+            await eventually(lambda: other.elsewhere("key:alice") == 2, timeout=1.0)
+            carried["key:alice"] = 0
+            one.services.shared.gauges_changed()
+            await eventually(lambda: other.elsewhere("key:alice") == 0, timeout=1.0)
+            carried["key:alice"] = 3
+            one.services.shared.gauges_changed()
+            await eventually(lambda: other.elsewhere("key:alice") == 3, timeout=1.0)
+            assert one.services.shared.elsewhere("key:alice") == 0
+        await eventually(lambda: other.elsewhere("key:alice") == 0, timeout=1.0)
