@@ -27,6 +27,8 @@ from tests.harness import (
     stream_turn,
     user_message,
     write_toml,
+    ws_turn,
+    ws_url,
 )
 
 
@@ -171,6 +173,12 @@ async def test_a_session_pinned_by_one_replica_is_honoured_by_the_others(
             )
             assert turn.status == 200, turn.events
         assert served_by(fake, 4) == [account] * 4
+        headers = {**auth(), **session}
+        async with http.ws_connect(ws_url(three.url), headers=headers) as ws:  # same over WS
+            for text in ("socket", "socket again"):
+                events = await ws_turn(ws, {"input": [user_message(text)]})
+                assert events[-1]["type"] == "response.completed", events[-1]
+                assert served_by(fake, 1) == [account]
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
