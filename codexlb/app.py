@@ -37,6 +37,7 @@ from codexlb.metrics import CONTENT_TYPE, Metrics
 from codexlb.pool import Pool
 from codexlb.refresh import CredentialManager
 from codexlb.reload import WATCH_INTERVAL_SECONDS, Reloader
+from codexlb.shared import LocalState, SharedState, shared_state
 from codexlb.status import StatusView
 from codexlb.store import SnapshotStore
 from codexlb.stored import StoredResponses
@@ -63,6 +64,8 @@ class Services:
     """What each client key used (S9), durably."""
     limits: KeyLimits = field(init=False)
     """What each client key may use, checked before anything goes upstream (S9)."""
+    shared: SharedState = field(default_factory=LocalState)
+    """What the replicas share (S12): in memory with SQLite, PostgreSQL's tables and NOTIFY."""
     metrics: Metrics = field(init=False)
     bodies: BodyBudget = field(init=False)
     """Request bodies and WebSocket messages held at once (``[limits]``)."""
@@ -72,7 +75,7 @@ class Services:
             self, "metrics", Metrics(lambda: [*self.pool.accounts, *self.pool.draining])
         )
         object.__setattr__(self, "bodies", BodyBudget(self.config.limits.max_body_bytes_in_flight))
-        object.__setattr__(self, "limits", KeyLimits(self.keys, self.ledger))
+        object.__setattr__(self, "limits", KeyLimits(self.keys, self.ledger, self.shared))
 
 
 SERVICES = web.AppKey("services", Services)
@@ -102,12 +105,14 @@ def create_app(
     engine = db.create_engine(config.database.url)
     credentials = CredentialManager(config, store=CredentialStore(engine))
     ledger = UsageLedger(engine)
+    pool = Pool(config, credentials)
     services = Services(
         keys=ClientKeys(config.api_keys, clock=lambda: ledger.clock()),
         ledger=ledger,
         config=config,
-        pool=Pool(config, credentials),
+        pool=pool,
         credentials=credentials,
+        shared=shared_state(engine, pool, config.database, clock=lambda: ledger.clock()),
         store=SnapshotStore(engine),
         upstream=Upstream(
             config.timeouts, websocket_compression=config.upstream.websocket_compression
@@ -118,6 +123,7 @@ def create_app(
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_credentials)  # after both: closed before the session and engine
+    app.cleanup_ctx.append(_replicas)
     app.cleanup_ctx.append(_background("codexlb-prune", _prune_forever))
     if config_path is not None:
         app[RELOADER] = Reloader(
@@ -223,6 +229,16 @@ async def _credentials(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await services.credentials.close()
+
+
+async def _replicas(app: web.Application) -> AsyncIterator[None]:
+    """What the replicas share (S12), read before serving, once credentials are loaded."""
+    shared = app[SERVICES].shared
+    await shared.start()
+    try:
+        yield
+    finally:
+        await shared.close()
 
 
 def _background(

@@ -99,6 +99,17 @@ class DatabaseConfig(_Section):
         default="sqlite+aiosqlite:///codexlb.db", repr=False
     )
     """May carry a password (PostgreSQL): resolved from ``env:NAME``, kept out of ``repr``."""
+    heartbeat_seconds: float = Field(default=1.0, gt=0, le=60)
+    """PostgreSQL replicas (S12): how often each one tells the others it is alive, and what
+    it carries."""
+    replica_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    """A replica silent this long is taken for dead: its in-flight requests stop counting."""
+
+    @model_validator(mode="after")
+    def _timeout_spans_heartbeats(self) -> DatabaseConfig:
+        if self.replica_timeout_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("replica_timeout_seconds must be at least twice heartbeat_seconds")
+        return self
 
 
 class UpstreamConfig(_Section):
@@ -412,7 +423,11 @@ def _anchor_paths(config: Config, base: Path) -> Config:
             }
         )
     return config.model_copy(
-        update={"database": DatabaseConfig(url=url), "accounts": accounts, "server": server}
+        update={
+            "database": config.database.model_copy(update={"url": url}),
+            "accounts": accounts,
+            "server": server,
+        }
     )
 
 

@@ -15,9 +15,11 @@ APIs) goes through it. In order, each refusal an S1.4 error:
   ``tokens_per_week`` (429 ``usage_limit_reached`` with ``resets_at``: when enough of its oldest
   use leaves the window). A response that crosses a token limit finishes; the next is refused.
 
-An admitted request holds an ``Admission`` until it ends (its in-flight place). The request
-counts and in-flight places are this process's; tokens come from the durable ledger
-(``usage``), so they survive a restart and are shared by every process on one database.
+An admitted request holds an ``Admission`` until it ends (its in-flight place). Request counts
+are taken from the counters every replica shares (``shared.SharedState.take``: in memory with
+SQLite, in PostgreSQL with several processes), and the in-flight places of the other live
+replicas count too (``SharedState.elsewhere``); tokens come from the durable ledger (``usage``),
+so they survive a restart and are shared by every process on one database.
 
 ``key_usage`` answers "this key's limits and current use" (the body of ``GET /v1/usage``) for
 any view that shows a key its own headroom.
@@ -25,7 +27,6 @@ any view that shows a key its own headroom.
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from aiohttp import web
 from codexlb.auth import ClientKeys
 from codexlb.config import ApiKeyConfig
 from codexlb.errors import InvalidRequest, KeyRateLimited, KeyUsageLimitReached, ModelNotFound
+from codexlb.shared import SharedState
 from codexlb.usage import DAY, FIVE_HOURS, MINUTE, WEEK, UsageLedger, Windows
 
 RATE_WINDOW = 60.0
@@ -72,12 +74,13 @@ OPEN = Admission(None, "", None)
 
 
 class KeyLimits:
-    def __init__(self, keys: ClientKeys, ledger: UsageLedger) -> None:
+    def __init__(self, keys: ClientKeys, ledger: UsageLedger, shared: SharedState) -> None:
         self.keys = keys
         self.ledger = ledger
+        self.shared = shared
+        """Counts ``requests_per_minute`` and the in-flight places of the other replicas (S12)."""
         self._inflight: dict[str, int] = {}
-        self._recent: dict[str, collections.deque[float]] = {}
-        """Per key, when its requests of the last minute were admitted (``requests_per_minute``)."""
+        shared.add_gauges(self._gauges)
 
     async def admit(self, scope: str, model: str | None) -> Admission:
         """Admit a request of ``scope`` for ``model``, or raise the S1.4 error that says why
@@ -91,30 +94,27 @@ class KeyLimits:
             if model not in settings.models:
                 raise ModelNotFound(model)
         inflight = settings.max_inflight
-        if inflight is not None and self._inflight.get(scope, 0) >= inflight:
+        if inflight is not None and self.inflight(scope) >= inflight:
             raise KeyRateLimited(
                 f"API key '{scope}' is at its max_inflight of {inflight} requests at once; "
                 "retry when one has finished.",
                 1,
             )
-        now = self.ledger.clock()
-        recent = None
-        if settings.requests_per_minute is not None:
-            recent = self._recent_of(scope, now)
-            if len(recent) >= settings.requests_per_minute:
-                frees = recent[0] + RATE_WINDOW
-                raise KeyRateLimited(
-                    f"API key '{scope}' reached its requests_per_minute of "
-                    f"{settings.requests_per_minute}; retry in {max(1, round(frees - now))} s.",
-                    frees - now,
-                )
         if settings.tokens_per_5h is not None or settings.tokens_per_week is not None:
             await self._check_tokens(scope, settings)
-        if recent is not None:
-            recent.append(now)
+        if settings.requests_per_minute is not None:  # last: a refused request counts nothing
+            limit = settings.requests_per_minute
+            taken = await self.shared.take(_rate_counter(scope), limit=limit, window=RATE_WINDOW)
+            if not taken.admitted:
+                raise KeyRateLimited(
+                    f"API key '{scope}' reached its requests_per_minute of {limit}; "
+                    f"retry in {max(1, round(taken.retry_after))} s.",
+                    taken.retry_after,
+                )
         if settings.max_inflight is None:
             return Admission(None, scope, settings)
         self._inflight[scope] = self._inflight.get(scope, 0) + 1
+        self.shared.gauges_changed()
         return Admission(self, scope, settings)
 
     async def key_usage(self, scope: str) -> dict[str, Any]:
@@ -137,7 +137,7 @@ class KeyLimits:
             "limits": _limits(settings),
             "windows": {
                 "minute": {
-                    "requests": len(self._recent_of(scope, now)),
+                    "requests": await self.shared.used(_rate_counter(scope), window=RATE_WINDOW),
                     "limit": settings.requests_per_minute if settings is not None else None,
                 },
                 "5h": {
@@ -155,7 +155,8 @@ class KeyLimits:
         }
 
     def inflight(self, scope: str) -> int:
-        return self._inflight.get(scope, 0)
+        """The key's requests in flight, in every live replica."""
+        return self._inflight.get(scope, 0) + self.shared.elsewhere(_inflight_gauge(scope))
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -190,13 +191,8 @@ class KeyLimits:
         oldest = await self.ledger.oldest_minute(scope, window)
         return None if oldest is None else oldest + window + MINUTE
 
-    def _recent_of(self, scope: str, now: float) -> collections.deque[float]:
-        recent = self._recent.get(scope)
-        if recent is None:
-            recent = self._recent[scope] = collections.deque()
-        while recent and recent[0] <= now - RATE_WINDOW:
-            recent.popleft()
-        return recent
+    def _gauges(self) -> dict[str, int]:
+        return {_inflight_gauge(scope): count for scope, count in self._inflight.items()}
 
     def _release(self, scope: str) -> None:
         count = self._inflight.get(scope, 0) - 1
@@ -204,6 +200,15 @@ class KeyLimits:
             self._inflight[scope] = count
         else:
             self._inflight.pop(scope, None)
+        self.shared.gauges_changed()
+
+
+def _rate_counter(scope: str) -> str:
+    return f"rpm:{scope}"
+
+
+def _inflight_gauge(scope: str) -> str:
+    return f"inflight:{scope}"
 
 
 def _limits(settings: ApiKeyConfig | None) -> dict[str, Any]:

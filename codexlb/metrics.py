@@ -213,7 +213,7 @@ class _PoolCollector(Collector):
             labels=("account", "window"),
         )
         for account in self._accounts():
-            inflight.add_metric((account.name,), account.inflight)
+            inflight.add_metric((account.name,), account.leased)
             current = account.state(now)
             for name in get_args(AccountState):
                 state.add_metric((account.name, name), 1.0 if name == current else 0.0)

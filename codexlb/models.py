@@ -18,6 +18,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Double,
     Index,
     Integer,
     MetaData,
@@ -128,3 +129,54 @@ key_usage = Table(
 windows of the key's limits, ``GET /v1/usage`` and ``codexlb usage`` read it. ``minute`` is the
 bucket's start in epoch seconds; ``client_key`` is the key's name ('' in open access), ``account``
 is '' for a request no account took, ``model`` '' when the request named none."""
+
+
+account_knowledge = Table(
+    "account_knowledge",
+    metadata,
+    Column("account", String(), primary_key=True),
+    Column("identity", String(), nullable=False),
+    Column("cooldown_until", Double(), nullable=False),
+    Column("rate_limited_until", Double(), nullable=False),
+    Column("reason", String(), nullable=True),
+    Column("usage_at", Double(), nullable=False),
+    Column("primary_used", Double(), nullable=False),
+    Column("primary_resets_at", Double(), nullable=False),
+    Column("secondary_used", Double(), nullable=False),
+    Column("secondary_resets_at", Double(), nullable=False),
+    Column("refused", String(), nullable=True),
+    Column("retry_at", Double(), nullable=False),
+    Column("refused_at", Double(), nullable=False),
+)
+"""What the replicas learned about each account (``knowledge.Knowledge``, SPEC S12)."""
+
+
+affinity = Table(
+    "affinity",
+    metadata,
+    Column("slot", String(), primary_key=True),
+    Column("account", String(), nullable=False),
+    Column("expires_at", Double(), nullable=False),
+    Index("ix_affinity_expires_at", "expires_at"),
+)
+"""Soft affinity shared by the replicas: a ``session-id`` / ``prompt_cache_key`` slot → account."""
+
+
+key_counters = Table(
+    "key_counters",
+    metadata,
+    Column("counter", String(), primary_key=True),
+    Column("second", BigInteger(), primary_key=True, autoincrement=False),
+    Column("count", Integer(), nullable=False),
+)
+"""Per-second buckets of the counters the replicas share (``shared.SharedState.take``)."""
+
+
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("replica", String(), primary_key=True),
+    Column("heartbeat_at", UtcDateTime, nullable=False),
+    Column("inflight", Text, nullable=False),
+)
+"""One row per live replica: its heartbeat and in-flight leases per account (JSON)."""

@@ -34,12 +34,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from codexlb import balancer, pool_view, reported
 from codexlb.config import AccountConfig, Config, RoutingConfig
 from codexlb.credentials import Credentials
 from codexlb.errors import CodexLBError, PoolBusy, UpstreamUnavailable, UsageLimitReached
+from codexlb.knowledge import Knowledge, credentials_fingerprint, identity_fingerprint
 from codexlb.refresh import CredentialManager, LiveCredentials
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class Learned:
     credits: pool_view.Credits | None = None
     reported_headers: tuple[str | None, ...] = ()
     """The usage headers last learned from, as received: the same again teach nothing."""
+    usage_at: float = 0.0
+    """When the usage windows were last reported (other replicas' reports included)."""
 
 
 @dataclass(slots=True)
@@ -119,7 +122,10 @@ class Account:
     base_url: str
     live: LiveCredentials
     """The credential manager's record of this account: read, never copied."""
-    inflight: int = 0
+    leased: int = 0
+    """Requests in flight on it in this process."""
+    elsewhere: int = 0
+    """Requests in flight on it in the other live replicas (S12; 0 with one process)."""
     refused: Credentials | None = None
     """The credentials the upstream refused even fresh: unusable while the record holds them,
     but for one request now and then (``retry_at``)."""
@@ -127,6 +133,8 @@ class Account:
     """When one request may try the refused credentials again (0: never)."""
     retry_delay: float = 0.0
     """The wait before that try; doubles each time they are refused again."""
+    refused_at: float = 0.0
+    """When the credentials were last refused or accepted again (ordering replicas' news)."""
     failure: str | None = None
     """The last failure seen on the account (a rate limit, an error)."""
     removed: bool = False
@@ -155,6 +163,11 @@ class Account:
             if self._learned.identity != identity:
                 self._learned = Learned(identity)
         return self._learned
+
+    @property
+    def inflight(self) -> int:
+        """Requests in flight on it across the replicas."""
+        return self.leased + self.elsewhere
 
     @property
     def cooldown_until(self) -> float:
@@ -263,6 +276,25 @@ class Account:
             recovers_at=recovers_at,
         )
 
+    def knowledge(self) -> Knowledge:
+        """What is known of the account, as other replicas adopt it (``Pool.adopt``)."""
+        learned = self.learned
+        refused = self.refused is not None and self.refused is self.credentials
+        return Knowledge(
+            identity=identity_fingerprint(*learned.identity),
+            cooldown_until=learned.cooldown_until,
+            rate_limited_until=learned.rate_limited_until,
+            reason=self.failure,
+            usage_at=learned.usage_at,
+            primary_used=learned.primary.used_percent,
+            primary_resets_at=learned.primary.resets_at,
+            secondary_used=learned.secondary.used_percent,
+            secondary_resets_at=learned.secondary.resets_at,
+            refused=credentials_fingerprint(self.credentials) if refused else None,
+            retry_at=self.retry_at if refused else 0.0,
+            refused_at=self.refused_at,
+        )
+
     def candidate(self) -> balancer.Candidate:
         """The account as the balancer sees it now, as plain values."""
         return balancer.Candidate(
@@ -307,6 +339,19 @@ class Reconfiguration:
         return "; ".join(parts) or "no change to the pool"
 
 
+class Observer(Protocol):
+    """Told, on the event loop and without awaiting, what the pool learns (S12)."""
+
+    def learned(self, account: Account) -> None:
+        """``account.knowledge()`` changed: a cooldown, usage, refused credentials."""
+
+    def pinned(self, slot: str, account: str, until: float) -> None:
+        """An affinity slot is served by ``account`` until ``until``."""
+
+    def leased(self) -> None:
+        """A lease was taken or released (``Pool.leases`` changed)."""
+
+
 class Pool:
     """The accounts and what is known of them; mutated only here, on the event loop.
 
@@ -330,8 +375,9 @@ class Pool:
         self._routing = config.routing
         self._accounts: dict[str, Account] = {}
         self._draining: dict[str, Account] = {}
-        self._affinity: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._turn_states: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._affinity: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
+        """slot → (account, until, until as the other replicas were last told)."""
+        self._turn_states: OrderedDict[str, tuple[str, float, float]] = OrderedDict()
         """Turn state → the account that issued it, and until when it is remembered."""
         self._generation = 0
         """Counts the changes of what the client's view of the pool is made of (``view``)."""
@@ -340,6 +386,8 @@ class Pool:
         self._suspects: OrderedDict[RequestId, float] = OrderedDict()
         self._next_retry = math.inf
         """The earliest ``retry_at`` of an account with refused credentials."""
+        self.observer: Observer | None = None
+        """Told what the pool learns, to share it with other replicas (S12)."""
         for account_config in config.accounts:
             self._accounts[account_config.name] = self._new_account(config, account_config)
 
@@ -435,8 +483,10 @@ class Pool:
         return Account(account_config, base_url, self.credentials.record(account_config.name))
 
     def _released(self, account: Account) -> None:
-        account.inflight -= 1
-        if account.inflight == 0 and self._draining.get(account.name) is account:
+        account.leased -= 1
+        if self.observer is not None:
+            self.observer.leased()
+        if account.leased == 0 and self._draining.get(account.name) is account:
             del self._draining[account.name]
             log.info("account %s: removed from the configuration, now drained", account.name)
 
@@ -485,7 +535,7 @@ class Pool:
         removed = [name for name in self._accounts if name not in accounts]
         for account in known.values():
             account.removed = True
-        self._draining = {name: a for name, a in known.items() if a.inflight > 0}
+        self._draining = {name: a for name, a in known.items() if a.leased > 0}
         self._accounts = accounts
         routing = config.routing != self._routing
         self._routing = config.routing
@@ -536,6 +586,7 @@ class Pool:
         account.failure = "rate limited"
         self._changed()
         log.warning("account %s is rate limited until %s", account.name, _fmt_time(until))
+        self._learned(account)
 
     def failed(self, account: Account, reason: str, *, request: RequestId | None = None) -> None:
         """A 5xx, a connect error or a broken stream: exponential cooldown.
@@ -573,6 +624,7 @@ class Pool:
         account.failure = reason
         self._changed()
         log.warning("account %s failed (%s); cooling down %.1fs", account.name, reason, delay)
+        self._learned(account)
 
     def unauthorized(self, account: Account) -> None:
         """The upstream refused the account's credentials even fresh: unusable until the
@@ -582,6 +634,7 @@ class Pool:
         first = account.refused is None
         account.refused = account.credentials
         self._changed()
+        account.refused_at = self._clock()
         account.failure = None  # what failed before does not outlive these credentials
         routing = self._routing
         if not routing.unauthorized_retry_seconds:
@@ -591,6 +644,7 @@ class Pool:
                 "until its credentials change",
                 account.name,
             )
+            self._learned(account)
             return
         delay = routing.unauthorized_retry_seconds
         if not first and account.retry_delay:
@@ -604,13 +658,16 @@ class Pool:
             account.name,
             delay,
         )
+        self._learned(account)
 
     def _accepted(self, account: Account) -> None:
         """The upstream served an account with the credentials it refused before."""
         account.refused = None
         account.retry_at = account.retry_delay = 0.0
         self._changed()
+        account.refused_at = self._clock()
         log.warning("account %s: the upstream accepts its credentials again", account.name)
+        self._learned(account)
 
     # -- requests that fail everywhere ----------------------------------------------------
 
@@ -706,13 +763,16 @@ class Pool:
         if credits is not None and credits != account.learned.credits:
             account.learned.credits = credits
             self._changed()
+        if windows:
+            account.learned.usage_at = self._clock()
+            self._learned(account)
 
     # -- affinity -------------------------------------------------------------------------
 
     def remember_affinity(self, key: str | None, account: Account) -> None:
         if key is None or self._routing.affinity_ttl_seconds <= 0:
             return
-        self._remember(self._affinity, key, account, self._routing.affinity_ttl_seconds)
+        self._remember(self._affinity, key, account, self._routing.affinity_ttl_seconds, share=True)
 
     def remember_turn_state(self, value: str, account: Account) -> None:
         """``account`` issued the turn state ``value`` (``turn_state``)."""
@@ -724,19 +784,31 @@ class Pool:
 
     def _remember(
         self,
-        entries: OrderedDict[str, tuple[str, float]],
+        entries: OrderedDict[str, tuple[str, float, float]],
         key: str,
         account: Account,
         seconds: float,
+        *,
+        share: bool = False,
     ) -> None:
+        """``share``: tell the other replicas (S12) of a new or moved slot, or when what they
+        were told is half way to expiring; a slot served again and again costs nothing else."""
         key = _affinity_slot(key)
-        entries[key] = (account.name, self._clock() + seconds)
+        now = self._clock()
+        until = shared_until = now + seconds
+        if share and self.observer is not None:
+            entry = entries.get(key)
+            if entry is None or entry[0] != account.name or entry[2] - now < seconds / 2:
+                self.observer.pinned(key, account.name, until)
+            else:
+                shared_until = entry[2]
+        entries[key] = (account.name, until, shared_until)
         entries.move_to_end(key)
         while len(entries) > AFFINITY_CAPACITY:
             entries.popitem(last=False)
 
     def _remembered(
-        self, entries: OrderedDict[str, tuple[str, float]], key: str, now: float
+        self, entries: OrderedDict[str, tuple[str, float, float]], key: str, now: float
     ) -> str | None:
         key = _affinity_slot(key)
         entry = entries.get(key)
@@ -749,6 +821,69 @@ class Pool:
 
     def _affinity_account(self, key: str | None, now: float) -> str | None:
         return None if key is None else self._remembered(self._affinity, key, now)
+
+    # -- shared with other replicas (S12; ``shared``) -------------------------------------
+
+    def _learned(self, account: Account) -> None:
+        if self.observer is not None:
+            self.observer.learned(account)
+
+    def adopt(self, name: str, news: Knowledge) -> None:
+        """What another replica learned about account ``name`` (``knowledge.merged``'s rules).
+        Ignored when the account's credentials here name another upstream identity, and never
+        told back to the observer."""
+        account = self._accounts.get(name) or self._draining.get(name)
+        if account is None:
+            return
+        learned = account.learned
+        if news.identity != identity_fingerprint(*learned.identity):
+            return
+        if news.cooldown_until > learned.cooldown_until:
+            learned.cooldown_until = news.cooldown_until
+            account.failure = news.reason
+        learned.rate_limited_until = max(learned.rate_limited_until, news.rate_limited_until)
+        if news.usage_at > learned.usage_at:
+            learned.usage_at = news.usage_at
+            for window, used, resets_at in (
+                (learned.primary, news.primary_used, news.primary_resets_at),
+                (learned.secondary, news.secondary_used, news.secondary_resets_at),
+            ):
+                window.used_percent, window.resets_at, window.reported = used, resets_at, True
+            learned.reported_headers = ()  # the next headers are news again
+        if news.refused_at > account.refused_at:
+            account.refused_at = news.refused_at
+            if news.refused is None:
+                if account.refused is not None:
+                    account.refused = None
+                    account.retry_at = account.retry_delay = 0.0
+            elif news.refused == credentials_fingerprint(account.credentials):
+                account.refused = account.credentials
+                account.retry_at = news.retry_at
+                if news.retry_at:
+                    self._next_retry = min(self._next_retry, news.retry_at)
+        self._changed()  # the client's view of the pool may show what was adopted
+
+    def adopt_affinity(self, slot: str, account: str, until: float) -> None:
+        """Another replica served ``slot`` (a slot of ``remember_affinity``) by ``account``."""
+        if until <= self._clock():
+            return
+        self._affinity[slot] = (account, until, until)
+        self._affinity.move_to_end(slot)
+        while len(self._affinity) > AFFINITY_CAPACITY:
+            self._affinity.popitem(last=False)
+
+    def set_elsewhere(self, inflight: Mapping[str, int]) -> None:
+        """The requests the other live replicas carry, by account name."""
+        for account in (*self._accounts.values(), *self._draining.values()):
+            account.elsewhere = inflight.get(account.name, 0)
+
+    def leases(self) -> dict[str, int]:
+        """The requests this process carries, by account name (those carrying any)."""
+        return {
+            a.name: a.leased
+            for a in (*self._accounts.values(), *self._draining.values())
+            if a.leased
+        }
 
     def _any_error_cooldown(self, now: float) -> bool:
         return any(balancer.backing_off(a, now) for a in self.accounts)
@@ -786,7 +921,9 @@ class Lease:
         self._account = account
 
     def __enter__(self) -> None:
-        self._account.inflight += 1
+        self._account.leased += 1
+        if self._pool.observer is not None:
+            self._pool.observer.leased()
 
     def __exit__(self, *exc_info: object) -> None:
         self._pool._released(self._account)

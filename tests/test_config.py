@@ -274,3 +274,20 @@ def test_config_is_frozen(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="frozen"):
         config.server.port = 1  # type: ignore[misc]
+
+
+def test_replica_settings_survive_loading_from_a_file(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        '[database]\nurl = "sqlite+aiosqlite:///lb.db"\n'
+        "heartbeat_seconds = 0.5\nreplica_timeout_seconds = 3\n",
+    )
+    assert (config.database.heartbeat_seconds, config.database.replica_timeout_seconds) == (0.5, 3)
+
+
+def test_a_replica_timeout_must_span_two_heartbeats(tmp_path: Path) -> None:
+    message = load_error(
+        tmp_path, "[database]\nheartbeat_seconds = 2\nreplica_timeout_seconds = 3\n"
+    )
+    assert "database" in message
+    assert "replica_timeout_seconds must be at least twice heartbeat_seconds" in message
