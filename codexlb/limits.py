@@ -9,11 +9,12 @@ APIs) goes through it. In order, each refusal an S1.4 error:
 - the model is one of its ``models`` (404 ``model_not_found``);
 - fewer than ``max_inflight`` of its requests are running (429 ``rate_limit_exceeded``,
   ``Retry-After: 1``);
-- fewer than ``requests_per_minute`` were admitted in the last 60 seconds (429
-  ``rate_limit_exceeded``, ``Retry-After`` when the oldest leaves the window);
 - its tokens in the rolling 5 hours and 7 days are under ``tokens_per_5h`` and
   ``tokens_per_week`` (429 ``usage_limit_reached`` with ``resets_at``: when enough of its oldest
-  use leaves the window). A response that crosses a token limit finishes; the next is refused.
+  use leaves the window). A response that crosses a token limit finishes; the next is refused;
+- fewer than ``requests_per_minute`` were admitted in the last 60 seconds (429
+  ``rate_limit_exceeded``, ``Retry-After`` when the oldest leaves the window). Checked last,
+  as counting is the check: a request refused for another reason is not counted.
 
 An admitted request holds an ``Admission`` until it ends (its in-flight place). Request counts
 are taken from the counters every replica shares (``shared.SharedState.take``: in memory with
