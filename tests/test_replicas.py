@@ -21,6 +21,7 @@ from tests.harness import (
     Fake,
     auth,
     config_data,
+    eventually,
     make_config,
     serve,
     start_child,
@@ -267,3 +268,24 @@ async def test_a_replica_killed_mid_stream_leaves_no_account_busy(
             turn = await stream_turn(http, server.url, {"input": [user_message("more")]})
             assert turn.status == 200, turn.events
         assert busy in served_by(fake, 4)  # the account the dead replica held serves again
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_key_s_max_inflight_counts_its_requests_on_every_replica(
+    database_url: str, fake: Fake, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    data = config_data(fake.url, database_url)
+    data["api_keys"][0]["max_inflight"] = 1  # alice
+    config = make_config(data, tmp_path)
+    async with serve(config) as one, serve(config) as two:
+        fake.script(Fault.slow_first_byte(1.0))
+        first = asyncio.create_task(stream_turn(http, one.url, {"input": [user_message("a")]}))
+        limits = two.services.limits
+        await eventually(lambda: limits.inflight("alice") == 1, timeout=1.0)
+        refused = await stream_turn(http, two.url, {"input": [user_message("b")]})
+        assert refused.status == 429
+        assert "max_inflight of 1" in refused.events[0]["error"]["message"]
+        assert (await first).status == 200
+        await eventually(lambda: limits.inflight("alice") == 0, timeout=1.0)
+        again = await stream_turn(http, two.url, {"input": [user_message("c")]})
+        assert again.status == 200
