@@ -219,7 +219,7 @@ class Exchange:
         account = None
         if len(self._tried - self._rate_limited) < max_attempts:
             exclude: Collection[str] = self._tried
-            if barred := self.admission.barred([a.name for a in pool.accounts]):
+            if barred := self.admission.barred(a.name for a in pool.accounts):
                 exclude = self._tried | barred
             account = pool.choose(
                 prefer=self.turn_state_owner or self.origin_account or prefer,
