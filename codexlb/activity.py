@@ -155,7 +155,11 @@ class Activity:
 
     def attempt(self, account: str, outcome: str) -> None:
         """One upstream attempt on ``account`` and its outcome (``metrics.Metrics.attempt``)."""
-        slot = self._minute(self.clock())
+        when = self.clock()
+        minute = int(when // 60)
+        slot = self._minutes[minute % HOUR_MINUTES]
+        if slot is None or slot.minute != minute:
+            slot = self._minute(when)
         if account not in slot.attempts and len(slot.attempts) >= NAMES_CAP:
             account = OTHER
         attempts = slot.attempts

@@ -217,9 +217,10 @@ class Exchange:
         pool = self.services.pool
         max_attempts = pool.routing.max_attempts  # live: the pool follows config reloads
         account = None
-        if len(self._tried - self._rate_limited) < max_attempts:
+        tried = self._tried
+        if len(tried - self._rate_limited if self._rate_limited else tried) < max_attempts:
             exclude: Collection[str] = self._tried
-            if barred := self.admission.barred([a.name for a in pool.accounts]):
+            if barred := self.admission.barred(a.name for a in pool.accounts):
                 exclude = self._tried | barred
             account = pool.choose(
                 prefer=self.turn_state_owner or self.origin_account or prefer,

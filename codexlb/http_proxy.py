@@ -366,6 +366,7 @@ class HttpProxy:
         recorder = ResponseRecorder(max_response_bytes=self._limits.max_upstream_response_bytes)
         sink = _ClientStream(request, exchange, exchange.client_headers(upstream.headers))
         batches = self._events(upstream)
+        observe, passed = recorder.observe, sink.pending.append  # once per event: bound once
         try:
             while (events := await batches.next_batch()) is not None:
                 if recorder.exceeds(batches.received):
@@ -373,13 +374,13 @@ class HttpProxy:
                 for raw, kind, data in events:
                     if kind == "codex.rate_limits":
                         raw = _pool_rate_limits(exchange, account, raw, data)
-                    step = recorder.observe(kind, data)
+                    step = observe(kind, data)
                     if translate is not None:
                         raw = translate(kind, data, raw)
                         if not raw and (step is PASS or step is HOLD):
                             continue
                     if step is PASS:
-                        sink.add(raw)
+                        passed(raw)  # ``sink.add``
                         continue
                     if step is HOLD:
                         sink.hold(raw)

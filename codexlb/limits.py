@@ -29,7 +29,7 @@ any view that shows a key its own headroom.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +62,9 @@ class Admission:
         allowed = self.settings.accounts if self.settings is not None else None
         return allowed is None or account in allowed
 
-    def barred(self, accounts: Collection[str]) -> frozenset[str]:
-        """The names in ``accounts`` the key may not draw from."""
+    def barred(self, accounts: Iterable[str]) -> frozenset[str]:
+        """The names in ``accounts`` the key may not draw from (not read when it may draw
+        from any: a generator costs nothing then)."""
         allowed = self.settings.accounts if self.settings is not None else None
         if allowed is None:
             return frozenset()

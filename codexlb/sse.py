@@ -66,7 +66,8 @@ class SSEDecoder:
         else:
             whole = chunk
         events = self._split(whole)
-        self._check_size()
+        if self._buffer:  # an unfinished event kept (``_keep``)
+            self._check_size()
         return events
 
     def flush(self) -> list[Event]:

@@ -24,6 +24,8 @@ METADATA_KEY = HEADER
 def in_body(body: Mapping[str, Any]) -> str | None:
     """The turn state a request body carries in ``client_metadata``."""
     metadata = body.get("client_metadata")
+    if metadata is None:  # most requests: no ``isinstance`` check against an ABC
+        return None
     if isinstance(metadata, Mapping):
         value = metadata.get(METADATA_KEY)
         if isinstance(value, str) and value:
