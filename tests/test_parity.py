@@ -32,16 +32,20 @@ async def test_statuses_that_say_more_about_the_account_fail_over(
     transport: str, status: int, fake: Fake, lb: Balancer, http: aiohttp.ClientSession
 ) -> None:
     fake.script(Fault.status(status))
+    pool = lb.services.pool
+    before = pool.now()
 
     types = await turn(http, lb, transport)
 
     assert types[-1] == "response.completed", types
     refused, served = [r for r in fake.received if r.body][-2:]
     assert refused.account != served.account
-    pool = lb.services.pool
-    cooling = pool.get(str(refused.account))
-    assert cooling is not None
-    assert cooling.state(pool.now()) == "cooling_down"
+    cooled = pool.get(str(refused.account))
+    assert cooled is not None
+    # Cooled down by the failure (the harness's cooldown is short: a loaded machine may see it
+    # end before this line, so the time it was set to is what is checked).
+    assert cooled.cooldown_until > before
+    assert cooled.rate_limited_until <= before
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
