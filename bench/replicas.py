@@ -22,6 +22,11 @@ Instruction counts are load-independent (the machine is shared); they leave out 
 server's own work and time spent waiting on it, so the latency a counter round trip adds is
 measured on the side, as the median of ``--round-trips`` sequential ``take`` calls in this
 process (a small wall-clock figure: read it as an order of magnitude).
+
+``--wall`` runs the same set-ups without valgrind and measures time instead: throughput and
+the total time per request (p50, p99) over ``N`` requests at concurrency C, every set-up in
+turn for ``--rounds`` rounds (so that drift in machine load hits all alike), each against
+``sqlite x1``. Read it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 if __package__ in (None, ""):  # run as ``python bench/replicas.py``: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,7 +65,7 @@ from bench.common import (
 )
 from bench.http_sse import HEADERS, new_session, one_request
 from bench.instructions import START_TIMEOUT_SECONDS, control, dumped_instructions
-from bench.levels import Target, closed_loop
+from bench.levels import Outcome, Target, closed_loop
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 SETUPS = (("sqlite", 1, 1), ("postgresql", 1, 1), ("postgresql", 1, 2), ("postgresql", 2, 1))
@@ -76,8 +82,10 @@ async def count(
     concurrency: int,
     database_url: str,
     requests_per_minute: int | None,
-) -> tuple[int, int]:
-    """Instructions of all replicas over ``requests`` measured requests, and the failures."""
+    wall: bool = False,
+) -> tuple[int, int] | tuple[list[Outcome], float]:
+    """Instructions of all replicas over ``requests`` measured requests, and the failures; with
+    ``wall``, no valgrind: the outcomes and the wall time of the measured requests."""
     outs = [tmp / f"callgrind-{i}.out" for i in range(replicas)]
     async with contextlib.AsyncExitStack() as stack:
         fake = await start_server(
@@ -100,6 +108,8 @@ async def count(
         for i, out in enumerate(outs):
             valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
             valgrind.append(f"--callgrind-out-file={out}")
+            if wall:
+                valgrind = []
             server = await start_server(
                 f"codexlb {i + 1}",
                 [*valgrind, *codexlb_argv(config)],
@@ -118,6 +128,8 @@ async def count(
             ]
             warmup = 4 * concurrency
             await closed_loop(workers, 0, warmup)
+            if wall:
+                return await closed_loop(workers, warmup, requests)
             for server in servers:
                 await control("-i", "on", str(server.pid))
             outcomes, _ = await closed_loop(workers, warmup, requests)
@@ -165,13 +177,59 @@ async def fresh_database(admin_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+async def run_wall(args: argparse.Namespace) -> int:
+    """``--wall``: throughput and total time per set-up, the set-ups in turn each round."""
+    samples: dict[str, tuple[list[float], float, int]] = {}
+    for _ in range(args.rounds):
+        for backend, replicas, divisor in SETUPS:
+            if divisor != 1:
+                continue  # same load per replica: a question for instructions, not time
+            with tempfile.TemporaryDirectory(prefix="codexlb-replicas-") as temp:
+                async with fresh_database(args.postgres) as database_url:
+                    measured = await count(
+                        Path(temp),
+                        backend,
+                        replicas,
+                        requests=args.requests,
+                        concurrency=args.concurrency,
+                        database_url=database_url,
+                        requests_per_minute=args.requests_per_minute,
+                        wall=True,
+                    )
+            outcomes, seconds = cast(tuple[list[Outcome], float], measured)
+            failed = [o for o in outcomes if isinstance(o, str)]
+            if failed:
+                print(f"error: {len(failed)} requests failed: {failed[0]}", file=sys.stderr)
+                return 1
+            label = f"{backend} x{replicas}"
+            totals, wall, count_ = samples.get(label, ([], 0.0, 0))
+            totals += [o[1] for o in outcomes if not isinstance(o, str)]
+            samples[label] = (totals, wall + seconds, count_ + len(outcomes))
+    baseline = None
+    for label, (totals, wall, n) in samples.items():
+        totals.sort()
+        rate = n / wall
+        p50 = totals[len(totals) // 2] * 1000
+        p99 = totals[min(len(totals) - 1, int(len(totals) * 0.99))] * 1000
+        baseline = baseline or (rate, p50)
+        print(
+            f"{label} at concurrency {args.concurrency}: {rate:,.0f} requests/s "
+            f"({rate / baseline[0]:.3f} of sqlite x1), total p50 {p50:.2f} ms "
+            f"({p50 - baseline[1]:+.2f}), p99 {p99:.2f} ms",
+            flush=True,
+        )
+    return 0
+
+
 async def run(args: argparse.Namespace) -> int:
+    if args.wall:
+        return await run_wall(args)
     results: list[tuple[str, float]] = []
     for backend, replicas, divisor in SETUPS:
         concurrency = max(args.concurrency // divisor, 1)
         with tempfile.TemporaryDirectory(prefix="codexlb-replicas-") as temp:
             async with fresh_database(args.postgres) as database_url:
-                instructions, failed = await count(
+                counted = await count(
                     Path(temp),
                     backend,
                     replicas,
@@ -180,6 +238,7 @@ async def run(args: argparse.Namespace) -> int:
                     database_url=database_url,
                     requests_per_minute=args.requests_per_minute,
                 )
+        instructions, failed = cast(tuple[int, int], counted)
         if failed:
             print(f"error: {failed} of {args.requests} requests failed", file=sys.stderr)
             return 1
@@ -201,9 +260,11 @@ def main() -> int:
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="an admin URL (asyncpg)")
     parser.add_argument("--requests-per-minute", type=int, default=None)
     parser.add_argument("--round-trips", type=int, default=200)
+    parser.add_argument("--wall", action="store_true", help="measure time, not instructions")
+    parser.add_argument("--rounds", type=int, default=3, help="with --wall (default 3)")
     args = parser.parse_args()
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
-    if missing:
+    if missing and not args.wall:
         print(f"needs {' and '.join(missing)} (Debian: apt install valgrind)", file=sys.stderr)
         return 2
     try:
