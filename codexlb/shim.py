@@ -1,9 +1,10 @@
 """The parts of aiohttp's private interior codexlb reaches into, all in this one module.
 
 ``pyproject.toml`` keeps aiohttp below its next major version; each item here is exercised
-through real sockets by ``tests/test_ws_proxy.py`` (``test_frames_reach_the_client_as_sent``,
-``test_deflate_when_enabled_is_negotiated_but_events_go_out_uncompressed``) and
-``tests/test_frames.py`` (the mask).
+through real sockets: ``ClientFrames`` and ``send_uncompressed_by_default`` by
+``tests/test_ws_proxy.py::test_deflate_when_enabled_is_negotiated_but_events_go_out_uncompressed``
+(raw frames read off codexlb's socket) and every WebSocket test, the mask by
+``tests/test_frames.py`` and ``test_a_large_replay_reaches_the_upstream_intact``.
 """
 
 from __future__ import annotations

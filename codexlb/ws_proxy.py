@@ -14,6 +14,10 @@ account has no open socket here, send, relay the frames) and hands every upstrea
 produced on the open socket is forwarded as it is (S3.1) unless the delta belongs to another
 account; any other anchor is replayed. Every ``error`` event codexlb sends carries ``status``.
 
+The upstream socket is codexlb's own client (``websocket``): the frames that arrived together
+are relayed together, each looked at by its type, and those the client may see are written to
+the client's connection as the bytes they came in (``shim.ClientFrames``), in one write.
+
 At shutdown (``WsProxy.shutdown``) idle client sockets close at once with 1001 and busy ones
 right after their turn, so clients reconnect instead of holding the server up.
 """
@@ -72,22 +76,14 @@ log = logging.getLogger(__name__)
 CLIENT_HEARTBEAT_SECONDS = 30.0
 UPSTREAM_CLOSE_SECONDS = 2.0
 """Longest wait for an upstream socket's closing handshake before the connection is cut."""
-ENDED = frozenset(
-    {
-        aiohttp.WSMsgType.CLOSE,
-        aiohttp.WSMsgType.CLOSING,
-        aiohttp.WSMsgType.CLOSED,
-        aiohttp.WSMsgType.ERROR,
-    }
-)
 TEXT, BINARY = aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY
+"""For the per-message code: on Python 3.11 each ``WSMsgType.X`` goes through
+``EnumType.__getattr__``."""
 GOING_AWAY = aiohttp.WSCloseCode.GOING_AWAY
 POLICY_VIOLATION = aiohttp.WSCloseCode.POLICY_VIOLATION
 MESSAGE_SLACK_BYTES = 1024 * 1024
 """Read past ``max_body_bytes`` by this much: a message just over the limit gets its error
 event on a socket that stays open."""
-"""For the per-message code: on Python 3.11 each ``WSMsgType.X`` goes through
-``EnumType.__getattr__``."""
 
 
 class ClientWebSocket(web.WebSocketResponse):
