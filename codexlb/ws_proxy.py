@@ -480,13 +480,13 @@ class ClientSocket:
                 return await self._broken(exchange, account, recorder, reason)
             out: list[bytes] = []
             for opcode, head, payload in batch:
-                if opcode != TEXT_FRAME:
-                    continue  # binary frames carry nothing for the client
-                received_size += len(payload)
+                received_size += len(payload)  # binary frames count too, though not relayed
                 if recorder.exceeds(received_size):
                     await self._write(out, record)
                     reason = "the response exceeds [limits] max_upstream_response_bytes"
                     return await self._broken(exchange, account, recorder, reason)
+                if opcode != TEXT_FRAME:
+                    continue  # binary frames carry nothing for the client
                 kind = event_type(payload)
                 if kind == "codex.rate_limits":
                     with contextlib.suppress(ValueError):

@@ -4,6 +4,7 @@ bounded. Over loopback, with the fake upstream scripted to misbehave."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -289,6 +290,19 @@ def output_item_done(transport: str) -> bytes:
     if transport == "ws":
         return data
     return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+async def test_an_endless_stream_of_binary_frames_ends_at_the_response_limit(
+    two: Fake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with serve(lb_config(two, tmp_path, limits=SMALL_LIMITS)) as lb:
+        two.script(Fault.flood(b"\x00" * 65536, 10**6, binary=True), account="a")
+        two.set_usage("b", 50)  # a first
+        async with asyncio.timeout(30):
+            answer = await turn(http, lb, "ws", "binary noise")
+        await eventually(lambda: two.disconnects >= 1)  # codexlb hung up long before the end
+    # Nothing was visible: the turn went on to b.
+    assert answer.get("type") == "response.completed", answer
 
 
 @pytest.mark.parametrize("transport", ["http", "ws"])

@@ -174,6 +174,8 @@ class Fault:
     events: int = 0
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
+    binary: bool = False
+    """A WebSocket ``flood`` of binary frames rather than text ones."""
 
     @classmethod
     def status(
@@ -271,12 +273,13 @@ class Fault:
         return cls("raw", http_status=status, body=body, headers=tuple((headers or {}).items()))
 
     @classmethod
-    def flood(cls, unit: bytes, times: int) -> Fault:
+    def flood(cls, unit: bytes, times: int, *, binary: bool = False) -> Fault:
         """``response.created``, then ``unit`` ``times`` times and nothing else (HTTP: raw
-        stream bytes, written as they are; WebSocket: a text frame each), then a hang-up."""
+        stream bytes, written as they are; WebSocket: a text frame each, or with ``binary`` a
+        binary frame), then a hang-up."""
         if times < 0:
             raise ValueError("times must be >= 0")
-        return cls("flood", body=unit, events=times)
+        return cls("flood", body=unit, events=times, binary=binary)
 
     @property
     def is_error(self) -> bool:

@@ -165,7 +165,7 @@ class _Session:
         self.responding = True
         if await self._send([events.encode_json(created)]):
             for _ in range(fault.events):
-                if not await self._send([unit]):
+                if not await (self._send_bytes(fault.body) if fault.binary else self._send([unit])):
                     self.state.count_disconnect()
                     return False
         drop_connection(self.request)
@@ -186,6 +186,14 @@ class _Session:
         try:
             for frame in frames:
                 await self.ws.send_str(frame)
+        except ConnectionError:
+            return False
+        return True
+
+    async def _send_bytes(self, frame: bytes) -> bool:
+        """Send one binary frame; False if the peer is gone."""
+        try:
+            await self.ws.send_bytes(frame)
         except ConnectionError:
             return False
         return True
