@@ -11,10 +11,11 @@ holds rotated tokens and every conversation, so its file is created 0600 before 
 existing one and its side files are tightened to 0600 at start.
 
 :func:`upgrade` runs ``alembic upgrade head`` on a connection of the application's own engine
-(the alembic cookbook's connection sharing, driven through ``run_sync``); it is idempotent and runs
-at every start-up. The whole upgrade is one transaction that first takes the database's write
-lock (a transaction-scoped advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so
-processes starting together migrate one at a time and a failed migration leaves nothing behind.
+(the alembic cookbook's connection sharing, driven through ``run_sync``); it is idempotent and
+runs at every start-up, and a schema already at ``HEAD_REVISION`` is left without loading
+alembic. The whole upgrade is one transaction that first takes the database's write lock (a
+transaction-scoped advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so processes
+starting together migrate one at a time and a failed migration leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -25,17 +26,22 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, event, make_url, text
+from sqlalchemy import Connection, event, inspect, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
 SIDE_FILES = ("-wal", "-shm", "-journal")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+HEAD_REVISION = "0006"
+"""The newest migration (``tests/test_migrations.py`` checks it is alembic's head): a database
+already there is started without loading alembic at all, which would cost every process some
+11 MiB of memory for nothing."""
 _MIGRATION_LOCK_KEY = int.from_bytes(b"codexlb", "big")
 _WAL_ATTEMPTS = 100
 
@@ -129,15 +135,29 @@ def upgrade_url(url: str) -> None:
 
 
 def alembic_config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config
 
 
 def _upgrade_on(connection: Connection) -> None:
+    if _at_head(connection):
+        return
+    from alembic import command
+
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+def _at_head(connection: Connection) -> bool:
+    """Whether the schema is at ``HEAD_REVISION`` already (read as alembic records it)."""
+    if not inspect(connection).has_table("alembic_version"):
+        return False
+    versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars()
+    return list(versions) == [HEAD_REVISION]
 
 
 def _apply_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:

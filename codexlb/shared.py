@@ -42,9 +42,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-import asyncpg
 import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -52,6 +51,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from codexlb.config import DatabaseConfig
 from codexlb.knowledge import Knowledge, merged
 from codexlb.pool import AFFINITY_CAPACITY, AFFINITY_KEY_LENGTH, Account, Pool
+
+if TYPE_CHECKING:
+    import asyncpg
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +283,7 @@ class PostgresState:
         self._watch_leases = any(a.max_inflight for a in self._pool.accounts)
         try:
             await self._listen()
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except (OSError, _asyncpg().PostgresError, TimeoutError) as exc:
             log.error("replicas: cannot listen for the others' news yet (%s); retrying", exc)
             self._lost.set()
         self._tasks = [
@@ -342,7 +344,7 @@ class PostgresState:
     async def _open_counters(self) -> asyncpg.Pool:
         async with self._counters_lock:
             if self._counters is None:
-                self._counters = await asyncpg.create_pool(
+                self._counters = await _asyncpg().create_pool(
                     self._dsn,
                     min_size=1,
                     max_size=COUNTER_CONNECTIONS,
@@ -506,7 +508,7 @@ class PostgresState:
     async def _listen(self) -> None:
         """Open the listening connection, then read what is known (so nothing announced in
         between is missed: adopting twice is harmless)."""
-        connection = await asyncpg.connect(self._dsn, timeout=10)
+        connection = await _asyncpg().connect(self._dsn, timeout=10)
         try:
             await connection.add_listener(CHANNEL, self._on_notification)
             connection.add_termination_listener(lambda _: self._lost.set())
@@ -529,7 +531,7 @@ class PostgresState:
             await asyncio.sleep(RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)])
             try:
                 await self._listen()
-            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            except (OSError, _asyncpg().PostgresError, TimeoutError) as exc:
                 failures += 1
                 log.warning("replicas: cannot listen yet (%s)", type(exc).__name__)
             else:
@@ -667,3 +669,10 @@ def _pin(entry: Any) -> tuple[str, str, float]:
     ):
         return entry[0], entry[1], float(entry[2])
     raise ValueError("a pin is [slot, account, until]")
+
+
+def _asyncpg() -> Any:
+    """asyncpg, imported when PostgreSQL is first used: a process on SQLite never holds it."""
+    import asyncpg
+
+    return asyncpg

@@ -3,17 +3,21 @@ queries with describe exactly what they build, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime
 from hashlib import blake2b
+from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from codexlb.db import alembic_config, create_engine, upgrade
+from codexlb.db import HEAD_REVISION, alembic_config, create_engine, upgrade
 from codexlb.models import metadata
 from codexlb.provenance import keys_of
 from codexlb.store import SnapshotStore
@@ -90,3 +94,28 @@ def _downgrade_to(connection: Connection, revision: str) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
     command.downgrade(config, revision)
+
+
+def test_the_head_revision_the_code_names_is_alembics_head() -> None:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head == HEAD_REVISION
+
+
+def test_a_database_at_head_starts_without_loading_alembic(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'codexlb.db'}"
+    program = f"""
+import sys
+from codexlb.db import upgrade_url
+upgrade_url({url!r})
+"""
+    second = f"""
+import sys
+from codexlb.db import upgrade_url
+upgrade_url({url!r})
+print("alembic" in sys.modules, "asyncpg" in sys.modules)
+"""
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=60)
+    shown = subprocess.run(
+        [sys.executable, "-c", second], check=True, timeout=60, capture_output=True, text=True
+    )
+    assert shown.stdout.split() == ["False", "False"]
