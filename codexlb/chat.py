@@ -45,6 +45,7 @@ from codexlb.translation import (
     optional_int,
     output_items,
     parse_object,
+    required_model,
     unsupported,
     usage_counts,
 )
@@ -68,10 +69,7 @@ CHAT_COMPLETIONS = ChatCompletions()
 
 def translate(body: dict[str, Any], models: ModelsConfig) -> ChatTranslation:
     """The Chat Completions ``body`` as a Responses request (see the module's table)."""
-    model = body.get("model")
-    if not model:
-        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
-    expect(model, str, "model", "a string")
+    model = required_model(body)
     n = body.get("n")
     if n is not None and n != 1:
         raise invalid("n", "only n = 1 is served: each choice would be its own upstream response.")

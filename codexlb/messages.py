@@ -52,6 +52,7 @@ from codexlb.translation import (
     output_items,
     parse_object,
     reasoning_text,
+    required_model,
     session_digest,
     unsupported,
     usage_counts,
@@ -84,10 +85,7 @@ MESSAGES = Messages()
 
 def translate(body: dict[str, Any], models: ModelsConfig) -> MessagesTranslation:
     """The Messages ``body`` as a Responses request (see the module's table)."""
-    model = body.get("model")
-    if not model:
-        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
-    expect(model, str, "model", "a string")
+    model = required_model(body)
     max_tokens = optional_int(body, "max_tokens")
     if max_tokens is None:
         raise InvalidRequest("Missing required parameter: 'max_tokens'.", param="max_tokens")

@@ -131,6 +131,14 @@ def expect(value: Any, types: type | tuple[type, ...], param: str, what: str) ->
     return value
 
 
+def required_model(body: Mapping[str, Any]) -> str:
+    """The request's ``model``, which both translated APIs require."""
+    model = body.get("model")
+    if not model:
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+    return str(expect(model, str, "model", "a string"))
+
+
 def optional_int(body: Mapping[str, Any], name: str, *, minimum: int = 1) -> int | None:
     value = body.get(name)
     if value is None:

@@ -7,14 +7,11 @@ binary of the platform package npm installed beside it.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
-from tests.codex_cli import _locked
+from tests.codex_cli import _locked, npm_install
 
 CLAUDE_CODE_VERSION = "2.1.197"
 PACKAGE = f"@anthropic-ai/claude-code@{CLAUDE_CODE_VERSION}"
@@ -42,37 +39,9 @@ def install_claude_code(
     with _locked(install_dir / ".lock"):
         if _version_of(binary) == CLAUDE_CODE_VERSION:
             return binary
-        command = [
-            "npm",
-            "install",
-            "--prefix",
-            str(install_dir),
-            "--no-save",
-            "--no-audit",
-            "--no-fund",
-            "--loglevel=error",
-            PACKAGE,
-        ]
-        with subprocess.Popen(
-            command,
-            cwd=install_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "npm_config_update_notifier": "false"},
-            start_new_session=True,
-        ) as npm:
-            try:
-                stdout, stderr = npm.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(npm.pid, signal.SIGKILL)
-                npm.communicate()
-                return f"npm install {PACKAGE} took longer than {timeout:g} s"
-        if npm.returncode != 0:
-            tail = (stderr or stdout).strip()[-2000:]
-            return f"npm install {PACKAGE} failed (exit {npm.returncode}): {tail}"
+        failed = npm_install(install_dir, PACKAGE, timeout)
+        if failed is not None:
+            return failed
         version = _version_of(binary)
         if version != CLAUDE_CODE_VERSION:
             return f"{binary} reports version {version!r} after npm install"

@@ -67,39 +67,10 @@ def install_codex(
     with _locked(install_dir / ".lock"):
         if _version_of(binary) == CODEX_VERSION:
             return binary
-        command = [
-            "npm",
-            "install",
-            "--prefix",
-            str(install_dir),
-            "--no-save",
-            "--no-audit",
-            "--no-fund",
-            "--ignore-scripts",  # the package ships its native binary; it runs no scripts
-            "--loglevel=error",
-            PACKAGE,
-        ]
-        # In its own process group, so that a timeout ends npm and whatever it started.
-        with subprocess.Popen(
-            command,
-            cwd=install_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "npm_config_update_notifier": "false"},
-            start_new_session=True,
-        ) as npm:
-            try:
-                stdout, stderr = npm.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(npm.pid, signal.SIGKILL)
-                npm.communicate()
-                return f"npm install {PACKAGE} took longer than {timeout:g} s"
-        if npm.returncode != 0:
-            tail = (stderr or stdout).strip()[-2000:]
-            return f"npm install {PACKAGE} failed (exit {npm.returncode}): {tail}"
+        # The package ships its native binary; it runs no install scripts.
+        failed = npm_install(install_dir, PACKAGE, timeout, ignore_scripts=True)
+        if failed is not None:
+            return failed
         version = _version_of(binary)
         if version != CODEX_VERSION:
             return f"{binary} reports version {version!r} after npm install, not {CODEX_VERSION}"
@@ -448,3 +419,37 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def npm_install(
+    install_dir: Path, package: str, timeout: float, *, ignore_scripts: bool = False
+) -> str | None:
+    """Install ``package`` into ``install_dir`` with npm; what went wrong, or ``None``.
+
+    npm runs in its own process group, so that a timeout ends npm and whatever it started.
+    """
+    command = ["npm", "install", "--prefix", str(install_dir), "--no-save", "--no-audit"]
+    command += ["--no-fund", "--loglevel=error", package]
+    if ignore_scripts:
+        command.insert(-1, "--ignore-scripts")
+    with subprocess.Popen(
+        command,
+        cwd=install_dir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "npm_config_update_notifier": "false"},
+        start_new_session=True,
+    ) as npm:
+        try:
+            stdout, stderr = npm.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(npm.pid, signal.SIGKILL)
+            npm.communicate()
+            return f"npm install {package} took longer than {timeout:g} s"
+    if npm.returncode != 0:
+        tail = (stderr or stdout).strip()[-2000:]
+        return f"npm install {package} failed (exit {npm.returncode}): {tail}"
+    return None
