@@ -20,6 +20,7 @@ from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from codexlb import store as store_module
 from codexlb.db import MIGRATIONS_DIR, alembic_config, create_engine, upgrade, upgrade_url
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import snapshots
@@ -344,6 +345,34 @@ async def test_sqlite_saves_wait_for_another_writer_without_blocking_the_loop(
         assert await store.get("alice", "resp_waits") is not None
     finally:
         other.close()
+        await store.close()
+        await engine.dispose()
+
+
+async def test_lone_sqlite_saves_reach_the_database_file_through_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone save is put in on the event loop's thread over a connection that never
+    checkpoints by itself; the writer checkpoints the WAL every ``CHECKPOINT_ROWS`` of them,
+    off the loop, so the rows reach the database file and the WAL does not grow forever."""
+    monkeypatch.setattr(store_module, "CHECKPOINT_ROWS", 5)
+    path = tmp_path / "lone.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    store = SnapshotStore(engine)
+    try:
+        await upgrade(engine)
+        await store.start()
+        for i in range(12):
+            await store.save(snap(f"resp_lone_{i}"))  # one at a time: each its own batch
+        # The file as it is without its WAL: what the checkpoints copied into it.
+        in_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+        try:
+            (count,) = in_file.execute("SELECT count(*) FROM snapshots").fetchone()
+        finally:
+            in_file.close()
+        assert count == 10
+        assert await store.get("alice", "resp_lone_11") is not None  # the rest, in the WAL
+    finally:
         await store.close()
         await engine.dispose()
 
