@@ -110,6 +110,9 @@ class Learned:
     credits: pool_view.Credits | None = None
     reported_headers: tuple[str | None, ...] = ()
     """The usage headers last learned from, as received: the same again teach nothing."""
+    reported_event: Any = None
+    """The ``codex.rate_limits`` event last learned from (parsed): the same again teaches
+    nothing either (its reset times are absolute)."""
     usage_at: float = 0.0
     """When the usage windows were last reported (other replicas' reports included)."""
 
@@ -701,6 +704,7 @@ class Pool:
         if raw == learned.reported_headers:
             return
         learned.reported_headers = raw
+        learned.reported_event = None  # the next event is news again
         self._learn_usage(
             account,
             reported.header_windows(headers, self._clock()),
@@ -709,8 +713,13 @@ class Pool:
         )
 
     def observe_rate_limits(self, account: Account, event: Mapping[str, Any]) -> None:
-        """Learn usage from a WebSocket ``codex.rate_limits`` event."""
-        account.learned.reported_headers = ()  # the next headers are news again
+        """Learn usage from a WebSocket ``codex.rate_limits`` event. Most events repeat the
+        account's last one: those are not read again."""
+        learned = account.learned
+        if event == learned.reported_event:
+            return
+        learned.reported_event = event
+        learned.reported_headers = ()  # the next headers are news again
         self._learn_usage(
             account,
             reported.event_windows(event, self._clock()),

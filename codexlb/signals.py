@@ -74,5 +74,18 @@ def rate_limits_event(services: Services, scope: str, event: Any) -> str | None:
         return None
     if (event.get("metered_limit_name") or event.get("limit_name")) not in DEFAULT_LIMIT_IDS:
         return None
-    shown = pool_view.rate_limits_event(current(services, scope), event.get("plan_type"))
-    return orjson.dumps(shown).decode()
+    view, plan_type = current(services, scope), event.get("plan_type")
+    for known, known_plan, formatted in _formatted_events:
+        if known is view and known_plan == plan_type:
+            return formatted
+    formatted = orjson.dumps(pool_view.rate_limits_event(view, plan_type)).decode()
+    if isinstance(plan_type, str | None):  # what a cache may hold: not a client's object
+        _formatted_events[:] = [
+            (view, plan_type, formatted),
+            *_formatted_events[: FORMATTED_VIEWS - 1],
+        ]
+    return formatted
+
+
+_formatted_events: list[tuple[pool_view.PoolView, str | None, str]] = []
+"""``rate_limits_event``'s answers, formatted once per view and plan, as ``_pool_headers``."""

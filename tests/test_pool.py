@@ -758,3 +758,32 @@ def test_affinity_keys_are_bounded_in_length_and_number() -> None:
     entries = pool._affinity
     assert len(entries) == AFFINITY_CAPACITY
     assert max(len(key) for key in entries) <= AFFINITY_KEY_LENGTH
+
+
+# -- codex.rate_limits events --------------------------------------------------------------
+
+
+def rate_limits_event(used_percent: float, reset_at: float) -> dict[str, Any]:
+    window = {"used_percent": used_percent, "window_minutes": 300, "reset_at": reset_at}
+    return {"type": "codex.rate_limits", "rate_limits": {"primary": window}}
+
+
+def test_a_repeated_rate_limits_event_teaches_nothing_until_headers_said_otherwise() -> None:
+    clock = FakeClock()
+    pool = make_pool(clock, "a")
+    a = account(pool, "a")
+    pool.observe_rate_limits(a, rate_limits_event(20, NOW + 3600))
+    assert (a.primary.used_percent, a.learned.usage_at) == (20, NOW)
+
+    clock.now += 10
+    pool.observe_rate_limits(a, rate_limits_event(20, NOW + 3600))  # the same again
+    assert a.learned.usage_at == NOW
+
+    pool.observe_headers(a, headers(x_codex_primary_used_percent="60"))
+    assert (a.primary.used_percent, a.learned.usage_at) == (60, NOW + 10)
+
+    clock.now += 10
+    pool.observe_rate_limits(a, rate_limits_event(20, NOW + 3600))  # news after the headers
+    assert (a.primary.used_percent, a.learned.usage_at) == (20, NOW + 20)
+    pool.observe_rate_limits(a, rate_limits_event(30, NOW + 3600))
+    assert a.primary.used_percent == 30
