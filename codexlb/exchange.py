@@ -132,41 +132,40 @@ class Exchange:
         services = self.services
         if not services.keys.unlimited(self.scope):
             self.admission = await services.limits.admit(self.scope, self.request.model)
+        # One coroutine for the whole loop: every event the relay awaits resumes each frame
+        # of the chain that awaits it.
         try:
-            return await self._run(attempt, live_on, prefer)
+            pool = services.pool
+            if live_on is not None and not (
+                pool.eligible(live_on) and self.admission.may_use(live_on.name)
+            ):
+                live_on = None
+            account = live_on
+            if account is not None and await self._moved_away_from(account):
+                account = None
+            self.live = account is not None
+            while True:
+                if account is None:
+                    self.live = False
+                    if not self._history_loaded:
+                        await self.load_history()
+                    account = self.next_account(prefer=prefer)
+                else:
+                    self._attempt_on(account)
+                with pool.lease(account):
+                    # Refresh a token that expires soon (S5); the account reads the new one.
+                    credentials = services.credentials
+                    if credentials.due(account.name):
+                        await credentials.ensure_fresh(account.name)
+                    self.sent = account.credentials
+                    result = await attempt(account)
+                if result is not None:
+                    return result
+                account = None
         finally:
             self.admission.release()
             if not self._counted:  # no response reported its usage: a request, no tokens
                 services.ledger.add(self.scope, self.record.account, self.request.model, None)
-
-    async def _run(self, attempt: Attempt[R], live_on: Account | None, prefer: str | None) -> R:
-        pool = self.services.pool
-        if live_on is not None and not (
-            pool.eligible(live_on) and self.admission.may_use(live_on.name)
-        ):
-            live_on = None
-        account = live_on
-        if account is not None and await self._moved_away_from(account):
-            account = None
-        self.live = account is not None
-        while True:
-            if account is None:
-                self.live = False
-                if not self._history_loaded:
-                    await self.load_history()
-                account = self.next_account(prefer=prefer)
-            else:
-                self._attempt_on(account)
-            with pool.lease(account):
-                # Refresh a token that expires soon (S5); the account reads the new one.
-                credentials = self.services.credentials
-                if credentials.due(account.name):
-                    await credentials.ensure_fresh(account.name)
-                self.sent = account.credentials
-                result = await attempt(account)
-            if result is not None:
-                return result
-            account = None
 
     async def load_history(self) -> None:
         """Read what the store knows of this request's conversation, once: the ancestry of

@@ -162,12 +162,11 @@ class HttpProxy:
         headers: Mapping[str, str],
     ) -> web.StreamResponse | None:
         """One try of a turn on ``account``: the client's response, or ``None``."""
-
-        async def respond(upstream: Http1Response) -> web.StreamResponse | None:
-            if exchange.request.stream:
-                return await self._relay(request, exchange, account, upstream)
-            return await self._assemble(exchange, account, upstream)
-
+        respond: Callable[[Http1Response], Awaitable[web.StreamResponse | None]]
+        if exchange.request.stream:  # a partial, not a closure: no frame of its own to resume
+            respond = functools.partial(self._relay, request, exchange, account)
+        else:
+            respond = functools.partial(self._assemble, exchange, account)
         # No local keeps the body: ``_try`` drops it once sent (see ``_try``).
         return await self._try(
             exchange,
@@ -192,11 +191,13 @@ class HttpProxy:
     ) -> web.StreamResponse | None:
         """One try of a translated request on ``account``: the client's response, or ``None``."""
 
-        async def respond(upstream: Http1Response) -> web.StreamResponse | None:
-            if translation.stream:
-                events = translation.events()
-                return await self._relay(request, exchange, account, upstream, events)
-            return await self._assemble(exchange, account, upstream, translation)
+        respond: Callable[[Http1Response], Awaitable[web.StreamResponse | None]]
+        if translation.stream:
+            respond = functools.partial(
+                self._relay, request, exchange, account, translate=translation.events()
+            )
+        else:
+            respond = functools.partial(self._assemble, exchange, account, translation=translation)
 
         body = translation.upstream_body(
             exchange.upstream_input(account), platform=account.kind == "platform"
