@@ -227,11 +227,13 @@ class ClientConnection(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        # A request's first byte on a kept-alive connection starts its head's deadline; only
-        # then does ``start()`` wait on ``_waiter`` (never during a request or a WebSocket).
-        if self._head_timer is None and self._waiter is not None:
-            self._arm_head_timer()
         super().data_received(data)
+        # Bytes of a kept-alive connection's next request whose head is not complete yet
+        # (``start()`` still waits on ``_waiter``: never during a request or a WebSocket) start
+        # the head's deadline. A head that arrived whole, as nearly all do, needs no timer.
+        waiter = self._waiter
+        if self._head_timer is None and waiter is not None and not waiter.done():
+            self._arm_head_timer()
 
     def head_arrived(self) -> None:
         if self._head_timer is not None:

@@ -110,6 +110,7 @@ class Snapshot:
 class _PendingSave:
     row: Row
     committed: asyncio.Future[None]
+    alone: bool
 
 
 class SnapshotStore:
@@ -142,8 +143,12 @@ class SnapshotStore:
             self._queue.put_nowait(None)
             await self._writer
 
-    async def save(self, snapshot: Snapshot) -> None:
-        """Return once the snapshot is committed; an id already stored is left unchanged."""
+    async def save(self, snapshot: Snapshot, *, alone: bool = False) -> None:
+        """Return once the snapshot is committed; an id already stored is left unchanged.
+
+        ``alone``: no other request is in flight, so the event loop has nothing else to do
+        while the row goes in; on SQLite, it goes in on the loop's own thread
+        (``_SqliteBatchWriter``)."""
         if self._closed:
             raise RuntimeError("snapshot store is closed")
         if self._writer is None or self._writer.done():
@@ -151,7 +156,7 @@ class SnapshotStore:
         if snapshot.created_at.tzinfo is None:
             raise ValueError("Snapshot.created_at must be timezone-aware")
         row = _to_row(snapshot, self._batches.timestamp)
-        pending = _PendingSave(row, asyncio.get_running_loop().create_future())
+        pending = _PendingSave(row, asyncio.get_running_loop().create_future(), alone)
         self._queue.put_nowait(pending)
         await pending.committed
 
@@ -291,7 +296,8 @@ class SnapshotStore:
 
     async def _commit(self, batch: list[_PendingSave]) -> None:
         try:
-            await self._batches.insert([pending.row for pending in batch])
+            alone = len(batch) == 1 and batch[0].alone
+            await self._batches.insert([pending.row for pending in batch], alone=alone)
         except Exception as exc:
             logger.error("failed to store a batch of %d snapshots: %s", len(batch), exc)
             await self._batches.close()  # a fresh connection for the next batch
@@ -329,9 +335,10 @@ class _BatchWriter(ABC):
     def timestamp(moment: datetime) -> Any:
         """``created_at`` as the driver takes it: what ``models.snapshots`` would bind."""
 
-    async def insert(self, rows: list[Row]) -> None:
+    async def insert(self, rows: list[Row], *, alone: bool = False) -> None:
         """Commit ``rows``, skipping ids already stored; all or nothing. (The database adds
-        what their ``item_keys`` say to ``item_owners``.)"""
+        what their ``item_keys`` say to ``item_owners``.) ``alone``: one row, saved while no
+        other request was in flight."""
         if self._connection is None:
             self._connection = await self._engine.connect()
             try:
@@ -339,7 +346,7 @@ class _BatchWriter(ABC):
             except BaseException:
                 await self.close()
                 raise
-        await self._insert(self._connection, rows)
+        await self._insert(self._connection, rows, alone)
 
     async def close(self) -> None:
         """Give the connection back (quietly: it may be the one that failed)."""
@@ -353,7 +360,7 @@ class _BatchWriter(ABC):
         """Set a new connection up."""
 
     @abstractmethod
-    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None: ...
+    async def _insert(self, connection: AsyncConnection, rows: list[Row], alone: bool) -> None: ...
 
 
 class _SqliteBatchWriter(_BatchWriter):
@@ -363,13 +370,15 @@ class _SqliteBatchWriter(_BatchWriter):
     commit), each a wake-up of both threads, and ``executemany`` passed the GIL between them
     once per row.
 
-    A lone row of at most ``INLINE_BYTES`` (a save while the store is idle) is inserted on the
-    event loop's own thread instead, over a second connection of the writer's (a database file
-    only): its insert takes some 40 µs, where the trip to aiosqlite's thread and back adds some
-    100 µs to the response's latency (``bench/RESULTS.md``). That connection never waits and
-    never blocks the loop on the disk: it has no busy timeout (a write lock held by another
-    process sends the row the usual way, to wait there) and no automatic checkpoint (the fsync
-    of one runs on aiosqlite's thread, every ``CHECKPOINT_ROWS`` rows put in inline)."""
+    A row of at most ``INLINE_BYTES`` saved while no other request was in flight is inserted
+    on the event loop's own thread instead, over a second connection of the writer's (a
+    database file only): its insert takes some 40 µs, where the trip to aiosqlite's thread and
+    back adds some 100 µs to the response's latency (``bench/RESULTS.md``). Under concurrent
+    requests the loop has other work: their rows go to aiosqlite's thread, in batches. That
+    connection never waits and never blocks the loop on the disk: it has no busy timeout (a
+    write lock held by another process sends the row the usual way, to wait there) and no
+    automatic checkpoint (the fsync of one runs on aiosqlite's thread, every
+    ``CHECKPOINT_ROWS`` rows put in inline)."""
 
     max_rows = 999 // len(_COLUMNS)
     """Within SQLite's smallest limit on parameters per statement (999, before 3.32)."""
@@ -397,10 +406,10 @@ class _SqliteBatchWriter(_BatchWriter):
             self._inline.execute("PRAGMA synchronous=NORMAL")  # as every connection (``db``)
             self._inline.execute("PRAGMA wal_autocheckpoint=0")
 
-    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
+    async def _insert(self, connection: AsyncConnection, rows: list[Row], alone: bool) -> None:
         parameters = [value for row in rows for value in row]
         statement = _sqlite_insert(len(rows))
-        if self._inline is not None and len(rows) == 1 and _row_bytes(rows[0]) <= INLINE_BYTES:
+        if alone and self._inline is not None and _row_bytes(rows[0]) <= INLINE_BYTES:
             try:
                 self._inline.execute(statement, parameters)
             except sqlite3.OperationalError as exc:
@@ -433,7 +442,7 @@ class _PostgresBatchWriter(_BatchWriter):
     async def _prepare(self, connection: AsyncConnection) -> None:
         """Nothing to set: each batch is its own transaction."""
 
-    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
+    async def _insert(self, connection: AsyncConnection, rows: list[Row], alone: bool) -> None:
         async with connection.begin():
             await connection.exec_driver_sql(_POSTGRES_INSERT, rows)
 

@@ -321,9 +321,12 @@ async def test_a_refused_batch_fails_whole_and_the_next_one_commits(
     assert [await store.get("alice", i) for i in ids] == [None, None, None]
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["in-company", "alone"])
 async def test_sqlite_saves_wait_for_another_writer_without_blocking_the_loop(
-    tmp_path: Path,
+    tmp_path: Path, alone: bool
 ) -> None:
+    """Alone, a save tries the loop's own thread first, where it must not wait: it goes on to
+    wait off the loop like any other."""
     path = tmp_path / "shared.db"
     engine = create_engine(f"sqlite+aiosqlite:///{path}")
     store = SnapshotStore(engine)
@@ -332,7 +335,7 @@ async def test_sqlite_saves_wait_for_another_writer_without_blocking_the_loop(
         await upgrade(engine)
         await store.start()
         other.execute("BEGIN IMMEDIATE")  # another process's write transaction, say
-        save = asyncio.ensure_future(store.save(snap("resp_waits")))
+        save = asyncio.ensure_future(store.save(snap("resp_waits"), alone=alone))
         started = time.monotonic()
         for _ in range(20):
             await asyncio.sleep(0.01)
@@ -352,9 +355,10 @@ async def test_sqlite_saves_wait_for_another_writer_without_blocking_the_loop(
 async def test_lone_sqlite_saves_reach_the_database_file_through_checkpoints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lone save is put in on the event loop's thread over a connection that never
-    checkpoints by itself; the writer checkpoints the WAL every ``CHECKPOINT_ROWS`` of them,
-    off the loop, so the rows reach the database file and the WAL does not grow forever."""
+    """A save made while no other request is in flight is put in on the event loop's thread,
+    over a connection that never checkpoints by itself; the writer checkpoints the WAL every
+    ``CHECKPOINT_ROWS`` of them, off the loop, so the rows reach the database file and the WAL
+    does not grow forever."""
     monkeypatch.setattr(store_module, "CHECKPOINT_ROWS", 5)
     path = tmp_path / "lone.db"
     engine = create_engine(f"sqlite+aiosqlite:///{path}")
@@ -363,7 +367,7 @@ async def test_lone_sqlite_saves_reach_the_database_file_through_checkpoints(
         await upgrade(engine)
         await store.start()
         for i in range(12):
-            await store.save(snap(f"resp_lone_{i}"))  # one at a time: each its own batch
+            await store.save(snap(f"resp_lone_{i}"), alone=True)  # one at a time, no other
         # The file as it is without its WAL: what the checkpoints copied into it.
         in_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
         try:
