@@ -134,10 +134,11 @@ def _cooldown(candidate: Contender) -> float:
 
 
 def _load(candidate: Contender) -> tuple[int, float, float]:
+    weight = candidate.weight
     return (
         int(candidate.used_percent // USAGE_BUCKET_PERCENT),
-        candidate.inflight / candidate.weight,
-        -candidate.weight,
+        candidate.inflight / weight,
+        -weight,
     )
 
 

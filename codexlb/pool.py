@@ -142,11 +142,15 @@ class Account:
     """The last failure seen on the account (a rate limit, an error)."""
     removed: bool = False
     """Taken out of the configuration; the pool keeps it only while requests hold it."""
+    name: str = field(init=False)
+    """``config.name``, kept as a plain attribute: the balancer reads it for every account on
+    every choice, and an account keeps its name for life (the pool is keyed by it)."""
     _learned: Learned = field(init=False)
     _followed: Credentials = field(init=False)
     """The record's credentials ``_learned`` was last checked against."""
 
     def __post_init__(self) -> None:
+        self.name = self.config.name
         self._followed = self.live.credentials
         self._learned = Learned(_identity(self._followed))
 
@@ -211,10 +215,6 @@ class Account:
     # -- read by the balancer (``balancer.Contender``) ----------------------------------------
 
     @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
     def enabled(self) -> bool:
         return self.config.enabled
 
@@ -229,7 +229,8 @@ class Account:
     @property
     def used_percent(self) -> float:
         learned = self.learned
-        return max(learned.primary.used_percent, learned.secondary.used_percent)
+        primary, secondary = learned.primary.used_percent, learned.secondary.used_percent
+        return primary if primary >= secondary else secondary  # ``max``, without its call
 
     @property
     def usage_resets_at(self) -> float:
