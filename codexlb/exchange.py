@@ -388,8 +388,7 @@ class Exchange:
                         output_items=output,
                         usage=self.record.usage,
                         created_at=datetime.now(UTC),
-                    ),
-                    alone=self.services.pool.in_flight <= 1,  # this request's own lease
+                    )
                 )
             except Exception as exc:
                 log.error("response %s was not stored: %s", response_id, exc)

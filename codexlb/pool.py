@@ -391,8 +391,6 @@ class Pool:
         self._next_retry = math.inf
         """The earliest ``retry_at`` of an account with refused credentials."""
         self.observer: Observer | None = None
-        self.in_flight = 0
-        """Attempts in flight in this process, on any account (the leases taken)."""
         """Told what the pool learns, to share it with other replicas (S12)."""
         for account_config in config.accounts:
             self._accounts[account_config.name] = self._new_account(config, account_config)
@@ -490,7 +488,6 @@ class Pool:
 
     def _released(self, account: Account) -> None:
         account.leased -= 1
-        self.in_flight -= 1
         if self.observer is not None:
             self.observer.leased()
         if account.leased == 0 and self._draining.get(account.name) is account:
@@ -935,7 +932,6 @@ class Lease:
 
     def __enter__(self) -> None:
         self._account.leased += 1
-        self._pool.in_flight += 1
         if self._pool.observer is not None:
             self._pool.observer.leased()
 

@@ -14,19 +14,18 @@ While saves arrive together (the last batch held more than one), the writer lets
 ``GATHER_TURNS`` turns of the event loop pass before it drains the queue, so that the responses
 completing in them join the batch: PostgreSQL's ``commit_delay``, counted in loop turns, which
 are short when little is going on and long under load. A lone save is never held back. Each
-batch is a trip to the database (on SQLite, to aiosqlite's thread and back), and a trip started
-in the middle of a burst waits on the busy event loop thread (``bench/RESULTS.md`` has what
-gathering saved).
+batch is one statement, and on PostgreSQL a round trip to the server (``bench/RESULTS.md`` has
+what gathering saved).
 
 Each row carries ``item_keys``, the keys of the output items that trace it
 (``provenance.owner_keys``, mixed with the scope by ``scoped_key``); a trigger of the database
 turns them into ``item_owners`` rows within the same statement, so knowing which account
 produced an item costs the writer no statement of its own. ``owners`` reads them.
 
-How a batch is inserted is the part that differs by dialect (`_BatchWriter`): on SQLite it is one
-multi-row ``INSERT`` that aiosqlite runs in one trip to its thread, on PostgreSQL an asyncpg
-``executemany`` in a transaction. Both are handed the driver's own SQL, skipping SQLAlchemy's
-compilation and per-row conversion.
+How a batch is inserted is the part that differs by dialect (`_BatchWriter`): on SQLite it is
+one multi-row ``INSERT``, run on the event loop's thread unless it is large or must wait for a
+lock, on PostgreSQL an asyncpg ``executemany`` in a transaction. Both are handed the driver's
+own SQL, skipping SQLAlchemy's compilation and per-row conversion.
 
 A chain is read in one statement, a recursive CTE that starts at the requested id and follows
 ``previous_response_id`` to the parent, keeping to the caller's scope at every hop::
@@ -80,7 +79,7 @@ GATHER_TURNS = 8
 """Event loop turns a batch waits for more saves while saves are arriving together."""
 
 INLINE_BYTES = 64 * 1024
-"""The largest lone row SQLite gets on the event loop's thread (``_SqliteBatchWriter``)."""
+"""The largest batch SQLite gets on the event loop's thread (``_SqliteBatchWriter``)."""
 
 CHECKPOINT_ROWS = 1000
 """Rows put in on the event loop's thread between two checkpoints of the WAL, run off it."""
@@ -110,7 +109,6 @@ class Snapshot:
 class _PendingSave:
     row: Row
     committed: asyncio.Future[None]
-    alone: bool
 
 
 class SnapshotStore:
@@ -143,12 +141,8 @@ class SnapshotStore:
             self._queue.put_nowait(None)
             await self._writer
 
-    async def save(self, snapshot: Snapshot, *, alone: bool = False) -> None:
-        """Return once the snapshot is committed; an id already stored is left unchanged.
-
-        ``alone``: no other request is in flight, so the event loop has nothing else to do
-        while the row goes in; on SQLite, it goes in on the loop's own thread
-        (``_SqliteBatchWriter``)."""
+    async def save(self, snapshot: Snapshot) -> None:
+        """Return once the snapshot is committed; an id already stored is left unchanged."""
         if self._closed:
             raise RuntimeError("snapshot store is closed")
         if self._writer is None or self._writer.done():
@@ -156,7 +150,7 @@ class SnapshotStore:
         if snapshot.created_at.tzinfo is None:
             raise ValueError("Snapshot.created_at must be timezone-aware")
         row = _to_row(snapshot, self._batches.timestamp)
-        pending = _PendingSave(row, asyncio.get_running_loop().create_future(), alone)
+        pending = _PendingSave(row, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         await pending.committed
 
@@ -296,8 +290,7 @@ class SnapshotStore:
 
     async def _commit(self, batch: list[_PendingSave]) -> None:
         try:
-            alone = len(batch) == 1 and batch[0].alone
-            await self._batches.insert([pending.row for pending in batch], alone=alone)
+            await self._batches.insert([pending.row for pending in batch])
         except Exception as exc:
             logger.error("failed to store a batch of %d snapshots: %s", len(batch), exc)
             await self._batches.close()  # a fresh connection for the next batch
@@ -335,10 +328,9 @@ class _BatchWriter(ABC):
     def timestamp(moment: datetime) -> Any:
         """``created_at`` as the driver takes it: what ``models.snapshots`` would bind."""
 
-    async def insert(self, rows: list[Row], *, alone: bool = False) -> None:
+    async def insert(self, rows: list[Row]) -> None:
         """Commit ``rows``, skipping ids already stored; all or nothing. (The database adds
-        what their ``item_keys`` say to ``item_owners``.) ``alone``: one row, saved while no
-        other request was in flight."""
+        what their ``item_keys`` say to ``item_owners``.)"""
         if self._connection is None:
             self._connection = await self._engine.connect()
             try:
@@ -346,7 +338,7 @@ class _BatchWriter(ABC):
             except BaseException:
                 await self.close()
                 raise
-        await self._insert(self._connection, rows, alone)
+        await self._insert(self._connection, rows)
 
     async def close(self) -> None:
         """Give the connection back (quietly: it may be the one that failed)."""
@@ -360,25 +352,24 @@ class _BatchWriter(ABC):
         """Set a new connection up."""
 
     @abstractmethod
-    async def _insert(self, connection: AsyncConnection, rows: list[Row], alone: bool) -> None: ...
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None: ...
 
 
 class _SqliteBatchWriter(_BatchWriter):
-    """One multi-row ``INSERT`` per batch, in autocommit mode, run on the aiosqlite connection
-    itself: a single statement is its own transaction, and aiosqlite runs it in one trip to its
-    thread. Through SQLAlchemy's adapter a batch took four trips (cursor, ``executemany``, close,
-    commit), each a wake-up of both threads, and ``executemany`` passed the GIL between them
-    once per row.
+    """One multi-row ``INSERT`` per batch, in autocommit mode: a single statement is its own
+    transaction.
 
-    A row of at most ``INLINE_BYTES`` saved while no other request was in flight is inserted
-    on the event loop's own thread instead, over a second connection of the writer's (a
-    database file only): its insert takes some 40 µs, where the trip to aiosqlite's thread and
-    back adds some 100 µs to the response's latency (``bench/RESULTS.md``). Under concurrent
-    requests the loop has other work: their rows go to aiosqlite's thread, in batches. That
-    connection never waits and never blocks the loop on the disk: it has no busy timeout (a
-    write lock held by another process sends the row the usual way, to wait there) and no
-    automatic checkpoint (the fsync of one runs on aiosqlite's thread, every
-    ``CHECKPOINT_ROWS`` rows put in inline)."""
+    A batch of up to ``INLINE_BYTES`` of text is inserted on the event loop's own thread, over
+    a connection of the writer's (a database file only). A lone row's insert takes some 40 µs
+    there, where a trip to aiosqlite's thread and back added some 100 µs to the response's
+    latency; under load the trips cost more than the inserts, for both threads contend for the
+    GIL at each one (codexlb's CPU per relayed WebSocket event fell by a fifth to a quarter
+    without them; ``bench/RESULTS.md``). That connection never waits and never blocks the loop
+    on the disk: it has no busy timeout (a write lock held by another process sends the batch to
+    aiosqlite's thread, to wait there) and no automatic checkpoint (one runs on aiosqlite's
+    thread every ``CHECKPOINT_ROWS`` rows put in inline). A larger batch goes to aiosqlite's
+    thread in one trip (through SQLAlchemy's adapter a batch took four: cursor,
+    ``executemany``, close, commit)."""
 
     max_rows = 999 // len(_COLUMNS)
     """Within SQLite's smallest limit on parameters per statement (999, before 3.32)."""
@@ -406,17 +397,17 @@ class _SqliteBatchWriter(_BatchWriter):
             self._inline.execute("PRAGMA synchronous=NORMAL")  # as every connection (``db``)
             self._inline.execute("PRAGMA wal_autocheckpoint=0")
 
-    async def _insert(self, connection: AsyncConnection, rows: list[Row], alone: bool) -> None:
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
         parameters = [value for row in rows for value in row]
         statement = _sqlite_insert(len(rows))
-        if alone and self._inline is not None and _row_bytes(rows[0]) <= INLINE_BYTES:
+        if self._inline is not None and _texts_size(parameters) <= INLINE_BYTES:
             try:
                 self._inline.execute(statement, parameters)
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                     raise
             else:
-                self._inline_rows += 1
+                self._inline_rows += len(rows)
                 if self._inline_rows >= CHECKPOINT_ROWS:
                     self._inline_rows = 0
                     await self._driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -442,7 +433,7 @@ class _PostgresBatchWriter(_BatchWriter):
     async def _prepare(self, connection: AsyncConnection) -> None:
         """Nothing to set: each batch is its own transaction."""
 
-    async def _insert(self, connection: AsyncConnection, rows: list[Row], alone: bool) -> None:
+    async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
         async with connection.begin():
             await connection.exec_driver_sql(_POSTGRES_INSERT, rows)
 
@@ -533,9 +524,9 @@ def _item_keys(scope: str, output: list[Any]) -> str | None:
     return _dump([key ^ salt for key in keys])
 
 
-def _row_bytes(row: Row) -> int:
-    """About the bytes ``row`` puts in the database: its texts' lengths."""
-    return sum(len(value) for value in row if type(value) is str)
+def _texts_size(values: list[Any]) -> int:
+    """About the bytes ``values`` put in the database: their texts' lengths."""
+    return sum([len(value) for value in values if type(value) is str])
 
 
 def _unstorable(value: str) -> bool:
