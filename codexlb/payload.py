@@ -132,34 +132,29 @@ class CreateRequest:
         self, *, input_items: list[Any] | None, drop_turn_state: bool = False
     ) -> bytes:
         """The body for a non-streaming upstream call (compact): as sent, or replayed."""
-        if (
-            input_items is None
-            and not drop_turn_state
-            and self.raw is not None
-            and "previous_response_id" not in self.body
-        ):
-            return self.raw
-        body = turn_state.without_in_body(self.body) if drop_turn_state else dict(self.body)
-        body.pop("previous_response_id", None)
-        if input_items is not None:
-            body["input"] = input_items
-        return orjson.dumps(body)
+        return self._upstream(input_items, drop_turn_state, stream=False)
 
     def upstream_body(
         self, *, input_items: list[Any] | None, drop_turn_state: bool = False
     ) -> bytes:
         """The streaming body for the upstream: the client's bytes when nothing must change."""
+        return self._upstream(input_items, drop_turn_state, stream=True)
+
+    def _upstream(
+        self, input_items: list[Any] | None, drop_turn_state: bool, *, stream: bool
+    ) -> bytes:
         if (
             input_items is None
             and not drop_turn_state
             and self.raw is not None
-            and self.stream
+            and (self.stream or not stream)
             and "previous_response_id" not in self.body
         ):
             return self.raw
         body = turn_state.without_in_body(self.body) if drop_turn_state else dict(self.body)
         body.pop("previous_response_id", None)
-        body["stream"] = True
+        if stream:
+            body["stream"] = True
         if input_items is not None:
             body["input"] = input_items
         return orjson.dumps(body)

@@ -9,8 +9,8 @@ and WebSocket handshakes, ``rate_limits_event`` for the events.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
 
@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from codexlb.app import Services
     from codexlb.pool import Account
 
-FORMATTED_VIEWS = 8
-"""Views whose headers are kept formatted (one per set of accounts keys may use, mostly one)."""
+FORMATTED = 16
+"""Formatted answers kept (``_once_per_view``): per view, one per set of accounts keys may use
+and mostly one, its headers and its event for each plan type."""
 DEFAULT_LIMIT_IDS = (None, "codex")
 """A ``codex.rate_limits`` event for these limit ids describes the default windows; an event
 for another metered limit (a model's own) passes as the serving account's."""
@@ -53,18 +54,8 @@ def client_headers(
     return headers
 
 
-_formatted: list[tuple[pool_view.PoolView, tuple[tuple[str, str], ...]]] = []
-
-
 def _pool_headers(view: pool_view.PoolView) -> tuple[tuple[str, str], ...]:
-    """``pool_view.headers``, formatted once per view: the pool hands out the same view object
-    while nothing it is made of changes (``Pool.view``)."""
-    for known, formatted in _formatted:
-        if known is view:
-            return formatted
-    formatted = tuple(pool_view.headers(view).items())
-    _formatted[:] = [(view, formatted), *_formatted[: FORMATTED_VIEWS - 1]]
-    return formatted
+    return _once_per_view(view, None, lambda: tuple(pool_view.headers(view).items()))
 
 
 def rate_limits_event(services: Services, scope: str, event: Any) -> str | None:
@@ -75,17 +66,26 @@ def rate_limits_event(services: Services, scope: str, event: Any) -> str | None:
     if (event.get("metered_limit_name") or event.get("limit_name")) not in DEFAULT_LIMIT_IDS:
         return None
     view, plan_type = current(services, scope), event.get("plan_type")
-    for known, known_plan, formatted in _formatted_events:
-        if known is view and known_plan == plan_type:
-            return formatted
-    formatted = orjson.dumps(pool_view.rate_limits_event(view, plan_type)).decode()
-    if isinstance(plan_type, str | None):  # what a cache may hold: not a client's object
-        _formatted_events[:] = [
-            (view, plan_type, formatted),
-            *_formatted_events[: FORMATTED_VIEWS - 1],
-        ]
+
+    def formatted() -> str:
+        return orjson.dumps(pool_view.rate_limits_event(view, plan_type)).decode()
+
+    if not isinstance(plan_type, str | None):  # what a cache may hold: not the upstream's object
+        return formatted()
+    return _once_per_view(view, ("event", plan_type), formatted)
+
+
+T = TypeVar("T")
+
+_formatted: list[tuple[pool_view.PoolView, object, Any]] = []
+
+
+def _once_per_view(view: pool_view.PoolView, what: object, format_it: Callable[[], T]) -> T:
+    """``format_it()`` for ``view``, made once per view and ``what``: the pool hands out the same
+    view object while nothing it is made of changes (``Pool.view``)."""
+    for known, known_what, formatted in _formatted:
+        if known is view and known_what == what:
+            return cast(T, formatted)
+    formatted = format_it()
+    _formatted[:] = [(view, what, formatted), *_formatted[: FORMATTED - 1]]
     return formatted
-
-
-_formatted_events: list[tuple[pool_view.PoolView, str | None, str]] = []
-"""``rate_limits_event``'s answers, formatted once per view and plan, as ``_pool_headers``."""

@@ -229,14 +229,15 @@ class AppServer:
 
 
 @asynccontextmanager
-async def app_server(codex: Path, *, home: Path, api_key: str) -> AsyncIterator[AppServer]:
+async def app_server(codex: Path, *, home: Path, api_key: str | None) -> AsyncIterator[AppServer]:
     """``codex app-server`` on stdio, initialized, for the block.
 
     Its environment is that of `codex_cli.run_codex`: ``CODEX_HOME``, ``CODEX_API_KEY``, no
     other Codex or OpenAI settings, and a fresh empty ``HOME`` (removed afterwards) so that the
     login shell running the model's commands reads no profile. It logs in with ``api_key``
-    (saved in ``CODEX_HOME``), which Codex then sends as the bearer token. In its own process
-    group, killed at the end with whatever it started.
+    (saved in ``CODEX_HOME``), which Codex then sends as the bearer token; without one it uses
+    the ChatGPT login ``home`` holds. In its own process group, killed at the end with whatever
+    it started.
     """
     with codex_cli.codex_environment(home, api_key) as (env, user_home):
         process = await asyncio.create_subprocess_exec(
@@ -258,12 +259,13 @@ async def app_server(codex: Path, *, home: Path, api_key: str) -> AsyncIterator[
                 {"clientInfo": {"name": "codexlb-tests", "version": "0"}},
             )
             await server.notify("initialized")
-            # The app-server does not read CODEX_API_KEY (only ``codex exec`` does): without
-            # this login it sends no Authorization header at all.
-            answer = await server.request(
-                "account/login/start", {"type": "apiKey", "apiKey": api_key}
-            )
-            assert answer == {"type": "apiKey"}, answer
+            if api_key is not None:
+                # The app-server does not read CODEX_API_KEY (only ``codex exec`` does):
+                # without this login it sends no Authorization header at all.
+                answer = await server.request(
+                    "account/login/start", {"type": "apiKey", "apiKey": api_key}
+                )
+                assert answer == {"type": "apiKey"}, answer
             yield server
         finally:
             await server.close()

@@ -115,42 +115,13 @@ def assert_own_token_never_went_upstream(fake: Fake) -> None:
         assert request.headers.get("chatgpt-account-id") != "acct-own", request.headers
 
 
-@asynccontextmanager
-async def chatgpt_app_server(codex: Path, home: Path) -> AsyncIterator[AppServer]:
-    """``codex app-server`` using the ChatGPT login of ``home`` (no ``account/login/start``)."""
-    import asyncio
-
-    with codex_cli.codex_environment(home, None) as (env, user_home):
-        process = await asyncio.create_subprocess_exec(
-            str(codex),
-            "app-server",
-            cwd=user_home,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-            limit=1 << 24,
-        )
-        server = AppServer(process)
-        server.start_reading()
-        try:
-            await server.request(
-                "initialize", {"clientInfo": {"name": "codexlb-tests", "version": "0"}}
-            )
-            await server.notify("initialized")
-            yield server
-        finally:
-            await server.close()
-
-
 @pytest.mark.timeout(CASE_TIMEOUT, func_only=True)
 async def test_app_server_with_chatgpt_login_reads_the_pools_rate_limits(
     codex: Path, tmp_path: Path
 ) -> None:
     async with pool(tmp_path, open_access=True) as (fake, lb):
         home, workdir = chatgpt_home(tmp_path, lb.url, websockets=True)
-        async with chatgpt_app_server(codex, home) as server:
+        async with app_server(codex, home=home, api_key=None) as server:
             read = await server.request("account/rateLimits/read")
             limits = read["rateLimits"]
             assert limits["primary"]["usedPercent"] == 40, read  # (20 + 60) / 2

@@ -94,13 +94,7 @@ def shell_call(tools: list[Mapping[str, Any]], command: str) -> dict[str, Any] |
     if code_mode is not None:
         source = _code_mode_source(str(code_mode.get("description", "")), command)
         if source is not None:
-            return {
-                "type": "custom_tool_call",
-                "call_id": events.new_id("call"),
-                "name": CODE_MODE_TOOL,
-                "input": source,
-                "status": "completed",
-            }
+            return _code_mode_call(source)
     return None
 
 
@@ -115,6 +109,11 @@ def image_call(tools: list[Mapping[str, Any]], prompt: str) -> dict[str, Any] | 
         f"const result = await tools.{IMAGE_TOOL}({{prompt: {json.dumps(prompt)}}});\n"
         'text("image " + result.image_url.slice(0, 22));'
     )
+    return _code_mode_call(source)
+
+
+def _code_mode_call(source: str) -> dict[str, Any]:
+    """A call of Codex's code-mode tool running ``source``."""
     return {
         "type": "custom_tool_call",
         "call_id": events.new_id("call"),
