@@ -51,16 +51,23 @@ def create_engine(url: str) -> AsyncEngine:
     sa_url = make_url(url)
     if sa_url.get_backend_name() == "sqlite":
         database = sa_url.database
-        if database and database != ":memory:" and not database.startswith("file:"):
+        if database is not None and is_sqlite_file(database):
             path = Path(database).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)
             make_private(path)
         engine = create_async_engine(sa_url, hide_parameters=True)
-        event.listen(engine.sync_engine, "connect", _apply_sqlite_pragmas)
+        event.listen(
+            engine.sync_engine, "connect", lambda connection, _: sqlite_pragmas(connection)
+        )
         return engine
     return create_async_engine(
         sa_url, hide_parameters=True, pool_pre_ping=True, pool_size=10, max_overflow=20
     )
+
+
+def is_sqlite_file(database: str) -> bool:
+    """Whether the database part of a SQLite URL names a plain file (not memory, not a URI)."""
+    return bool(database) and database != ":memory:" and not database.startswith("file:")
 
 
 def make_private(database: Path) -> None:
@@ -160,7 +167,8 @@ def _at_head(connection: Connection) -> bool:
     return list(versions) == [HEAD_REVISION]
 
 
-def _apply_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any) -> None:
+    """Set up a new SQLite connection: WAL, ``synchronous=NORMAL``, a 30 s busy timeout."""
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA busy_timeout=30000")

@@ -63,6 +63,7 @@ import orjson
 from sqlalchemy import Delete, RowMapping, Select, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from codexlb.db import is_sqlite_file, sqlite_pragmas
 from codexlb.errors import PreviousResponseNotFound
 from codexlb.models import item_owners, snapshots
 from codexlb.provenance import owner_keys
@@ -390,12 +391,12 @@ class _SqliteBatchWriter(_BatchWriter):
         await connection.execution_options(isolation_level="AUTOCOMMIT")
         self._driver = (await connection.get_raw_connection()).driver_connection
         database = self._engine.url.database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            self._inline = sqlite3.connect(
-                database, timeout=0, isolation_level=None, check_same_thread=False
-            )
-            self._inline.execute("PRAGMA synchronous=NORMAL")  # as every connection (``db``)
-            self._inline.execute("PRAGMA wal_autocheckpoint=0")
+        if database is not None and is_sqlite_file(database):
+            inline = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+            sqlite_pragmas(inline)  # as every connection, then: never wait, never checkpoint
+            inline.execute("PRAGMA busy_timeout=0")
+            inline.execute("PRAGMA wal_autocheckpoint=0")
+            self._inline = inline
 
     async def _insert(self, connection: AsyncConnection, rows: list[Row]) -> None:
         parameters = [value for row in rows for value in row]
