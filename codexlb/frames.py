@@ -4,8 +4,9 @@ The WebSocket relay passes an upstream's frames to the client as the bytes they 
 server's frames are unmasked on both legs, so a complete, uncompressed text frame can go on
 unchanged. ``FrameReader`` splits the upstream's byte stream into messages without decoding
 them; each message is a plain tuple ``(opcode, head, payload)`` (see ``Message``) whose
-``head + payload`` is one unmasked, uncompressed frame a server may send as it is. A message
-that came fragmented or compressed is reassembled, inflated and given a head of its own.
+``head + payload`` is one unmasked, uncompressed frame a server may send as it is (or, for a
+run of plain frames, several). A message that came fragmented or compressed is reassembled,
+inflated and given a head of its own.
 
 Control frames (ping, pong, close) come out as messages too; the socket that owns the reader
 answers them. Everything a peer could get wrong (a masked server frame, reserved bits, a
@@ -24,10 +25,12 @@ import zlib
 from codexlb.shim import websocket_mask
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+RUN = -1
+"""Not an opcode: the ``Message`` of a run of plain text frames (see ``FrameReader``)."""
 
 Message = tuple[int, bytes, bytes]
 """``(opcode, head, payload)``: ``head + payload`` is the message as one unmasked,
-uncompressed frame with FIN set."""
+uncompressed frame with FIN set; for a ``RUN``, ``payload`` is its frames as they came."""
 
 _FIN = 0x80
 _RSV1 = 0x40
@@ -71,6 +74,11 @@ class FrameReader:
     The common frame (complete, final, uncompressed text) costs a few comparisons and two
     slices. A frame that arrives in many pieces is joined once, when its last piece is in: a
     64 MiB frame read 64 KiB at a time costs what it costs in one piece.
+
+    Text frames whose payload starts with one of ``runs_of`` are plain: their owner passes them
+    on without looking further. Plain frames that arrived together, one after another, come
+    out as one ``RUN`` message holding their bytes as they came (each frame still checked);
+    a response of hundreds of small deltas then costs a message per read, not per event.
     """
 
     __slots__ = (
@@ -82,12 +90,19 @@ class FrameReader:
         "_pending",
         "_pending_size",
         "_rest",
+        "_runs_of",
         "control",
     )
 
-    def __init__(self, max_message_bytes: int, inflater: Inflater | None = None) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        inflater: Inflater | None = None,
+        runs_of: tuple[bytes, ...] = (),
+    ) -> None:
         self._max = max_message_bytes
         self._inflater = inflater
+        self._runs_of = runs_of
         self._rest = b""
         """The start of a frame whose head is not complete yet (under 14 bytes)."""
         self._pending: list[bytes] = []
@@ -114,45 +129,66 @@ class FrameReader:
             self._rest = b""
         messages: list[Message] = []
         append = messages.append
+        runs_of = self._runs_of
+        run = -1
+        """Where the run of plain frames that ends at ``position`` starts, if one does."""
         position = 0
         size = len(data)
         while size - position >= 2:
             first = data[position]
             length = data[position + 1]
-            if length & _MASKED:
+            if length < 126:
+                body = position + 2
+            elif length == 126:
+                body = position + 4
+                if body > size:
+                    break
+                length = (data[position + 2] << 8) | data[position + 3]
+            elif length == 127:
+                body = position + 10
+                if body > size:
+                    break
+                length = int.from_bytes(data[position + 2 : body], "big")
+            else:
                 raise FrameError("a masked frame from the server")
-            head = 2
-            if length >= 126:
-                if length == 126:
-                    head = 4
-                    if size - position < 4:
-                        break
-                    length = int.from_bytes(data[position + 2 : position + 4], "big")
-                else:
-                    head = 10
-                    if size - position < 10:
-                        break
-                    length = int.from_bytes(data[position + 2 : position + 10], "big")
-                if length > self._max:
-                    raise FrameError(f"a frame larger than {self._max} bytes")
-            end = position + head + length
+            if length > self._max:
+                raise FrameError(f"a frame larger than {self._max} bytes")
+            end = body + length
             if end > size:
-                self._pending.append(data[position:])
-                self._pending_size = size - position
                 self._need = end - position
-                return messages
-            payload = data[position + head : end]
+                break
             if first == 0x81 and self._fragments is None:  # final, uncompressed text: as is
+                if data.startswith(runs_of, body, end):
+                    payload = data[body:end]
+                    if not payload.isascii():
+                        _check_utf8(payload)
+                    if run < 0:
+                        run = position
+                    position = end
+                    continue
+                if run >= 0:
+                    append((RUN, b"", data[run:position]))
+                    run = -1
+                payload = data[body:end]
                 if not payload.isascii():
                     _check_utf8(payload)
-                append((TEXT, data[position : position + head], payload))
+                append((TEXT, data[position:body], payload))
             else:
-                message = self._frame(first, payload)
+                if run >= 0:
+                    append((RUN, b"", data[run:position]))
+                    run = -1
+                message = self._frame(first, data[body:end])
                 if message is not None:
                     append(message)
             position = end
+        if run >= 0:
+            append((RUN, b"", data[run:position]))
         if position < size:
-            self._rest = data[position:]
+            if self._need:
+                self._pending.append(data[position:])
+                self._pending_size = size - position
+            else:
+                self._rest = data[position:]
         return messages
 
     def _frame(self, first: int, payload: bytes) -> Message | None:

@@ -49,6 +49,17 @@ _NOTABLE = frozenset(
     }
 )
 """Event types ``ResponseRecorder.observe`` looks at more closely than "visible output"."""
+PLAIN_OUTPUT = (
+    "response.output_text.delta",
+    "response.reasoning_summary_text.delta",
+    "response.reasoning_text.delta",
+    "response.function_call_arguments.delta",
+    "response.custom_tool_call_input.delta",
+)
+"""The events most of a stream is made of: output and nothing more, passed on by type alone."""
+PLAIN_PREFIXES = tuple(b'{"type":"%s"' % kind.encode() for kind in PLAIN_OUTPUT)
+"""How a plain event's JSON starts as the upstream writes it (``type`` first): the WebSocket
+reader gathers the frames that start so into runs (``frames.FrameReader``)."""
 
 
 class HasJson(Protocol):

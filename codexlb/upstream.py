@@ -234,9 +234,16 @@ class Upstream:
         return response
 
     async def websocket(
-        self, account: Account, path: str, headers: Mapping[str, str], *, max_msg_size: int
+        self,
+        account: Account,
+        path: str,
+        headers: Mapping[str, str],
+        *,
+        max_msg_size: int,
+        runs_of: tuple[bytes, ...] = (),
     ) -> UpstreamSocket:
-        """Open a Responses WebSocket to ``account`` (offering permessage-deflate if set)."""
+        """Open a Responses WebSocket to ``account`` (offering permessage-deflate if set);
+        ``runs_of`` as for ``websocket.connect``."""
         request_headers = {k: v for k, v in headers.items() if k.lower() != "openai-beta"}
         request_headers.update(account.credentials.auth_headers())
         request_headers["OpenAI-Beta"] = WEBSOCKET_BETA
@@ -247,6 +254,7 @@ class Upstream:
                 connect_seconds=self._timeouts.connect_seconds,
                 max_message_bytes=max_msg_size,
                 offer_deflate=self._websocket_compression,
+                runs_of=runs_of,
             )
         except websocket.HandshakeRefused as exc:
             if exc.status in _REDIRECTS:

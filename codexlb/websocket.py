@@ -84,6 +84,7 @@ class UpstreamSocket(asyncio.Protocol):
         "_ping_at",
         "_reader",
         "_ready",
+        "_runs_of",
         "_waiter",
         "close_reason",
         "closed",
@@ -93,7 +94,13 @@ class UpstreamSocket(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, key: str, max_message_bytes: int, offered_deflate: bool) -> None:
+    def __init__(
+        self,
+        key: str,
+        max_message_bytes: int,
+        offered_deflate: bool,
+        runs_of: tuple[bytes, ...] = (),
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.status = 0
@@ -107,6 +114,7 @@ class UpstreamSocket(asyncio.Protocol):
         self._key = key
         self._max = max_message_bytes
         self._offered_deflate = offered_deflate
+        self._runs_of = runs_of
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._handshake: asyncio.Future[None] = self._loop.create_future()
         self._reader: FrameReader | None = None
@@ -210,7 +218,7 @@ class UpstreamSocket(asyncio.Protocol):
         except ConnectFailed as exc:
             self._handshake.set_exception(exc)
             return
-        self._reader = FrameReader(self._max, inflater)
+        self._reader = FrameReader(self._max, inflater, self._runs_of)
         self._handshake.set_result(None)
         self._heartbeat = self._loop.call_later(HEARTBEAT_SECONDS, self._beat)
         if rest:
@@ -351,8 +359,10 @@ async def connect(
     max_message_bytes: int,
     offer_deflate: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    runs_of: tuple[bytes, ...] = (),
 ) -> UpstreamSocket:
-    """Open a WebSocket to ``url`` (``http``/``https``) within ``connect_seconds``.
+    """Open a WebSocket to ``url`` (``http``/``https``) within ``connect_seconds``; text
+    frames starting with one of ``runs_of`` come out in runs (``frames.FrameReader``).
 
     ``ConnectFailed`` when no socket opened (no connection, no answer in time, an answer that
     is not a valid upgrade); ``HandshakeRefused`` when the server answered with a status.
@@ -371,7 +381,7 @@ async def connect(
     ).encode("utf-8", "surrogateescape")
     deadline = asyncio.get_running_loop().time() + connect_seconds
     socket = await open_connection(
-        lambda: UpstreamSocket(key, max_message_bytes, offer_deflate),
+        lambda: UpstreamSocket(key, max_message_bytes, offer_deflate, runs_of),
         origin_of(url),
         connect_seconds,
         ssl_context,

@@ -15,8 +15,9 @@ produced on the open socket is forwarded as it is (S3.1) unless the delta belong
 account; any other anchor is replayed. Every ``error`` event codexlb sends carries ``status``.
 
 The upstream socket is codexlb's own client (``websocket``): the frames that arrived together
-are relayed together, each looked at by its type, and those the client may see are written to
-the client's connection as the bytes they came in (``shim.ClientFrames``), in one write.
+are relayed together, each looked at by its type (plain output, most of a stream, in runs:
+``relay.PLAIN_OUTPUT``), and those the client may see are written to the client's connection
+as the bytes they came in (``shim.ClientFrames``), in one write.
 
 At shutdown (``WsProxy.shutdown``) idle client sockets close at once with 1001 and busy ones
 right after their turn, so clients reconnect instead of holding the server up.
@@ -52,13 +53,23 @@ from codexlb.exchange import (
     turn_state_headers,
 )
 from codexlb.failover import KEEPS_SOCKET, Action, Failure, Phase
+from codexlb.frames import RUN, frame_head, server_frame
 from codexlb.frames import TEXT as TEXT_FRAME
-from codexlb.frames import frame_head, server_frame
 from codexlb.http1 import remember
 from codexlb.logs import RequestRecord, new_request_id
 from codexlb.payload import CreateRequest
 from codexlb.pool import Account
-from codexlb.relay import BROKEN, COMPLETED, FAILED, HOLD, PASS, ResponseRecorder, shaped_error
+from codexlb.relay import (
+    BROKEN,
+    COMPLETED,
+    FAILED,
+    HOLD,
+    PASS,
+    PLAIN_OUTPUT,
+    PLAIN_PREFIXES,
+    ResponseRecorder,
+    shaped_error,
+)
 from codexlb.shim import ClientFrames, send_uncompressed_by_default
 from codexlb.sse import type_member
 from codexlb.upstream import (
@@ -436,6 +447,7 @@ class ClientSocket:
             "/responses",
             turn_state_headers(self.services, account, self.forwarded),
             max_msg_size=self.services.config.limits.max_upstream_event_bytes,
+            runs_of=PLAIN_PREFIXES,
         )
         self.services.metrics.websockets.labels("upstream").inc()
         self.account = account
@@ -453,7 +465,8 @@ class ClientSocket:
         status for the log line, or ``None`` to try again.
 
         The frames that arrived together are relayed together: each is looked at by its type
-        (``event_type``), and those the client may see go out as they came, in one write.
+        (``event_type``), but plain output comes in runs the reader gathered (``RUN``), and
+        those the client may see go out as they came, in one write.
         """
         upstream = self.upstream
         assert upstream is not None
@@ -485,9 +498,12 @@ class ClientSocket:
                     await self._write(out, record)
                     reason = "the response exceeds [limits] max_upstream_response_bytes"
                     return await self._broken(exchange, account, recorder, reason)
-                if opcode != TEXT_FRAME:
+                if opcode == RUN:  # plain output events that arrived together
+                    kind: str | None = PLAIN_OUTPUT[0]
+                elif opcode != TEXT_FRAME:
                     continue  # binary frames carry nothing for the client
-                kind = event_type(payload)
+                else:
+                    kind = event_type(payload)
                 if kind == "codex.rate_limits":
                     with contextlib.suppress(ValueError):
                         pooled = exchange.observe_rate_limits(account, orjson.loads(payload))

@@ -11,6 +11,7 @@ from codexlb.frames import (
     CLOSE,
     CONTINUATION,
     PING,
+    RUN,
     TEXT,
     FrameError,
     FrameReader,
@@ -47,9 +48,12 @@ def deflated(payload: bytes, context: zlib._Compress | None = None) -> bytes:
 
 
 def read(
-    *chunks: bytes, inflater: Inflater | None = None, limit: int = LIMIT
+    *chunks: bytes,
+    inflater: Inflater | None = None,
+    limit: int = LIMIT,
+    runs_of: tuple[bytes, ...] = (),
 ) -> list[tuple[int, bytes, bytes]]:
-    reader = FrameReader(limit, inflater)
+    reader = FrameReader(limit, inflater, runs_of)
     messages = []
     for chunk in chunks:
         messages += reader.feed(chunk)
@@ -73,6 +77,51 @@ def test_every_split_of_a_stream_gives_the_same_messages() -> None:
     for cut in range(1, len(stream)):
         assert read(stream[:cut], stream[cut:]) == whole, cut
     assert read(*(stream[i : i + 1] for i in range(len(stream)))) == whole
+
+
+PLAIN = (b'{"type":"delta"',)
+DELTAS = [raw(TEXT, b'{"type":"delta","d":"%s"}' % (b"x" * n)) for n in (1, 130, 70_000)]
+
+
+def test_plain_frames_that_arrive_together_come_out_as_one_run_as_they_came() -> None:
+    other = raw(TEXT, b'{"type":"done"}')
+    stream = DELTAS[0] + DELTAS[1] + other + DELTAS[2] + raw(PING, b"p") + DELTAS[0]
+    assert read(stream, runs_of=PLAIN) == [
+        (RUN, b"", DELTAS[0] + DELTAS[1]),
+        (TEXT, other[:2], other[2:]),
+        (RUN, b"", DELTAS[2]),
+        (PING, b"", b"p"),
+        (RUN, b"", DELTAS[0]),
+    ]
+
+
+def test_every_split_of_a_stream_with_runs_gives_the_same_bytes_and_messages() -> None:
+    other = raw(TEXT, b'{"type":"done"}')
+    stream = DELTAS[0] + DELTAS[1] + other + DELTAS[0] + raw(BINARY, b"b")
+    whole = read(stream, runs_of=PLAIN)
+    for cut in range(1, len(stream)):
+        messages = read(stream[:cut], stream[cut:], runs_of=PLAIN)
+        assert b"".join(head + body for _, head, body in messages) == stream, cut
+        assert [m for m in messages if m[0] != RUN] == [m for m in whole if m[0] != RUN], cut
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        raw(TEXT, b'{"type":"del'),  # the prefix runs on past the frame's end
+        raw(TEXT, b'{"type":"delta"}', fin=False) + raw(CONTINUATION, b""),
+        raw(BINARY, b'{"type":"delta"}'),
+    ],
+)
+def test_only_whole_text_frames_that_start_plain_are_runs(frame: bytes) -> None:
+    stream = frame + raw(TEXT, b'ta"}')
+    assert RUN not in [opcode for opcode, _, _ in read(stream, runs_of=PLAIN)]
+
+
+def test_a_plain_frame_must_be_utf8_too() -> None:
+    assert read(raw(TEXT, '{"type":"delta","d":"é ✓"}'.encode()), runs_of=PLAIN)[0][0] == RUN
+    with pytest.raises(FrameError, match="UTF-8"):
+        read(DELTAS[0] + raw(TEXT, b'{"type":"delta","d":"\xff"}'), runs_of=PLAIN)
 
 
 def test_a_large_frame_in_many_pieces_is_whole() -> None:

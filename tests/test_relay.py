@@ -8,7 +8,16 @@ from typing import Any
 import pytest
 
 from codexlb.failover import Action, Phase, verdict
-from codexlb.relay import COMPLETED, FAILED, HOLD, PASS, ResponseRecorder, Step
+from codexlb.relay import (
+    COMPLETED,
+    FAILED,
+    HOLD,
+    PASS,
+    PLAIN_OUTPUT,
+    PLAIN_PREFIXES,
+    ResponseRecorder,
+    Step,
+)
 
 RESPONSE = {"id": "resp_1", "object": "response", "status": "in_progress", "model": "m"}
 
@@ -54,6 +63,17 @@ def test_a_normal_stream_holds_until_output_and_commits_at_the_end() -> None:
     assert recorder.response is not None
     assert recorder.response["status"] == "completed"
     assert recorder.failure is None
+
+
+@pytest.mark.parametrize("kind", PLAIN_OUTPUT)
+def test_plain_output_is_passed_on_by_its_type_alone(kind: str) -> None:
+    recorder = ResponseRecorder()
+    assert feed(recorder, CREATED, (kind, b"not even JSON")) == [HOLD, PASS]
+    assert recorder.visible
+    assert recorder.failure is None
+    assert recorder.response is None
+    as_written = json.dumps({"type": kind, "delta": "x"}, separators=(",", ":")).encode()
+    assert as_written.startswith(PLAIN_PREFIXES)
 
 
 def test_output_comes_from_completed_when_no_item_was_done() -> None:
