@@ -177,6 +177,24 @@ async def fresh_database(admin_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
+async def count_setup(
+    args: argparse.Namespace, backend: str, replicas: int, concurrency: int, *, wall: bool = False
+) -> tuple[int, int] | tuple[list[Outcome], float]:
+    """``count`` for one set-up, in a temporary directory of its own on a fresh database."""
+    with tempfile.TemporaryDirectory(prefix="codexlb-replicas-") as temp:
+        async with fresh_database(args.postgres) as database_url:
+            return await count(
+                Path(temp),
+                backend,
+                replicas,
+                requests=args.requests,
+                concurrency=concurrency,
+                database_url=database_url,
+                requests_per_minute=args.requests_per_minute,
+                wall=wall,
+            )
+
+
 async def run_wall(args: argparse.Namespace) -> int:
     """``--wall``: throughput and total time per set-up, the set-ups in turn each round."""
     samples: dict[str, tuple[list[float], float, int]] = {}
@@ -184,18 +202,7 @@ async def run_wall(args: argparse.Namespace) -> int:
         for backend, replicas, divisor in SETUPS:
             if divisor != 1:
                 continue  # same load per replica: a question for instructions, not time
-            with tempfile.TemporaryDirectory(prefix="codexlb-replicas-") as temp:
-                async with fresh_database(args.postgres) as database_url:
-                    measured = await count(
-                        Path(temp),
-                        backend,
-                        replicas,
-                        requests=args.requests,
-                        concurrency=args.concurrency,
-                        database_url=database_url,
-                        requests_per_minute=args.requests_per_minute,
-                        wall=True,
-                    )
+            measured = await count_setup(args, backend, replicas, args.concurrency, wall=True)
             outcomes, seconds = cast(tuple[list[Outcome], float], measured)
             failed = [o for o in outcomes if isinstance(o, str)]
             if failed:
@@ -227,17 +234,7 @@ async def run(args: argparse.Namespace) -> int:
     results: list[tuple[str, float]] = []
     for backend, replicas, divisor in SETUPS:
         concurrency = max(args.concurrency // divisor, 1)
-        with tempfile.TemporaryDirectory(prefix="codexlb-replicas-") as temp:
-            async with fresh_database(args.postgres) as database_url:
-                counted = await count(
-                    Path(temp),
-                    backend,
-                    replicas,
-                    requests=args.requests,
-                    concurrency=concurrency,
-                    database_url=database_url,
-                    requests_per_minute=args.requests_per_minute,
-                )
+        counted = await count_setup(args, backend, replicas, concurrency)
         instructions, failed = cast(tuple[int, int], counted)
         if failed:
             print(f"error: {failed} of {args.requests} requests failed", file=sys.stderr)
