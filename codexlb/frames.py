@@ -157,29 +157,24 @@ class FrameReader:
             if end > size:
                 self._need = end - position
                 break
+            message: Message | None
             if first == 0x81 and self._fragments is None:  # final, uncompressed text: as is
-                if data.startswith(runs_of, body, end):
-                    payload = data[body:end]
-                    if not payload.isascii():
-                        _check_utf8(payload)
+                payload = data[body:end]
+                if not payload.isascii():
+                    _check_utf8(payload)
+                if payload.startswith(runs_of):
                     if run < 0:
                         run = position
                     position = end
                     continue
-                if run >= 0:
-                    append((RUN, b"", data[run:position]))
-                    run = -1
-                payload = data[body:end]
-                if not payload.isascii():
-                    _check_utf8(payload)
-                append((TEXT, data[position:body], payload))
+                message = (TEXT, data[position:body], payload)
             else:
-                if run >= 0:
-                    append((RUN, b"", data[run:position]))
-                    run = -1
                 message = self._frame(first, data[body:end])
-                if message is not None:
-                    append(message)
+            if run >= 0:
+                append((RUN, b"", data[run:position]))
+                run = -1
+            if message is not None:
+                append(message)
             position = end
         if run >= 0:
             append((RUN, b"", data[run:position]))
