@@ -158,14 +158,14 @@ class _Session:
         return True
 
     async def _flood(self, body: Mapping[str, object], fault: Fault) -> bool:
-        """``response.created``, then ``fault.body`` as a text frame ``fault.events`` times,
-        then the socket drops. Always False: the socket is over."""
+        """``response.created``, then ``fault.body`` as a text (or binary) frame
+        ``fault.events`` times, then the socket drops. Always False: the socket is over."""
         created = self.state.plan_events(body, self.account, None)[0]
-        unit = fault.body.decode("utf-8", "replace")
+        unit = fault.body if fault.binary else fault.body.decode("utf-8", "replace")
         self.responding = True
         if await self._send([events.encode_json(created)]):
             for _ in range(fault.events):
-                if not await (self._send_bytes(fault.body) if fault.binary else self._send([unit])):
+                if not await self._send([unit]):
                     self.state.count_disconnect()
                     return False
         drop_connection(self.request)
@@ -181,19 +181,14 @@ class _Session:
         self.state.count_disconnect()
         return False
 
-    async def _send(self, frames: Sequence[str]) -> bool:
-        """Send text frames; False if the peer is gone."""
+    async def _send(self, frames: Sequence[str | bytes]) -> bool:
+        """Send frames, text for ``str`` and binary for ``bytes``; False if the peer is gone."""
         try:
             for frame in frames:
-                await self.ws.send_str(frame)
-        except ConnectionError:
-            return False
-        return True
-
-    async def _send_bytes(self, frame: bytes) -> bool:
-        """Send one binary frame; False if the peer is gone."""
-        try:
-            await self.ws.send_bytes(frame)
+                if isinstance(frame, str):
+                    await self.ws.send_str(frame)
+                else:
+                    await self.ws.send_bytes(frame)
         except ConnectionError:
             return False
         return True
