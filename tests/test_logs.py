@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+import re
 import sys
+
+import pytest
 
 from codexlb.logs import (
     FLUSH_SECONDS,
     TEXT_FORMAT,
     BatchedStreamHandler,
     Formatter,
+    JsonFormatter,
     TextFormatter,
+    _direct_handler,
 )
 
 
@@ -105,3 +111,56 @@ def test_the_formatter_writes_the_standard_time_stamp() -> None:
         record.created = created
         record.msecs = (created - int(created)) * 1000
         assert ours.format(record) == standard.format(record)
+
+
+STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}")
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()])
+def test_a_request_line_written_directly_is_the_line_a_record_makes(
+    formatter: TextFormatter | JsonFormatter,
+) -> None:
+    """``write_request_line`` skips the ``LogRecord``: the same line comes out, time aside."""
+    fields = {"request_id": "lb-1", "key": None, "status": 200, "ttfb_ms": 1.5}
+    message = "request_id=lb-1 key=- status=200 ttfb_ms=1.5"
+    lines: list[str] = []
+    for skip_record in (False, True):
+        stream = CountingStream()
+        handler = BatchedStreamHandler(stream)
+        handler.setFormatter(formatter)
+        if skip_record:
+            handler.write_request_line(message, fields)
+        else:
+            record = logging.LogRecord("codexlb.requests", logging.INFO, "", 0, message, None, None)
+            record.fields = fields
+            handler.handle(record)
+        lines.append(stream.flushed)
+    if isinstance(formatter, JsonFormatter):
+        by_record, direct = (json.loads(line) for line in lines)
+        assert STAMP.fullmatch(by_record.pop("time"))
+        assert STAMP.fullmatch(direct.pop("time"))
+        expected = {"level": "INFO", "logger": "codexlb.requests", "message": message, **fields}
+        assert by_record == direct == expected
+    else:
+        timeless = [STAMP.sub("<time>", line, count=1) for line in lines]
+        assert timeless == [f"<time> INFO codexlb.requests: {message}\n"] * 2
+
+
+def test_request_lines_skip_the_record_only_where_nothing_else_would_see_one() -> None:
+    logger = logging.getLogger("codexlb.requests")
+    saved = logger.handlers[:], logger.propagate
+    handler = BatchedStreamHandler(CountingStream())
+    try:
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+        assert _direct_handler() is handler
+        handler.addFilter(lambda record: True)
+        assert _direct_handler() is None  # a filter sees records
+        handler.filters.clear()
+        logger.propagate = True
+        assert _direct_handler() is None  # so do the root's handlers (pytest's, say)
+        logger.propagate = False
+        logger.handlers.append(logging.NullHandler())
+        assert _direct_handler() is None
+    finally:
+        logger.handlers[:], logger.propagate = saved
