@@ -51,6 +51,8 @@ class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection; carries one response at a time."""
 
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        """Kept: ``get_running_loop`` makes a system call (``getpid``) on every call."""
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser: httptools.HttpResponseParser | None = None
@@ -141,7 +143,7 @@ class Http1Response:
         self._error: Http1Error | None = None
         self._started = False
         self._waiter: asyncio.Future[None] | None = None
-        self._headers_future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._headers_future: asyncio.Future[None] = connection.loop.create_future()
         self._released = False
 
     async def next_chunk(self, idle_timeout: float) -> bytes | None:
@@ -222,7 +224,7 @@ class Http1Response:
     async def _wait(self, seconds: float) -> None:
         """Until more body arrives, or ``seconds`` of silence (a bare timer: cheaper than a
         timeout context on the hot path)."""
-        loop = asyncio.get_running_loop()
+        loop = self._connection.loop
         waiter = self._waiter = loop.create_future()
         handle = loop.call_later(seconds, _expire, waiter)
         try:
@@ -306,7 +308,7 @@ class Http1Client:
             response = Http1Response(self, origin, connection)
             connection.send(request, body, response)
             head = response._headers_future
-            timer = asyncio.get_running_loop().call_later(first_byte_timeout, _expire_headers, head)
+            timer = connection.loop.call_later(first_byte_timeout, _expire_headers, head)
             try:
                 await head
             except _NoHeadersInTime:

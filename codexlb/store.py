@@ -151,7 +151,7 @@ class SnapshotStore:
         if snapshot.created_at.tzinfo is None:
             raise ValueError("Snapshot.created_at must be timezone-aware")
         row = _to_row(snapshot, self._batches.timestamp)
-        pending = _PendingSave(row, asyncio.get_running_loop().create_future())
+        pending = _PendingSave(row, self._writer.get_loop().create_future())
         self._queue.put_nowait(pending)
         await pending.committed
 
