@@ -2,12 +2,13 @@
 parts of a report, and the command-line plumbing.
 
 Each benchmark (``http_sse.py``, ``ws.py``) starts the fake upstream and ``codexlb serve`` with
-`serving` (the fake streaming a `Shape` of response), and nginx where it is installed
-(``nginx.py``), drives a *direct* side, a *through* side (codexlb) and an *nginx* side with its
-own transport (the shape of that measurement is in ``levels.py``), and reports through
-`run_report` / `render_footer`, so that the numbers of all benchmarks mean the same thing and a
-run fails the same way: exit 1 when a check fails, 2 when a server does not start, 130 on
-Ctrl-C, 143 on SIGTERM.
+`serving` (the fake streaming a `Shape` of response), nginx where it is installed
+(``nginx.py``) and, with ``--baseline-tree``, a second codexlb from another checkout
+(`start_codexlb`), drives a *direct* side, a *through* side (codexlb), a *baseline* side and an
+*nginx* side with its own transport (the shape of that measurement is in ``levels.py``), and
+reports through `run_report` / `render_footer`, so that the numbers of all benchmarks mean the
+same thing and a run fails the same way: exit 1 when a check fails, 2 when a server does not
+start, 130 on Ctrl-C, 143 on SIGTERM.
 
 Both ``python bench/<name>.py`` and ``python -m bench.<name>`` work: a script run directly
 puts the repository root on ``sys.path`` before importing this module.
@@ -28,21 +29,23 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
 
-Side = Literal["direct", "through", "nginx"]
-SIDES: tuple[Side, ...] = ("direct", "through", "nginx")
-"""Every side a run may have; *nginx* only where nginx is installed."""
-PROXIES: dict[Side, str] = {"through": "codexlb", "nginx": "nginx"}
+Side = Literal["direct", "through", "baseline", "nginx"]
+SIDES: tuple[Side, ...] = ("direct", "through", "baseline", "nginx")
+"""Every side a run may have; *baseline* only with ``--baseline-tree``, *nginx* only where nginx
+is installed."""
+PROXIES: dict[Side, str] = {"through": "codexlb", "baseline": "baseline", "nginx": "nginx"}
 """The proxy in the path of each side but *direct*."""
 LABELS: dict[Side, str] = {
     "direct": "direct",
     "through": "through codexlb",
+    "baseline": "through baseline",
     "nginx": "through nginx",
 }
 
@@ -192,6 +195,12 @@ def codexlb_argv(config_path: Path) -> list[str]:
     return [*command, "serve", "--config", str(config_path)]
 
 
+def tree_prefix(tree: Path | None) -> tuple[str, ...]:
+    """What to put before `codexlb_argv` to run the codexlb of the checkout in ``tree`` (None:
+    this one's): its package first on the import path."""
+    return () if tree is None else ("env", f"PYTHONPATH={tree}")
+
+
 def write_config(
     path: Path, upstream_url: str, database_path: Path, *, compress: bool = False
 ) -> Path:
@@ -225,11 +234,48 @@ def write_config(
 
 
 @dataclass(frozen=True)
+class Balancer:
+    """A running codexlb and its SQLite file."""
+
+    server: Server
+    database: Path
+
+
+@dataclass(frozen=True)
 class Servers:
     fake: Server
     codexlb: Server
     database: Path
     nginx: Server | None = None
+    baseline: Balancer | None = None
+    """The second codexlb (``--baseline-tree``), in front of the same fake."""
+
+    def balancers(self) -> dict[Side, Balancer]:
+        """The codexlb of each side that has one: *through*, and *baseline* where it runs."""
+        found: dict[Side, Balancer] = {"through": Balancer(self.codexlb, self.database)}
+        if self.baseline is not None:
+            found["baseline"] = self.baseline
+        return found
+
+
+async def start_codexlb(
+    name: str,
+    tmp: Path,
+    upstream_url: str,
+    under: Sequence[str] = (),
+    start_timeout: float = START_TIMEOUT_SECONDS,
+    *,
+    compress: bool = False,
+) -> Balancer:
+    """codexlb in front of ``upstream_url``, its config, SQLite file and log ``tmp/<name>.*``
+    (so that two of them share nothing but the upstream); ``under`` prefixes its command
+    line (a profiler, another checkout's import path)."""
+    database = tmp / f"{name}.db"
+    config = write_config(tmp / f"{name}.toml", upstream_url, database, compress=compress)
+    server = await start_server(
+        name, [*under, *codexlb_argv(config)], tmp / f"{name}.log", CODEXLB_READY, start_timeout
+    )
+    return Balancer(server, database)
 
 
 @contextlib.asynccontextmanager
@@ -244,7 +290,6 @@ async def serving(
     stopped on the way out whatever happens; a server may also be stopped earlier
     (`Server.stop` is idempotent). ``codexlb_under`` prefixes codexlb's command line (a
     profiler, say)."""
-    database = tmp / "codexlb.db"
     async with contextlib.AsyncExitStack() as servers:
         progress("starting the fake upstream and codexlb")
         fake = await start_server(
@@ -252,16 +297,11 @@ async def serving(
         )
         servers.push_async_callback(fake.stop)
         compress = shape is not None and shape.compress
-        config = write_config(tmp / "codexlb.toml", fake.url, database, compress=compress)
-        codexlb = await start_server(
-            "codexlb",
-            [*codexlb_under, *codexlb_argv(config)],
-            tmp / "codexlb.log",
-            CODEXLB_READY,
-            start_timeout,
+        codexlb = await start_codexlb(
+            "codexlb", tmp, fake.url, codexlb_under, start_timeout, compress=compress
         )
-        servers.push_async_callback(codexlb.stop)
-        yield Servers(fake, codexlb, database)
+        servers.push_async_callback(codexlb.server.stop)
+        yield Servers(fake, codexlb.server, codexlb.database)
 
 
 def account_headers() -> tuple[dict[str, str], ...]:
@@ -458,6 +498,18 @@ def environment() -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class BalancerClosing:
+    """What one codexlb left behind once it stopped."""
+
+    balancer: Balancer
+    completed: int
+    """Responses or turns completed through it: each must have its snapshot."""
+    after_start: ProcessStats
+    at_end: ProcessStats
+    exit_code: int
+
+
 @dataclass
 class Closing:
     """What one set of servers (one `Shape`) left behind once they stopped, for the common
@@ -465,13 +517,11 @@ class Closing:
 
     servers: Servers
     deltas: int
-    completed_through: int
-    after_start: ProcessStats
-    at_end: ProcessStats
-    codexlb_exit: int
+    codexlb: BalancerClosing
     fake_cpu_seconds: float
     nginx_at_end: ProcessStats | None
     nginx_exit: int | None
+    baseline: BalancerClosing | None = None
 
 
 @dataclass
@@ -497,9 +547,9 @@ def run_report(
     """The whole report: ``ok`` and ``failures`` (the common checks, then the benchmark's
     own ``failures``), ``settings``, ``environment``, the benchmark's ``results`` sections,
     then ``nginx`` (found or not), ``servers`` (one entry per set of servers, i.e. per
-    ``deltas``: codexlb's and nginx's memory, CPU and exit, the fake's CPU, the snapshots),
-    ``codexlb_peak_rss_mib`` (the highest), ``load_generator_cpu_seconds``, ``wall_seconds``
-    and ``errors``."""
+    ``deltas``: codexlb's, the baseline's and nginx's memory, CPU and exit, the fake's CPU, the
+    snapshots), ``codexlb_peak_rss_mib`` (the highest; ``baseline_peak_rss_mib`` too where the
+    baseline ran), ``load_generator_cpu_seconds``, ``wall_seconds`` and ``errors``."""
     errors = whole.errors
     problems = []
     if errors.total:
@@ -507,20 +557,15 @@ def run_report(
     servers = []
     for closing in whole.closings:
         section = server_section(closing)
-        snapshots = section["snapshots"]["stored"]
-        expected = closing.completed_through
-        if not isinstance(snapshots, int) or snapshots < expected:
-            problems.append(
-                f"deltas {closing.deltas}: snapshots stored: {snapshots}, "
-                f"expected at least {expected}"
-            )
-        if closing.codexlb_exit != 0:
-            problems.append(
-                f"deltas {closing.deltas}: codexlb exited with code {closing.codexlb_exit} "
-                "on SIGTERM"
-            )
+        problems += balancer_problems(closing.deltas, closing.codexlb, section["snapshots"])
+        if closing.baseline is not None:
+            snapshots = section["baseline"]["snapshots"]
+            problems += balancer_problems(closing.deltas, closing.baseline, snapshots)
         servers.append(section)
     problems += failures
+    baseline_peaks = [
+        section["baseline"]["peak_rss_mib"] for section in servers if "baseline" in section
+    ]
     return {
         "ok": not problems,
         "failures": problems,
@@ -532,6 +577,7 @@ def run_report(
         "codexlb_peak_rss_mib": max(
             (section["codexlb"]["peak_rss_mib"] for section in servers), default=None
         ),
+        **({"baseline_peak_rss_mib": max(baseline_peaks)} if baseline_peaks else {}),
         "load_generator_cpu_seconds": round(time.process_time() - whole.bench_cpu_before, 2),
         "wall_seconds": round(time.perf_counter() - whole.began, 1),
         "errors": {
@@ -542,8 +588,28 @@ def run_report(
     }
 
 
+def balancer_problems(
+    deltas: int, closing: BalancerClosing, snapshots: Mapping[str, Any]
+) -> list[str]:
+    """A codexlb's failed checks: fewer snapshots than responses completed through it, an
+    exit code other than 0 on SIGTERM; the baseline's messages name it."""
+    name = closing.balancer.server.name
+    whose = "" if name == "codexlb" else f"{name} "
+    problems = []
+    stored, expected = snapshots["stored"], snapshots["expected_at_least"]
+    if not isinstance(stored, int) or stored < expected:
+        problems.append(
+            f"deltas {deltas}: {whose}snapshots stored: {stored}, expected at least {expected}"
+        )
+    if closing.exit_code != 0:
+        problems.append(f"deltas {deltas}: {name} exited with code {closing.exit_code} on SIGTERM")
+    return problems
+
+
 def server_section(closing: Closing) -> dict[str, Any]:
-    at_end, nginx_at_end = closing.at_end, closing.nginx_at_end
+    """One set of servers: codexlb, the baseline where it ran (with its own snapshots), nginx,
+    the fake's CPU and codexlb's snapshots."""
+    nginx_at_end = closing.nginx_at_end
     nginx = None
     if nginx_at_end is not None and closing.servers.nginx is not None:
         nginx = {
@@ -553,23 +619,42 @@ def server_section(closing: Closing) -> dict[str, Any]:
             "exit_code": closing.nginx_exit,
             "log": scan_nginx_log(closing.servers.nginx.log_path),
         }
-    return {
+    section: dict[str, Any] = {
         "deltas": closing.deltas,
-        "codexlb": {
-            "peak_rss_mib": round(at_end.peak_rss_mib, 1),
-            "rss_after_start_mib": round(closing.after_start.rss_mib, 1),
-            "rss_at_end_mib": round(at_end.rss_mib, 1),
-            "cpu_seconds": round(at_end.cpu_seconds, 2),
-            "main_thread_cpu_seconds": round(at_end.main_thread_cpu_seconds, 2),
-            "exit_code": closing.codexlb_exit,
-            "log": scan_codexlb_log(closing.servers.codexlb.log_path),
-        },
+        "codexlb": balancer_section(closing.codexlb),
+    }
+    if closing.baseline is not None:
+        section["baseline"] = {
+            **balancer_section(closing.baseline),
+            "snapshots": snapshots_section(closing.baseline),
+        }
+    return {
+        **section,
         "nginx": nginx,
         "fake_upstream": {"cpu_seconds": round(closing.fake_cpu_seconds, 2)},
-        "snapshots": {
-            "stored": count_snapshots(closing.servers.database),
-            "expected_at_least": closing.completed_through,
-        },
+        "snapshots": snapshots_section(closing.codexlb),
+    }
+
+
+def balancer_section(closing: BalancerClosing) -> dict[str, Any]:
+    """A codexlb's memory, CPU, exit code and log."""
+    at_end = closing.at_end
+    return {
+        "peak_rss_mib": round(at_end.peak_rss_mib, 1),
+        "rss_after_start_mib": round(closing.after_start.rss_mib, 1),
+        "rss_at_end_mib": round(at_end.rss_mib, 1),
+        "cpu_seconds": round(at_end.cpu_seconds, 2),
+        "main_thread_cpu_seconds": round(at_end.main_thread_cpu_seconds, 2),
+        "exit_code": closing.exit_code,
+        "log": scan_codexlb_log(closing.balancer.server.log_path),
+    }
+
+
+def snapshots_section(closing: BalancerClosing) -> dict[str, int | str]:
+    """The snapshots in a codexlb's SQLite file, and how many there must be at least."""
+    return {
+        "stored": count_snapshots(closing.balancer.database),
+        "expected_at_least": closing.completed,
     }
 
 
@@ -584,12 +669,15 @@ def cell(value: float | None, width: int, spec: str = ".2f") -> str:
 
 
 def render_environment(report: dict[str, Any]) -> str:
-    env = report["environment"]
+    env, settings = report["environment"], report["settings"]
     nginx = report["nginx"]
     where = f"nginx {nginx['path']}" if nginx["path"] else f"no nginx: {nginx['note']}"
+    baseline = ""
+    if "baseline_tree" in settings:
+        baseline = f"; baseline {settings['baseline_commit']} from {settings['baseline_tree']}"
     return (
         f"{env['cpus']} CPUs, Python {env['python']}, aiohttp {env['aiohttp']}, "
-        f"commit {env['commit']} (working tree may differ); {where}"
+        f"commit {env['commit']} (working tree may differ){baseline}; {where}"
     )
 
 
@@ -597,16 +685,10 @@ def render_footer(report: dict[str, Any]) -> list[str]:
     """The lines of the `run_report` sections, ending with the verdict."""
     out = []
     for section in report["servers"]:
-        lb = section["codexlb"]
-        out += [
-            "",
-            f"servers of deltas {section['deltas']}:",
-            f"  codexlb: peak RSS (VmHWM) {lb['peak_rss_mib']:.1f} MiB "
-            f"({lb['rss_after_start_mib']:.1f} MiB after start-up), exit code {lb['exit_code']}; "
-            f"CPU {lb['cpu_seconds']:.1f} s user+system, of which the event-loop thread "
-            f"{lb['main_thread_cpu_seconds']:.1f} s and other threads (aiosqlite) "
-            f"{lb['cpu_seconds'] - lb['main_thread_cpu_seconds']:.1f} s",
-        ]
+        lb, baseline = section["codexlb"], section.get("baseline")
+        out += ["", f"servers of deltas {section['deltas']}:", render_balancer("codexlb", lb)]
+        if baseline is not None:
+            out.append(render_balancer("baseline", baseline))
         nginx = section["nginx"]
         if nginx is not None:
             out.append(
@@ -615,19 +697,26 @@ def render_footer(report: dict[str, Any]) -> list[str]:
                 f"{nginx['log']['warnings_or_errors']} log lines at warn or worse"
             )
             out += [f"    | {line}" for line in nginx["log"]["examples"]]
-        out += [
+        out.append(
             f"  fake upstream: CPU {section['fake_upstream']['cpu_seconds']:.1f} s; "
             f"snapshots in SQLite: {section['snapshots']['stored']} "
-            f"(responses completed through codexlb: {section['snapshots']['expected_at_least']})",
-            f"  codexlb log: {lb['log']['request_lines']} request lines, "
-            f"{lb['log']['request_lines_with_attempts_over_1']} with attempts > 1, "
-            f"{lb['log']['warnings_or_errors']} warnings or errors",
-        ]
-        out += [f"    | {line}" for line in lb["log"]["examples"]]
+            f"(responses completed through codexlb: {section['snapshots']['expected_at_least']})"
+        )
+        out += render_balancer_log("codexlb", lb["log"])
+        if baseline is not None:
+            snapshots = baseline["snapshots"]
+            out.append(
+                f"  baseline: snapshots in its SQLite: {snapshots['stored']} "
+                f"(responses completed through it: {snapshots['expected_at_least']})"
+            )
+            out += render_balancer_log("baseline", baseline["log"])
+    baseline_peak = ""
+    if "baseline_peak_rss_mib" in report:
+        baseline_peak = f" (baseline {report['baseline_peak_rss_mib']:.1f} MiB)"
     out += [
         "",
         f"codexlb peak RSS, highest of the runs: {cell(report['codexlb_peak_rss_mib'], 0, '.1f')}"
-        f" MiB; load generator: CPU {report['load_generator_cpu_seconds']:.1f} s; "
+        f" MiB{baseline_peak}; load generator: CPU {report['load_generator_cpu_seconds']:.1f} s; "
         f"run {report['wall_seconds']:.1f} s",
     ]
     if report["ok"]:
@@ -639,6 +728,27 @@ def render_footer(report: dict[str, Any]) -> list[str]:
         out += [f"!!!   e.g. {example}" for example in report["errors"]["examples"]]
         out.append("!" * 72)
     return out
+
+
+def render_balancer(name: str, lb: dict[str, Any]) -> str:
+    """A codexlb's memory, exit code and CPU (`balancer_section`) on one line."""
+    return (
+        f"  {name}: peak RSS (VmHWM) {lb['peak_rss_mib']:.1f} MiB "
+        f"({lb['rss_after_start_mib']:.1f} MiB after start-up), exit code {lb['exit_code']}; "
+        f"CPU {lb['cpu_seconds']:.1f} s user+system, of which the event-loop thread "
+        f"{lb['main_thread_cpu_seconds']:.1f} s and other threads (aiosqlite) "
+        f"{lb['cpu_seconds'] - lb['main_thread_cpu_seconds']:.1f} s"
+    )
+
+
+def render_balancer_log(name: str, log: dict[str, Any]) -> list[str]:
+    """What `scan_codexlb_log` found in a codexlb's log, with its examples."""
+    return [
+        f"  {name} log: {log['request_lines']} request lines, "
+        f"{log['request_lines_with_attempts_over_1']} with attempts > 1, "
+        f"{log['warnings_or_errors']} warnings or errors",
+        *(f"    | {line}" for line in log["examples"]),
+    ]
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -661,6 +771,17 @@ def concurrency_list(text: str) -> list[int]:
 
 def deltas_list(text: str) -> list[int]:
     return positive_list(text, "20,300")
+
+
+def checkout(text: str) -> Path:
+    """A directory with a codexlb package in it: anything else on ``PYTHONPATH`` would be
+    passed over silently, and this checkout's codexlb measured in its place."""
+    path = Path(text)
+    if not (path / "codexlb" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(
+            f"no codexlb checkout in {text!r} (no codexlb/__init__.py)"
+        )
+    return path
 
 
 def positive(text: str) -> int:

@@ -2,7 +2,8 @@
 beside nginx as a plain proxy hop.
 
 Run: ``.venv/bin/python bench/http_sse.py [--requests N] [--deltas 20,300]
-[--concurrency 1,16,64] [--no-nginx | --nginx PATH] [--json]``.
+[--concurrency 1,16,64] [--no-nginx | --nginx PATH] [--codexlb-tree DIR] [--baseline-tree DIR]
+[--json]``.
 
 Processes
     Per response shape (``--deltas``), freshly started: the fake upstream (``python -m
@@ -10,9 +11,11 @@ Processes
     config (the same three accounts, client keys on, SQLite in a temporary directory, INFO
     logging to a file as an operator would run it), nginx where it is installed (``nginx.py``:
     one worker, ``proxy_pass`` to the fake, no buffering; ``apt-get install nginx-light``),
-    and this process, which generates the load with one ``aiohttp.ClientSession`` per side.
-    All are stopped at the end, also on an error, Ctrl-C or SIGTERM. Without nginx the run
-    says so and measures the other two sides.
+    with ``--baseline-tree DIR`` a second ``codexlb serve`` run from the checkout in DIR (its
+    package first on ``PYTHONPATH``, as ``--codexlb-tree`` runs the first one) with its own
+    config, SQLite file and log, in front of the same fake, and this process, which generates
+    the load with one ``aiohttp.ClientSession`` per side. All are stopped at the end, also on
+    an error, Ctrl-C or SIGTERM. Without nginx the run says so and measures the other sides.
 
 One request
     ``POST /backend-api/codex/responses`` with a one-message streaming body. The fake answers
@@ -29,8 +32,11 @@ One request
 Sides
     *direct*: straight to the fake upstream with an account's own token (rotating over the
     three accounts). *through*: to codexlb with a client key; codexlb picks the account,
-    relays the stream and stores the snapshot. *nginx*: to nginx with the accounts' own tokens,
-    which passes every request on to the fake as it is. The fake does the same work for all.
+    relays the stream and stores the snapshot. *baseline* (with ``--baseline-tree``): the same
+    through the second codexlb, so that two versions of codexlb are measured in the same rounds
+    rather than in two runs, which on a busy machine differ by 10-20% in CPU per request.
+    *nginx*: to nginx with the accounts' own tokens, which passes every request on to the fake
+    as it is. The fake does the same work for all.
 
 Interleaving
     For each response shape and concurrency C, each side gets its own session (one connector,
@@ -50,6 +56,8 @@ The numbers
     master and worker together) it spent during its side's rounds, per request, per relayed
     event and as a share of one core: near 100% means its single event loop is the bottleneck.
     *Peak RSS* is ``VmHWM`` at the end of each set of servers (nginx: master plus worker).
+    With a baseline, each level ends with *codexlb vs baseline*: codexlb's req/s and CPU per
+    request over the baseline's (below 1.0 in CPU: codexlb is the cheaper).
 
 Caveats
     On a 2-core machine the load generator, the fake and the proxy share the cores, and the
@@ -60,9 +68,10 @@ Caveats
 
 Correctness
     Every response must be 200 and end with ``response.completed`` (status ``completed``,
-    nothing after it), the SQLite file must hold at least one snapshot per response completed
-    through codexlb, and every server must survive the run. Otherwise the run says so loudly
-    and exits 1 (2 if a server does not start, 130 on Ctrl-C, 143 on SIGTERM).
+    nothing after it), the SQLite file of codexlb and that of the baseline must each hold at
+    least one snapshot per response completed through it, and every server must survive the
+    run. Otherwise the run says so loudly and exits 1 (2 if a server does not start, 130 on
+    Ctrl-C, 143 on SIGTERM).
 """
 
 from __future__ import annotations

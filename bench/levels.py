@@ -4,13 +4,15 @@ A benchmark measures *levels*: for each response shape (``--deltas``: the server
 afresh for each), each variant of the transport (WebSocket turns unchained or chained) and each
 concurrency, a warm-up on every side, then rounds that rotate which side goes first, with the
 samples pooled per side. The sides are *direct* (straight to the fake upstream), *through*
-(codexlb) and *nginx* (a plain proxy hop, where nginx is installed). This module holds all of
-it but the transport: each side's `Target`, the pooled `SideResult`, the closed loop of workers
-(`closed_loop`), the rotating rounds (`interleave`), the `Run` base class with the tallies of a
-run, the whole run from starting the servers to the report (`run_levels`), the per-side and
-per-level summaries, a level's lines in the text report (`render_level`), and the options of
-the levels (`add_level_arguments`). What a transport calls its unit of work and its first
-latency comes in as `Names`.
+(codexlb), *baseline* (with ``--baseline-tree``: a second codexlb, from another checkout, in
+front of the same fake, so that two versions are compared in the same rounds rather than in two
+runs minutes and 10-20% of machine drift apart) and *nginx* (a plain proxy hop, where nginx is
+installed). This module holds all of it but the transport: each side's `Target`, the pooled
+`SideResult`, the closed loop of workers (`closed_loop`), the rotating rounds (`interleave`),
+the `Run` base class with the tallies of a run, the whole run from starting the servers to the
+report (`run_levels`), the per-side and per-level summaries, a level's lines in the text report
+(`render_level`), and the options of the levels (`add_level_arguments`). What a transport calls
+its unit of work and its first latency comes in as `Names`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import dataclasses
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ from bench.common import (
     RESPONSES_PATH,
     RUN_TIMEOUT_SECONDS,
     SIDES,
+    BalancerClosing,
     Closing,
     Errors,
     ProcessStats,
@@ -44,6 +48,7 @@ from bench.common import (
     Whole,
     account_headers,
     cell,
+    checkout,
     client_headers,
     concurrency_list,
     cpu_seconds,
@@ -57,6 +62,8 @@ from bench.common import (
     run_report,
     serving,
     split,
+    start_codexlb,
+    tree_prefix,
 )
 
 Outcome = tuple[float, float, int] | str
@@ -108,15 +115,16 @@ class Target:
 
 
 def targets(servers: Servers, common: Mapping[str, str]) -> dict[Side, Target]:
-    """The fake upstream with each account's own token, codexlb with the client key, and
-    nginx (if running) with the accounts' tokens as direct, all with the transport's ``common``
-    headers."""
+    """The fake upstream with each account's own token, codexlb and the baseline (if running)
+    with the client key, and nginx (if running) with the accounts' tokens as direct, all with
+    the transport's ``common`` headers."""
     accounts = tuple({**common, **headers} for headers in account_headers())
     client = {**common, **client_headers()}
     found: dict[Side, Target] = {
         "direct": Target("direct", servers.fake.url + RESPONSES_PATH, accounts),
-        "through": Target("through", servers.codexlb.url + RESPONSES_PATH, (client,)),
     }
+    for side, balancer in servers.balancers().items():
+        found[side] = Target(side, balancer.server.url + RESPONSES_PATH, (client,))
     if servers.nginx is not None:
         found["nginx"] = Target("nginx", servers.nginx.url + RESPONSES_PATH, accounts)
     return found
@@ -217,7 +225,8 @@ class Run(ABC):
     servers: Servers
     errors: Errors
     """Shared by the runs of every set of servers."""
-    completed_through: int = field(default=0, init=False)
+    completed: Counter[Side] = field(default_factory=Counter, init=False)
+    """Requests or turns completed per side: through a codexlb, each has its snapshot."""
     sent: int = field(default=0, init=False)
     """Requests or turns sent so far: the next one's index."""
 
@@ -235,10 +244,12 @@ class Run(ABC):
         return tuple(side for side in SIDES if side in self.targets)
 
     def proxy_cpu(self, side: Side) -> float:
-        """CPU seconds so far of the side's proxy: codexlb, nginx's master and worker, or
-        nothing for *direct*."""
+        """CPU seconds so far of the side's proxy: codexlb, the baseline, nginx's master and
+        worker, or nothing for *direct*."""
         if side == "through":
             return cpu_seconds(self.codexlb.pid)
+        if side == "baseline" and self.servers.baseline is not None:
+            return cpu_seconds(self.servers.baseline.server.pid)
         if side == "nginx" and self.servers.nginx is not None:
             return nginx.group_cpu_seconds(self.servers.nginx)
         return 0.0
@@ -267,20 +278,20 @@ class Run(ABC):
         return {}, []
 
     def tally(self, side: Side, phase: str, outcomes: Iterable[Outcome]) -> int:
-        """Count the errors and the completed through responses; returns the successes."""
+        """Count the errors and the completed responses of the side; returns the successes."""
         ok = 0
         for outcome in outcomes:
             if isinstance(outcome, str):
                 self.errors.add(side, phase, outcome)
             else:
                 ok += 1
-        if side == "through":
-            self.completed_through += ok
+        self.completed[side] += ok
         self.check_alive()
         return ok
 
     def check_alive(self) -> None:
-        self.codexlb.check_alive()
+        for balancer in self.servers.balancers().values():
+            balancer.server.check_alive()
         self.fake.check_alive()
         if self.servers.nginx is not None:
             self.servers.nginx.check_alive()
@@ -292,11 +303,11 @@ async def run_levels(
     start: Callable[[Servers, Errors], B],
     settings: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The whole run: for each of ``args.deltas``, start the servers (nginx too, unless
-    ``args.no_nginx`` or it is not installed), build the `Run` with ``start``, measure every
-    variant and level of ``args.concurrency``, stop the servers; after the last, first
-    `Run.after_levels`. Then the report (the benchmark's own ``settings`` after those of the
-    levels)."""
+    """The whole run: for each of ``args.deltas``, start the servers (the baseline too with
+    ``args.baseline_tree``; nginx too, unless ``args.no_nginx`` or it is not installed), build
+    the `Run` with ``start``, measure every variant and level of ``args.concurrency``, stop the
+    servers; after the last, first `Run.after_levels`. Then the report (the benchmark's own
+    ``settings`` after those of the levels)."""
     began = time.perf_counter()
     bench_cpu_before = time.process_time()
     found = nginx.find(args.nginx, disabled=args.no_nginx)
@@ -314,18 +325,30 @@ async def run_levels(
             tmp.mkdir()
             progress(f"responses of {deltas} deltas")
             shape = Shape(deltas, compress)
-            under = () if args.codexlb_tree is None else ("env", f"PYTHONPATH={args.codexlb_tree}")
             async with (
-                serving(tmp, under, shape=shape) as servers,
+                serving(tmp, tree_prefix(args.codexlb_tree), shape=shape) as servers,
                 contextlib.AsyncExitStack() as stack,
             ):
+                if args.baseline_tree is not None:
+                    progress("starting the baseline codexlb")
+                    baseline = await start_codexlb(
+                        "baseline",
+                        tmp,
+                        servers.fake.url,
+                        tree_prefix(args.baseline_tree),
+                        compress=compress,
+                    )
+                    stack.push_async_callback(baseline.server.stop)
+                    servers = dataclasses.replace(servers, baseline=baseline)
                 if found.path is not None:
                     progress("starting nginx")
                     proxy = await nginx.start(found.path, tmp, servers.fake.url)
                     stack.push_async_callback(proxy.stop)
                     servers = dataclasses.replace(servers, nginx=proxy)
-                fake, codexlb = servers.fake, servers.codexlb
-                after_start = ProcessStats.read(codexlb.pid)
+                fake, balancers = servers.fake, servers.balancers()
+                after_start = {
+                    side: ProcessStats.read(b.server.pid) for side, b in balancers.items()
+                }
                 fake_cpu_before = cpu_seconds(fake.pid)
                 bench = start(servers, errors)
                 async with asyncio.timeout(RUN_TIMEOUT_SECONDS):
@@ -343,25 +366,29 @@ async def run_levels(
                             )
                     if number == len(args.deltas) - 1:
                         sections, failures = await bench.after_levels()
-                at_end = ProcessStats.read(codexlb.pid)
+                at_end = {side: ProcessStats.read(b.server.pid) for side, b in balancers.items()}
                 nginx_at_end = None
                 if servers.nginx is not None:
                     nginx_at_end = nginx.group_stats(servers.nginx)
                 fake_cpu = cpu_seconds(fake.pid) - fake_cpu_before
-                codexlb_exit = await codexlb.stop()
+                exits = {side: await b.server.stop() for side, b in balancers.items()}
                 nginx_exit = await servers.nginx.stop() if servers.nginx is not None else None
                 await fake.stop()
+            ends = {
+                side: BalancerClosing(
+                    b, bench.completed[side], after_start[side], at_end[side], exits[side]
+                )
+                for side, b in balancers.items()
+            }
             closings.append(
                 Closing(
                     servers=servers,
                     deltas=deltas,
-                    completed_through=bench.completed_through,
-                    after_start=after_start,
-                    at_end=at_end,
-                    codexlb_exit=codexlb_exit,
+                    codexlb=ends["through"],
                     fake_cpu_seconds=fake_cpu,
                     nginx_at_end=nginx_at_end,
                     nginx_exit=nginx_exit,
+                    baseline=ends.get("baseline"),
                 )
             )
         whole = Whole(
@@ -379,9 +406,17 @@ async def run_levels(
             "warmup": args.warmup,
             "codexlb_tree": None if args.codexlb_tree is None else str(args.codexlb_tree),
             "codexlb_commit": git_commit(args.codexlb_tree),
+            **baseline_settings(args.baseline_tree),
             **settings,
         }
         return run_report(whole, all_settings, {"levels": levels, **sections}, failures)
+
+
+def baseline_settings(tree: Path | None) -> dict[str, Any]:
+    """The baseline's checkout and its commit, in a run that has a baseline."""
+    if tree is None:
+        return {}
+    return {"baseline_tree": str(tree), "baseline_commit": git_commit(tree)}
 
 
 # -- reports ---------------------------------------------------------------------------------
@@ -420,7 +455,8 @@ def level_summary(
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The level's ``key`` (deltas, variant), every side, what each proxy adds to *direct*
-    (``added_ms``, ``throughput_ratio`` in its side), and ``extra`` last."""
+    (``added_ms``, ``throughput_ratio`` in its side), codexlb against the baseline where it ran
+    (``codexlb_vs_baseline``), and ``extra`` last."""
     summaries: dict[str, dict[str, Any]] = {
         side: side_summary(names, side, result) for side, result in results.items()
     }
@@ -436,12 +472,31 @@ def level_summary(
             for metric in metrics
             for q in QUANTILES
         }
+    versus = {}
+    if "baseline" in results:
+        versus["codexlb_vs_baseline"] = versus_baseline(
+            names, results["through"], results["baseline"]
+        )
     return {
         **key,
         "concurrency": concurrency,
         "warmup_per_side": warmup,
         **summaries,
+        **versus,
         **extra,
+    }
+
+
+def versus_baseline(names: Names, through: SideResult, baseline: SideResult) -> dict[str, Any]:
+    """codexlb's throughput and CPU per request or turn over the baseline's, both measured in
+    the same rounds (1.0: the same; from the pooled figures, not the rounded ones)."""
+    return {
+        "throughput_ratio": ratio(
+            len(through.total) * baseline.wall_seconds, len(baseline.total) * through.wall_seconds
+        ),
+        f"cpu_per_{names.per_unit}_ratio": ratio(
+            through.proxy_cpu_seconds * baseline.count, baseline.proxy_cpu_seconds * through.count
+        ),
     }
 
 
@@ -451,11 +506,15 @@ def table_row(label: str, values: Sequence[float | None], spec: str) -> str:
 
 
 def render_level(
-    names: Names, level: dict[str, Any], *, heading_note: str = "", cpu_note: str = ""
+    names: Names,
+    level: dict[str, Any],
+    *,
+    heading_note: str = "",
+    cpu_notes: Mapping[Side, str] | None = None,
 ) -> list[str]:
     """A level's lines: its heading (with ``heading_note`` on the concurrency), a row per side
-    and an added row per proxy, then each proxy's throughput ratio and CPU (with ``cpu_note``
-    at the end of codexlb's)."""
+    and an added row per proxy, then each proxy's throughput ratio and CPU (with its side's
+    ``cpu_notes`` at the end), then codexlb against the baseline where it ran."""
     metrics = (names.first, "total", "first_to_end")
     titles = (names.first_column, "total", "1st-end")
     columns = [f"{title} {q}" for title in titles for q in QUANTILES]
@@ -490,7 +549,13 @@ def render_level(
             f"CPU {cell(summary[f'proxy_cpu_ms_per_{names.per_unit}'], 0, '.3f')} "
             f"ms/{names.per_unit}, {cell(summary['proxy_cpu_us_per_event'], 0, '.1f')} "
             f"us/event, {cell(None if share is None else 100 * share, 0, '.0f')}% of one core"
-            + (cpu_note if side == "through" else "")
+            + (cpu_notes or {}).get(side, "")
+        )
+    if "codexlb_vs_baseline" in level:
+        versus = level["codexlb_vs_baseline"]
+        out.append(
+            f"  codexlb vs baseline: throughput {cell(versus['throughput_ratio'], 0)}, "
+            f"CPU per {names.per_unit} {cell(versus[f'cpu_per_{names.per_unit}_ratio'], 0)}"
         )
     return out
 
@@ -502,7 +567,7 @@ def add_level_arguments(
     parser: argparse.ArgumentParser, names: Names, concurrency_help: str, default_count: int
 ) -> None:
     """``--<unit>`` (as ``args.count``), ``--deltas``, ``--concurrency``, ``--rounds``,
-    ``--warmup``, ``--nginx`` and ``--no-nginx``."""
+    ``--warmup``, ``--nginx``, ``--no-nginx``, ``--codexlb-tree`` and ``--baseline-tree``."""
     parser.add_argument(
         f"--{names.unit}",
         dest="count",
@@ -539,7 +604,15 @@ def add_level_arguments(
     parser.add_argument(
         "--codexlb-tree",
         metavar="DIR",
-        type=Path,
+        type=checkout,
         default=None,
         help="run codexlb from the checkout in DIR (the fake stays this one's): another version",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        metavar="DIR",
+        type=checkout,
+        default=None,
+        help="add a side through a second codexlb, run from the checkout in DIR (its own config "
+        "and SQLite, the same fake), in the same rounds: two versions compared in one run",
     )

@@ -2,14 +2,15 @@
 relayed event and per idle socket, beside nginx as a plain proxy hop.
 
 Run: ``.venv/bin/python bench/ws.py [--turns N] [--deltas 20,300] [--concurrency 1,16,64]
-[--chaining unchained,chained] [--compress] [--idle N] [--no-nginx | --nginx PATH] [--json]``.
+[--chaining unchained,chained] [--compress] [--idle N] [--no-nginx | --nginx PATH]
+[--codexlb-tree DIR] [--baseline-tree DIR] [--json]``.
 
 Processes
     As in ``http_sse.py`` (`bench.common.serving`, ``nginx.py``): per response shape
-    (``--deltas``) a fresh fake upstream, ``codexlb serve`` and nginx where it is installed,
-    and this process, the load generator, on 127.0.0.1. This process first raises its soft
-    open-file limit to the hard limit; the servers inherit it (``--idle 2000`` needs about
-    4,000 descriptors in codexlb).
+    (``--deltas``) a fresh fake upstream, ``codexlb serve``, nginx where it is installed, the
+    baseline codexlb with ``--baseline-tree``, and this process, the load generator, on
+    127.0.0.1. This process first raises its soft open-file limit to the hard limit; the
+    servers inherit it (``--idle 2000`` needs about 4,000 descriptors in codexlb).
 
 One turn
     ``GET /backend-api/codex/responses`` upgraded once per socket. permessage-deflate is off
@@ -35,19 +36,21 @@ One turn
 Sides and interleaving
     *direct*: sockets straight to the fake upstream, each authenticated as one of its three
     accounts in turn. *through*: sockets to codexlb with a client key; codexlb opens one
-    upstream socket per client socket. *nginx*: sockets to nginx with the accounts' tokens,
-    each upgraded end to end to the fake. For each shape, chaining and concurrency C each side
-    opens C sockets, each driven by its own worker doing sequential turns (a closed loop);
-    after a warm-up on every side, ``--rounds`` rounds each run ``turns / rounds`` turns on one
-    side, then on the next, rotating which side goes first, and samples and wall time are
-    pooled per side. The numbers (*added*, *turns/s*, a proxy's *throughput* over direct, its
-    CPU per turn, per relayed event and as a share of one core) mean what they mean in
-    ``http_sse.py``. The CPU line also gives every process's share during each side's rounds
-    and everything else's (*other*: the machine's busy time minus the processes', that is
-    other processes, whose load makes the run noisy, and kernel work charged to no process,
-    loopback included): whether the machine's cores, rather than a proxy's one event loop, set
-    the pace. codexlb's RSS is read at the end of each level, and its peak (``VmHWM``) before
-    the idle phase.
+    upstream socket per client socket. *baseline* (``--baseline-tree``): the same through the
+    second codexlb, another version measured in the same rounds (as in ``http_sse.py``).
+    *nginx*: sockets to nginx with the accounts' tokens, each upgraded end to end to the fake.
+    For each shape, chaining and concurrency C each side opens C sockets, each driven by its own
+    worker doing sequential turns (a closed loop); after a warm-up on every side, ``--rounds``
+    rounds each run ``turns / rounds`` turns on one side, then on the next, rotating which side
+    goes first, and samples and wall time are pooled per side. The numbers (*added*, *turns/s*,
+    a proxy's *throughput* over direct, its CPU per turn, per relayed event and as a share of
+    one core, *codexlb vs baseline*) mean what they mean in ``http_sse.py``. The CPU line also
+    gives every process's share during each side's rounds and everything else's (*other*: the
+    machine's busy time minus the processes', that is other processes, whose load makes the run
+    noisy, and kernel work charged to no process, loopback included): whether the machine's
+    cores, rather than a proxy's one event loop, set the pace. codexlb's RSS (and the
+    baseline's) is read at the end of each level, and its peak (``VmHWM``) before the idle
+    phase.
 
 Idle sockets (``--idle N``)
     After the levels of the last shape, with their sockets closed and a pause: codexlb's
@@ -75,14 +78,14 @@ Caveats
     floor for long, busy Codex sessions.
 
 Correctness
-    Every turn must begin with ``codex.rate_limits`` or ``response.created`` (nothing left
-    over from the previous turn) and end with ``response.completed`` (status ``completed``,
-    with an id) before a 30 s timeout, without ``error``, ``response.failed`` or
+    Every turn must begin with ``codex.rate_limits`` or ``response.created`` (nothing left over
+    from the previous turn) and end with ``response.completed`` (status ``completed``, with an
+    id) before a 30 s timeout, without ``error``, ``response.failed`` or
     ``response.incomplete``; a socket that failed a turn is closed and reopened for its next
-    turn. The SQLite file must hold a snapshot per turn completed through codexlb, the idle
-    phase must succeed on every socket, and every server must survive the run. Otherwise the
-    run says so loudly and exits 1 (2 if a server does not start or the open-file limit is too
-    low, 130 on Ctrl-C, 143 on SIGTERM).
+    turn. The SQLite file of codexlb, and the baseline's, must hold a snapshot per turn
+    completed through it, the idle phase must succeed on every socket, and every server must
+    survive the run. Otherwise the run says so loudly and exits 1 (2 if a server does not start
+    or the open-file limit is too low, 130 on Ctrl-C, 143 on SIGTERM).
 """
 
 from __future__ import annotations
@@ -164,8 +167,9 @@ FD_MARGIN = 256
 CHAININGS = ("unchained", "chained")
 SOCKETS_PER_PAIR = 2
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-CPU_SHARES = ("codexlb", "nginx", "fake_upstream", "load_generator", "other")
-"""Who used the machine's CPU during a side's rounds, in the report's keys."""
+CPU_SHARES = ("codexlb", "baseline", "nginx", "fake_upstream", "load_generator", "other")
+"""Who used the machine's CPU during a side's rounds, in the report's keys (*baseline* only in a
+run that has one)."""
 
 
 # -- one socket ------------------------------------------------------------------------------
@@ -367,6 +371,7 @@ class SideCpuResult(SideResult):
             "cpu_share_of_core": {
                 name: ratio(self.cpu_seconds.get(name, 0.0), self.wall_seconds)
                 for name in CPU_SHARES
+                if name != "baseline" or name in self.cpu_seconds
             }
         }
 
@@ -409,7 +414,11 @@ class WsRun(Run):
                     await asyncio.gather(*(channel.close() for channel in channels[side]))
 
     def after_level(self) -> dict[str, Any]:
-        return {"codexlb_rss_mib_at_end": round(ProcessStats.read(self.codexlb.pid).rss_mib, 1)}
+        """codexlb's RSS, and the baseline's where it runs."""
+        return {
+            f"{PROXIES[side]}_rss_mib_at_end": round(ProcessStats.read(b.server.pid).rss_mib, 1)
+            for side, b in self.servers.balancers().items()
+        }
 
     async def after_levels(self) -> tuple[dict[str, Any], list[str]]:
         """codexlb's peak RSS after the levels, then the idle-socket phase (unless
@@ -468,15 +477,11 @@ class WsRun(Run):
         result.add_cpu(used, machine)
 
     def cpu_now(self) -> dict[str, float]:
-        """CPU seconds so far of codexlb, nginx (if it runs), the fake upstream and this
-        process."""
-        now = {
-            "codexlb": self.proxy_cpu("through"),
-            "fake_upstream": cpu_seconds(self.fake.pid),
-            "load_generator": time.process_time(),
-        }
-        if "nginx" in self.sides:
-            now["nginx"] = self.proxy_cpu("nginx")
+        """CPU seconds so far of codexlb, the baseline and nginx (those that run), the fake
+        upstream and this process."""
+        now = {PROXIES[side]: self.proxy_cpu(side) for side in self.sides if side in PROXIES}
+        now["fake_upstream"] = cpu_seconds(self.fake.pid)
+        now["load_generator"] = time.process_time()
         return now
 
     async def idle(self, count: int) -> dict[str, Any]:
@@ -603,9 +608,13 @@ def render(report: dict[str, Any]) -> str:
         "response.completed; added = through a proxy minus direct at the same percentile",
     ]
     for level in report["levels"]:
-        rss = f"; RSS {level['codexlb_rss_mib_at_end']:.1f} MiB after the level"
-        out += render_level(NAMES, level, heading_note="sockets per side", cpu_note=rss)
         sides = [side for side in SIDES if side in level]
+        rss: dict[Side, str] = {
+            side: f"; RSS {level[f'{PROXIES[side]}_rss_mib_at_end']:.1f} MiB after the level"
+            for side in sides
+            if side in ("through", "baseline")
+        }
+        out += render_level(NAMES, level, heading_note="sockets per side", cpu_notes=rss)
         with_nginx = "nginx" in level
         shares = "; ".join(cpu_shares(s, level[s], with_nginx=with_nginx) for s in sides)
         out.append(f"  CPU, % of one core: {shares}")
@@ -624,6 +633,7 @@ def cpu_shares(side: Side, summary: dict[str, Any], *, with_nginx: bool) -> str:
     shares = summary["cpu_share_of_core"]
     names = {
         "codexlb": "codexlb",
+        "baseline": "baseline",
         "nginx": "nginx",
         "fake_upstream": "fake",
         "load_generator": "load generator",
@@ -632,7 +642,7 @@ def cpu_shares(side: Side, summary: dict[str, Any], *, with_nginx: bool) -> str:
     parts = [
         f"{label} {cell(None if shares[key] is None else 100 * shares[key], 0, '.0f')}"
         for key, label in names.items()
-        if key != "nginx" or with_nginx
+        if key in shares and (key != "nginx" or with_nginx)
     ]
     return f"{side} rounds " + ", ".join(parts)
 

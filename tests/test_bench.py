@@ -1,16 +1,19 @@
-"""The benchmarks' own machinery, without running a benchmark: the rotation of the sides, and
-nginx as the plain proxy hop the benchmarks start (skipped where nginx is not installed)."""
+"""The benchmarks' own machinery: the rotation of the sides, nginx as the plain proxy hop the
+benchmarks start (skipped where nginx is not installed), and a tiny HTTP run with a second
+codexlb as its baseline side."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from bench import nginx
+from bench import http_sse, nginx
 from bench.common import SIDES, Server
 from bench.levels import round_order
 from codexlb.testing.fake_upstream import FakeAccount, FakeUpstream
@@ -20,6 +23,9 @@ AUTH = {"Authorization": "Bearer tok-a", "chatgpt-account-id": "acct-a"}
 DELTAS = 20
 SSE_EVENTS = 10 + DELTAS
 WS_FRAMES = 1 + SSE_EVENTS  # codex.rate_limits first
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_TIMEOUT_SECONDS = 50
 
 FOUND = nginx.find(None, disabled=False)
 needs_nginx = pytest.mark.skipif(FOUND.path is None, reason=f"nginx {FOUND.why_not}")
@@ -94,3 +100,33 @@ async def test_nginx_hop_streams_sse_and_upgrades_websockets(
     assert [r.transport for r in fake.received[-3:]] == ["http", "ws", "ws"]
     stats = nginx.group_stats(server)
     assert stats.peak_rss_mib >= stats.rss_mib > 0
+
+
+def test_a_baseline_side_is_measured_compared_and_checked_like_codexlb() -> None:
+    """This very checkout as the baseline: its side joins the rounds, each level compares
+    codexlb with it, and its own SQLite file and log are checked."""
+    argv = ["--requests", "40", "--deltas", "2", "--concurrency", "2", "--rounds", "2"]
+    argv += ["--warmup", "4", "--no-nginx", "--baseline-tree", str(ROOT), "--json"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "http_sse.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=BENCH_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    level = report["levels"][0]
+    assert [side for side in SIDES if side in level] == ["direct", "through", "baseline"]
+    assert level["baseline"]["completed"] == 40
+    assert level["baseline"]["proxy"] == "baseline"
+    assert set(level["codexlb_vs_baseline"]) == {"throughput_ratio", "cpu_per_request_ratio"}
+    baseline = report["servers"][0]["baseline"]
+    assert baseline["snapshots"]["expected_at_least"] == 44  # the warm-up too
+    assert baseline["snapshots"]["stored"] >= 44
+    assert baseline["log"]["request_lines"] == 44
+    assert baseline["exit_code"] == 0
+    assert report["settings"]["baseline_commit"] == report["environment"]["commit"]
+    text = http_sse.render(report)
+    assert "  through baseline " in text
+    assert "  codexlb vs baseline: throughput " in text
