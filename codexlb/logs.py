@@ -127,12 +127,11 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
     def emit(self, record: logging.LogRecord) -> None:
         # Runs under the handler's lock (``Handler.handle``).
         try:
-            self.stream.write(self.format(record) + self.terminator)
+            line = self.format(record)
         except Exception:
             self.handleError(record)
             return
-        if record.levelno >= logging.WARNING or not self._flush_soon():
-            self.flush()
+        self._write(line, record.levelno >= logging.WARNING, record)
 
     def write_request_line(self, message: str, fields: dict[str, Any]) -> None:
         """An INFO line of ``codexlb.requests``, written as ``emit`` would write its record but
@@ -144,13 +143,23 @@ class BatchedStreamHandler(logging.StreamHandler[TextIO]):
             now = time.time()
             stamp = formatter.stamp(now, _msecs(now))
             line = formatter.line(stamp, "INFO", requests_log.name, message, fields)
-            self.stream.write(line + self.terminator)
-            if not self._flush_soon():
-                self.flush()
-        except Exception:
-            self.handleError(logging.makeLogRecord({"name": requests_log.name, "msg": message}))
+            self._write(line, False, None)
         finally:
             self.release()
+
+    def _write(self, line: str, at_once: bool, record: logging.LogRecord | None) -> None:
+        """Write ``line`` under the handler's lock: flushed at once, or within
+        ``FLUSH_SECONDS`` where an event loop runs; a failure is the handler's to report, for
+        ``record`` (a request line has none: one is made for the report)."""
+        try:
+            self.stream.write(line + self.terminator)
+        except Exception:
+            self.handleError(
+                record or logging.makeLogRecord({"name": requests_log.name, "msg": line})
+            )
+            return
+        if at_once or not self._flush_soon():
+            self.flush()
 
     def _flush_soon(self) -> bool:
         """Make sure a flush is due within ``FLUSH_SECONDS``; ``False`` when no event loop
