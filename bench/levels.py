@@ -246,10 +246,9 @@ class Run(ABC):
     def proxy_cpu(self, side: Side) -> float:
         """CPU seconds so far of the side's proxy: codexlb, the baseline, nginx's master and
         worker, or nothing for *direct*."""
-        if side == "through":
-            return cpu_seconds(self.codexlb.pid)
-        if side == "baseline" and self.servers.baseline is not None:
-            return cpu_seconds(self.servers.baseline.server.pid)
+        balancer = self.servers.balancers().get(side)
+        if balancer is not None:
+            return cpu_seconds(balancer.server.pid)
         if side == "nginx" and self.servers.nginx is not None:
             return nginx.group_cpu_seconds(self.servers.nginx)
         return 0.0
