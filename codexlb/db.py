@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SIDE_FILES = ("-wal", "-shm", "-journal")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 """The newest migration (``tests/test_migrations.py`` checks it is alembic's head): a database
 already there is started without loading alembic at all, which would cost every process some
 11 MiB of memory for nothing."""

@@ -86,12 +86,13 @@ item_owners = Table(
     Column("owner_key", OwnerKey, primary_key=True, autoincrement=False),
     Column("account", String(), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
-    Index("ix_item_owners_created_at", "created_at"),
 )
 """Which account produced the items that trace each stored response
 (``provenance.owner_keys``): written by the database itself, from ``snapshots.item_keys`` (see
 migration 0004). ``owner_key`` is the item's key mixed with its client-key scope
-(``store.scoped_key``), so one integer finds an item of one scope."""
+(``store.scoped_key``), so one integer finds an item of one scope. No other index: pruning
+finds owners through the keys of the snapshots it deletes (migration 0007), and ``created_at``
+tells whether a later response recorded an owner again."""
 
 
 account_credentials = Table(

@@ -20,7 +20,8 @@ what gathering saved).
 Each row carries ``item_keys``, the keys of the output items that trace it
 (``provenance.owner_keys``, mixed with the scope by ``scoped_key``); a trigger of the database
 turns them into ``item_owners`` rows within the same statement, so knowing which account
-produced an item costs the writer no statement of its own. ``owners`` reads them.
+produced an item costs the writer no statement of its own. ``owners`` reads them, and ``prune``
+deletes them by the keys of the snapshots it deletes.
 
 How a batch is inserted is the part that differs by dialect (`_BatchWriter`): on SQLite it is
 one multi-row ``INSERT``, run on the event loop's thread unless it is large or must wait for a
@@ -60,7 +61,7 @@ from hashlib import blake2b
 from typing import Any
 
 import orjson
-from sqlalchemy import Delete, RowMapping, Select, delete, select, text
+from sqlalchemy import RowMapping, Select, delete, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codexlb.db import is_sqlite_file, sqlite_pragmas
@@ -73,8 +74,8 @@ logger = logging.getLogger(__name__)
 Row = tuple[Any, ...]
 """A snapshot's values in ``_COLUMNS`` order, as the drivers take them."""
 
-OWNER_KEYS_PER_QUERY = 500
-"""Keys looked up in one query: within SQLite's smallest limit on parameters (999)."""
+KEYS_PER_QUERY = 500
+"""Keys looked up or deleted in one query: within SQLite's smallest limit on parameters (999)."""
 
 GATHER_TURNS = 8
 """Event loop turns a batch waits for more saves while saves are arriving together."""
@@ -188,16 +189,16 @@ class SnapshotStore:
     async def owners(self, scope: str, keys: list[int]) -> dict[int, str]:
         """The accounts that produced the items of ``keys`` (``provenance.item_key``), for the
         keys known in ``scope``: one indexed query (a very long input takes one per
-        ``OWNER_KEYS_PER_QUERY`` keys)."""
+        ``KEYS_PER_QUERY`` keys)."""
         found: dict[int, str] = {}
         if not keys:
             return found
         scoped = {scoped_key(scope, key): key for key in keys}
         stored = list(scoped)
         async with self._engine.connect() as conn:
-            for start in range(0, len(stored), OWNER_KEYS_PER_QUERY):
+            for part in _parts(stored):
                 query = select(item_owners.c.owner_key, item_owners.c.account).where(
-                    item_owners.c.owner_key.in_(stored[start : start + OWNER_KEYS_PER_QUERY])
+                    item_owners.c.owner_key.in_(part)
                 )
                 found.update((scoped[key], account) for key, account in await conn.execute(query))
         return found
@@ -211,36 +212,38 @@ class SnapshotStore:
         return None if row is None else _from_row(row)
 
     async def prune(self, older_than: datetime, batch_size: int) -> int:
-        """Delete snapshots (and what is known of their items' owners) created before
-        ``older_than``, ``batch_size`` rows per transaction; returns the snapshots deleted."""
+        """Delete snapshots created before ``older_than``, ``batch_size`` per transaction, with
+        the owners their items recorded (unless a later response recorded them again); returns
+        the snapshots deleted.
+
+        Owners are found by the keys in the deleted rows' ``item_keys``, by primary key: no
+        index of ``item_owners`` but its key is written at each commit."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if older_than.tzinfo is None:
             raise ValueError("older_than must be timezone-aware")
-        old_ids = (
-            select(snapshots.c.response_id)
+        old = (
+            select(snapshots.c.response_id, snapshots.c.item_keys)
             .where(snapshots.c.created_at < older_than)
             .limit(batch_size)
         )
-        old_owners = (
-            select(item_owners.c.owner_key)
-            .where(item_owners.c.created_at < older_than)
-            .limit(batch_size)
-        )
-        await self._delete_in_batches(
-            delete(item_owners).where(item_owners.c.owner_key.in_(old_owners)), batch_size
-        )
-        return await self._delete_in_batches(
-            delete(snapshots).where(snapshots.c.response_id.in_(old_ids)), batch_size
-        )
-
-    async def _delete_in_batches(self, statement: Delete, batch_size: int) -> int:
         deleted = 0
         while True:
             async with self._engine.begin() as conn:
-                count = (await conn.execute(statement)).rowcount
-            deleted += count
-            if count < batch_size:
+                rows = (await conn.execute(old)).all()
+                keys = [
+                    key for _, item_keys in rows if item_keys for key in orjson.loads(item_keys)
+                ]
+                for part in _parts(keys):
+                    await conn.execute(
+                        delete(item_owners).where(
+                            item_owners.c.owner_key.in_(part), item_owners.c.created_at < older_than
+                        )
+                    )
+                for part in _parts([response_id for response_id, _ in rows]):
+                    await conn.execute(delete(snapshots).where(snapshots.c.response_id.in_(part)))
+            deleted += len(rows)
+            if len(rows) < batch_size:
                 return deleted
 
     async def ping(self) -> None:
@@ -523,6 +526,13 @@ def _item_keys(scope: str, output: list[Any]) -> str | None:
         return None
     salt = _scope_salt(scope)
     return _dump([key ^ salt for key in keys])
+
+
+def _parts(values: list[Any]) -> list[list[Any]]:
+    """``values`` in lists of at most ``KEYS_PER_QUERY``: one ``IN`` each."""
+    return [
+        values[start : start + KEYS_PER_QUERY] for start in range(0, len(values), KEYS_PER_QUERY)
+    ]
 
 
 def _texts_size(values: list[Any]) -> int:

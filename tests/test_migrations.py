@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from hashlib import blake2b
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,42 @@ async def test_owners_recorded_before_the_integer_keys_are_carried_over(database
             keys = keys_of([reasoning])
             assert await store.owners("alice", keys) == {keys[0]: "work-1"}
             assert await store.owners("bob", keys) == {}
+        finally:
+            await store.close()
+    finally:
+        await engine.dispose()
+
+
+async def test_a_snapshot_stored_under_0003_takes_its_owners_when_pruned(
+    database_url: str,
+) -> None:
+    """0007 rewrites 0003's text keys in ``item_keys`` to the integers 0004 gave the owners."""
+    engine = create_engine(database_url)
+    reasoning = {"type": "reasoning", "summary": [], "encrypted_content": "enc:a:01"}
+    digest = blake2b(b"enc:a:01", digest_size=16).hexdigest()
+    old = datetime(2025, 1, 1, tzinfo=UTC)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(lambda sync: _upgrade_to(sync, "0003"))
+            await connection.execute(
+                text(
+                    "INSERT INTO snapshots VALUES (:id, NULL, 'alice', 'work-1', NULL, '[]', "
+                    "'[]', NULL, :at, :keys)"
+                ),
+                [
+                    {"id": "resp_1", "at": old, "keys": f'["r:{digest}"]'},
+                    {"id": "resp_2", "at": datetime.now(UTC), "keys": None},
+                ],
+            )
+        await upgrade(engine)
+        store = SnapshotStore(engine)
+        await store.start()
+        try:
+            keys = keys_of([reasoning])
+            assert await store.owners("alice", keys) == {keys[0]: "work-1"}
+            assert await store.prune(old + timedelta(days=1), batch_size=10) == 1
+            assert await store.owners("alice", keys) == {}
+            assert await store.get("alice", "resp_2") is not None
         finally:
             await store.close()
     finally:

@@ -582,6 +582,28 @@ async def test_prune_forgets_old_owners(store: SnapshotStore) -> None:
     assert await store.owners("alice", keys) == {keys[1]: "work-1"}
 
 
+async def test_prune_keeps_an_owner_a_later_response_recorded_again(store: SnapshotStore) -> None:
+    cutoff = NOW - timedelta(days=30)
+    await store.save(produced("resp_old", "work-1", [CALL], created_at=cutoff - timedelta(hours=1)))
+    await store.save(produced("resp_new", "work-2", [CALL], created_at=cutoff))
+
+    assert await store.prune(cutoff, batch_size=10) == 1
+
+    assert await store.owners("alice", keys_of([CALL])) == {keys_of([CALL])[0]: "work-2"}
+
+
+async def test_prune_forgets_every_owner_of_a_long_response(store: SnapshotStore) -> None:
+    """More keys than one query takes: they go in several."""
+    cutoff = NOW - timedelta(days=30)
+    reasoning = [{**REASONING, "encrypted_content": f"enc:x:{i}"} for i in range(1200)]
+    old = cutoff - timedelta(hours=1)
+    await store.save(produced("resp_old", "work-1", reasoning, created_at=old))
+
+    assert await store.prune(cutoff, batch_size=1) == 1
+
+    assert await store.owners("alice", keys_of(reasoning)) == {}
+
+
 async def test_owners_commit_with_their_snapshot_and_only_then(store: SnapshotStore) -> None:
     await store.save(produced("resp_1", "work-1", [ANSWER]))
     await store.save(produced("resp_1", "work-2", [CALL]))  # the same id: ignored
