@@ -76,8 +76,14 @@ snapshots = Table(
     Column("usage", Text, nullable=True),
     Column("created_at", UtcDateTime, nullable=False),
     Column("item_keys", Text, nullable=True),
-    Index("ix_snapshots_created_at", "created_at"),
+    Index("ix_snapshots_created_at", "created_at", info={"dialects": ("postgresql",)}).ddl_if(
+        dialect="postgresql"
+    ),
 )
+"""On SQLite, rows are in the order they were stored (``rowid``), which is the order of
+``created_at``, and pruning walks them so (``SnapshotStore.prune``): no index by time, which each
+commit would write a page of. PostgreSQL has no such order and keeps the index (``info`` names
+the dialects an index is built on, for the schema's test)."""
 
 
 item_owners = Table(

@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import sqlite3
 from abc import ABC, abstractmethod
@@ -61,7 +62,7 @@ from hashlib import blake2b
 from typing import Any
 
 import orjson
-from sqlalchemy import RowMapping, Select, delete, select, text
+from sqlalchemy import RowMapping, Select, delete, literal_column, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from codexlb.db import is_sqlite_file, sqlite_pragmas
@@ -216,34 +217,41 @@ class SnapshotStore:
         the owners their items recorded (unless a later response recorded them again); returns
         the snapshots deleted.
 
-        Owners are found by the keys in the deleted rows' ``item_keys``, by primary key: no
-        index of ``item_owners`` but its key is written at each commit."""
+        Neither table has an index by time, which every commit would write a page of. Owners
+        are found by the keys in the deleted rows' ``item_keys``, by primary key. Old snapshots
+        are, on PostgreSQL, found by ``ix_snapshots_created_at``; on SQLite, they are the first
+        rows in the order they were stored (``rowid``), taken up to the first one that is not
+        old: a row stored out of the order of ``created_at`` (another process's, or a clock set
+        back) holds back the rows behind it until it is old itself."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if older_than.tzinfo is None:
             raise ValueError("older_than must be timezone-aware")
-        old = (
-            select(snapshots.c.response_id, snapshots.c.item_keys)
-            .where(snapshots.c.created_at < older_than)
-            .limit(batch_size)
-        )
+        in_order = self._engine.dialect.name == "sqlite"
+        old = select(snapshots.c.response_id, snapshots.c.item_keys, snapshots.c.created_at)
+        if in_order:
+            old = old.order_by(literal_column("rowid"))
+        else:
+            old = old.where(snapshots.c.created_at < older_than)
+        old = old.limit(batch_size)
         deleted = 0
         while True:
             async with self._engine.begin() as conn:
                 rows = (await conn.execute(old)).all()
-                keys = [
-                    key for _, item_keys in rows if item_keys for key in orjson.loads(item_keys)
-                ]
+                count = len(rows)
+                if in_order:
+                    rows = list(itertools.takewhile(lambda row: row[2] < older_than, rows))
+                keys = [key for row in rows if row[1] for key in orjson.loads(row[1])]
                 for part in _parts(keys):
                     await conn.execute(
                         delete(item_owners).where(
                             item_owners.c.owner_key.in_(part), item_owners.c.created_at < older_than
                         )
                     )
-                for part in _parts([response_id for response_id, _ in rows]):
+                for part in _parts([row[0] for row in rows]):
                     await conn.execute(delete(snapshots).where(snapshots.c.response_id.in_(part)))
             deleted += len(rows)
-            if len(rows) < batch_size:
+            if len(rows) < count or count < batch_size:
                 return deleted
 
     async def ping(self) -> None:

@@ -24,7 +24,15 @@ from codexlb.store import SnapshotStore
 
 
 def differences(connection: Connection) -> list[Any]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    dialect = connection.dialect.name
+
+    def built_here(item: Any, name: str | None, kind: str, reflected: bool, _: Any) -> bool:
+        """An index whose ``info`` names other dialects is not built on this one."""
+        dialects = item.info.get("dialects") if kind == "index" and not reflected else None
+        return dialects is None or dialect in dialects
+
+    options = {"compare_type": True, "include_object": built_here}
+    context = MigrationContext.configure(connection, opts=options)
     return list(compare_metadata(context, metadata))
 
 

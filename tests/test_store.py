@@ -406,6 +406,29 @@ async def test_prune_deletes_old_rows_in_batches(store: SnapshotStore, engine: A
     assert await store.prune(cutoff, batch_size=3) == 0
 
 
+async def test_prune_takes_rows_in_the_order_sqlite_stored_them(
+    store: SnapshotStore, engine: AsyncEngine
+) -> None:
+    """SQLite finds old rows in the order they were stored: one stored out of the order of
+    time holds back those behind it until it is old itself. PostgreSQL finds them by time."""
+    cutoff = NOW - timedelta(days=30)
+    for name, created_at in [
+        ("resp_old_1", cutoff - timedelta(hours=2)),
+        ("resp_new", cutoff + timedelta(hours=1)),
+        ("resp_old_2", cutoff - timedelta(hours=1)),
+    ]:
+        await store.save(snap(name, created_at=created_at))
+
+    deleted = await store.prune(cutoff, batch_size=10)
+
+    held_back = engine.dialect.name == "sqlite"
+    assert deleted == (1 if held_back else 2)
+    assert await store.get("alice", "resp_old_1") is None
+    assert (await store.get("alice", "resp_old_2") is not None) is held_back
+    assert await store.get("alice", "resp_new") is not None
+    assert await store.prune(cutoff + timedelta(hours=2), batch_size=10) == 3 - deleted
+
+
 async def test_close_flushes_and_rejects_later_saves(engine: AsyncEngine) -> None:
     store = SnapshotStore(engine)
     await store.start()

@@ -1,9 +1,10 @@
-"""item_owners without ix_item_owners_created_at: owners are pruned through their snapshots.
+"""No index by time that only pruning reads: ix_item_owners_created_at, and on SQLite
+ix_snapshots_created_at.
 
-Every commit of a snapshot that traces an item wrote that index's last page to the WAL, one
-page of the five a lone snapshot's commit writes, and only pruning read it. Pruning now reads
-the keys of the snapshots it deletes (``snapshots.item_keys``) and deletes those owners by
-their primary key, unless a later response recorded them again (``created_at``).
+Each commit of a snapshot wrote a page of each to the WAL: two of the five pages a lone
+snapshot's commit writes. Pruning now finds old snapshots on SQLite in the order they were
+stored (``rowid``), and deletes the owners of their items by the keys in their ``item_keys``
+(by primary key), unless a later response recorded them again (``created_at``).
 
 Snapshots stored under 0003 still hold 0003's text keys (``<kind>:<hex digest>``) in
 ``item_keys``; their owners were carried over to integer keys by 0004. They are rewritten here
@@ -39,11 +40,15 @@ _snapshots = sa.table(
 
 def upgrade() -> None:
     op.drop_index("ix_item_owners_created_at", table_name="item_owners")
+    if op.get_bind().dialect.name == "sqlite":
+        op.drop_index("ix_snapshots_created_at", table_name="snapshots")
     _rewrite_text_keys()
 
 
 def downgrade() -> None:
-    """The index again; the rewritten keys stay integers, which 0004's trigger reads too."""
+    """The indexes again; the rewritten keys stay integers, which 0004's trigger reads too."""
+    if op.get_bind().dialect.name == "sqlite":
+        op.create_index("ix_snapshots_created_at", "snapshots", ["created_at"])
     op.create_index("ix_item_owners_created_at", "item_owners", ["created_at"])
 
 
